@@ -1,0 +1,1 @@
+"""Calibration and evaluation prompt sets (installed as the data package `dq_calib`)."""

@@ -1,0 +1,33 @@
+"""dq: timestep-aware post-training quantization for diffusers pipelines.
+
+    import dq
+    pipe = dq.quantize(pipe, "w8a8")      # calibrate with the pipeline's own sampler
+    dq.save(pipe, "out/w8a8")             # diffusers folder, safetensors
+    pipe = dq.load("out/w8a8")
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .engine import quantize
+from .errors import CalibrationError, DQError
+from .io import load, open_pipeline, save
+from .quant.spec import QuantSpec
+from .recipe import LayerOverride, Recipe, recipes
+
+__version__ = "0.1.0"
+__all__ = [
+    "CalibrationError",
+    "DQError",
+    "LayerOverride",
+    "QuantSpec",
+    "Recipe",
+    "load",
+    "open_pipeline",
+    "quantize",
+    "recipes",
+    "save",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

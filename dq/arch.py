@@ -1,0 +1,100 @@
+"""Architecture knowledge, as data, in one place.
+
+For each denoiser class: which Linear/Conv2d layers stay in full precision by
+default, and which producer -> consumer pairs later stages (smoothing, rotation)
+may fuse. Any other model falls back to `GENERIC`.
+
+Why these layers are kept (see BENCHMARKS.md, "sensitivity"): the timestep and
+conditioning embedders and the adaptive-norm modulation linears process one
+vector per sample, so quantizing them saves almost no compute while their error
+shifts every token of every block; the patch embedding and the final projection
+touch the latent directly, where the error is not averaged away.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    keep: tuple[str, ...] = ()  # regexes (re.search) of module names kept in full precision
+    # (producer regex, consumer regexes): consumers read the producer's output, so a
+    # per-channel scale can be folded into the producer (smoothing, rotation).
+    fuse_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    keep_first_last: bool = False  # generic rule: keep the first and last layer in module order
+    notes: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_ATTN_QKV = (r"\.to_q$", r"\.to_k$", r"\.to_v$")
+
+ARCHS: dict[str, ArchSpec] = {
+    "UNet2DConditionModel": ArchSpec(
+        name="unet",
+        keep=(
+            r"^conv_in$", r"^conv_out$", r"^time_embedding\.", r"^add_embedding\.",
+            r"^class_embedding\.", r"^encoder_hid_proj", r"\.time_emb_proj$",
+        ),
+        fuse_pairs=((r"\.attn1$", _ATTN_QKV),),
+    ),
+    "PixArtTransformer2DModel": ArchSpec(
+        name="pixart",
+        keep=(r"^pos_embed\.", r"^adaln_single\.", r"^caption_projection\.", r"^proj_out$"),
+        fuse_pairs=((r"\.norm1$", (r"\.attn1\.to_q$", r"\.attn1\.to_k$", r"\.attn1\.to_v$")),),
+    ),
+    "SD3Transformer2DModel": ArchSpec(
+        name="sd3",
+        keep=(
+            r"^pos_embed\.", r"^time_text_embed\.", r"^context_embedder$", r"^norm_out\.",
+            r"^proj_out$", r"\.norm1\.linear$", r"\.norm1_context\.linear$",
+        ),
+        fuse_pairs=((r"\.norm1$", _ATTN_QKV), (r"\.norm1_context$", (r"\.add_[qkv]_proj$",))),
+    ),
+    "FluxTransformer2DModel": ArchSpec(
+        name="flux",
+        keep=(
+            r"^x_embedder$", r"^context_embedder$", r"^time_text_embed\.", r"^norm_out\.",
+            r"^proj_out$", r"\.norm1\.linear$", r"\.norm1_context\.linear$", r"\.norm\.linear$",
+        ),
+        fuse_pairs=((r"\.norm1$", _ATTN_QKV), (r"\.norm1_context$", (r"\.add_[qkv]_proj$",))),
+    ),
+    "DiTTransformer2DModel": ArchSpec(
+        name="dit",
+        keep=(r"^pos_embed\.", r"\.norm1\.emb\.", r"\.norm1\.linear$", r"^proj_out_1$", r"^proj_out_2$"),
+        fuse_pairs=((r"\.norm1$", _ATTN_QKV),),
+    ),
+}
+
+GENERIC = ArchSpec(
+    name="generic",
+    keep=(r"(^|\.)(time|timestep|temb|t_embedder|time_embed)[^.]*(\.|$)",),
+    keep_first_last=True,
+    notes="unknown architecture: all Linear/Conv2d layers but the first, the last and time embedders",
+)
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    return ARCHS.get(type(model).__name__, GENERIC)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear / Conv2d in module order (dq's own quantized layers excluded)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
+
+
+def default_keep(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
+    """Names of the layers the architecture keeps in full precision."""
+    spec = spec or arch_for(model)
+    layers = quantizable_layers(model)
+    patterns = [re.compile(p) for p in spec.keep]
+    kept = {n for n, _ in layers if any(p.search(n) for p in patterns)}
+    if spec.keep_first_last and layers:
+        kept |= {layers[0][0], layers[-1][0]}
+    return kept

@@ -1,0 +1,113 @@
+"""Calibration hooks, owned by one object that removes every handle on exit.
+
+`Calibrator` registers a forward pre-hook on the denoiser (to learn the current
+timestep and whether the batch holds classifier-free-guidance halves) and one on
+every target layer (to fold the layer's input into streaming statistics). Used
+as a context manager, it removes all hooks when the block ends, error or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..nn.router import read_timestep, timestep_position
+from .stats import ActivationStats, StatsStore
+
+logger = logging.getLogger(__name__)
+
+NO_TIMESTEP = -1.0
+
+
+class HookSet:
+    """Records every hook handle it registers and removes them all at once."""
+
+    def __init__(self) -> None:
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre_hook(self, module: nn.Module, fn, **kwargs) -> None:
+        self.handles.append(module.register_forward_pre_hook(fn, **kwargs))
+
+    def remove_all(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def as_rows(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """[tokens, channels] float32 view of a layer input."""
+    x = x.detach()
+    if channel_dim != -1 and channel_dim != x.dim() - 1:
+        x = x.movedim(channel_dim, -1)
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class Calibrator:
+    """Collects per-(layer, timestep, CFG branch) input statistics of `layers`.
+
+    pipe: the pipeline (read for `do_classifier_free_guidance`; CFG batches are
+    [uncond; cond] halves in every diffusers text-to-image pipeline).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        denoiser: nn.Module,
+        layers: Iterable[tuple[str, nn.Module, int]],
+        histogram_bins: int | None,
+    ):
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.layers = list(layers)
+        self.bins = histogram_bins
+        self.store = StatsStore()
+        self.hooks = HookSet()
+        self._t_pos = timestep_position(denoiser)
+        self.timestep = NO_TIMESTEP
+        self.batch = None
+        self.cfg = False
+
+    def __enter__(self) -> Calibrator:
+        try:
+            self.hooks.pre_hook(self.denoiser, self._on_denoiser, with_kwargs=True)
+            for name, module, channel_dim in self.layers:
+                self.hooks.pre_hook(module, self._layer_hook(name, channel_dim))
+        except Exception:
+            self.hooks.remove_all()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.remove_all()
+
+    def _on_denoiser(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = read_timestep(self._t_pos, args, kwargs)
+        self.timestep = NO_TIMESTEP if t is None else round(float(torch.as_tensor(t).reshape(-1)[0]), 6)
+        sample = args[0] if args else next(iter(kwargs.values()), None)
+        self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) else None
+        self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+
+    def _branches(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        n = x.shape[0]
+        if self.cfg and n == self.batch and n % 2 == 0:
+            return [("uncond", x[: n // 2]), ("cond", x[n // 2 :])]
+        return [("all", x)]
+
+    def _layer_hook(self, name: str, channel_dim: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise CalibrationError(
+                    f"non-finite (NaN/Inf) input to layer {name!r} at timestep {self.timestep:g}: the "
+                    "full-precision model itself overflows here; run it in float32 or check the "
+                    "calibration inputs"
+                )
+            for branch, part in self._branches(x):
+                stats = ActivationStats.from_rows(as_rows(part, channel_dim), self.bins)
+                self.store.add((name, self.timestep, branch), stats)
+
+        return hook

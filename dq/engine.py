@@ -1,0 +1,193 @@
+"""`quantize`: calibrate a pipeline's denoiser and swap its layers for quantized ones."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import arch_for, default_keep, quantizable_layers
+from .calibrate.hooks import Calibrator
+from .calibrate.run import run_pipeline
+from .calibrate.stats import StatsStore
+from .calibrate.timesteps import TimestepGroups
+from .errors import DQError
+from .nn.layers import QuantConv2d, QuantLinear, QuantModule
+from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
+from .prompts import resolve_prompts
+from .quant.primitives import range_from_histogram
+from .quant.spec import QuantSpec
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+DENOISER_NAMES = ("transformer", "unet")
+
+
+def find_denoiser(pipe) -> tuple[str, nn.Module]:
+    """(attribute name, module) of the pipeline's UNet or transformer."""
+    for name in DENOISER_NAMES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise DQError(
+        f"{type(pipe).__name__} has no `transformer` or `unet` component to quantize; dq quantizes "
+        "diffusers pipelines with a UNet or a DiT denoiser"
+    )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return hasattr(model, ROUTER_NAME) or any(isinstance(m, QuantModule) for m in model.modules())
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    module: nn.Module
+    weight: QuantSpec | None
+    activation: QuantSpec | None
+
+    @property
+    def channel_dim(self) -> int:
+        return 1 if isinstance(self.module, nn.Conv2d) else -1
+
+
+def _fits(spec: QuantSpec | None, module: nn.Module, name: str, what: str) -> QuantSpec | None:
+    """Adapt a spec that cannot apply to this layer, with one log line saying why."""
+    if spec is None or spec.granularity != "group" or what != "weight":
+        return spec
+    fan_in = module.weight[0].numel()
+    if fan_in % spec.group_size == 0:
+        return spec
+    logger.info("%s: %d inputs not divisible by group size %d; using per-channel weight scales", name, fan_in, spec.group_size)
+    return spec.replace(granularity="channel")
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
+    """Which layers get which quantizers, per the architecture rules and the recipe."""
+    keep = default_keep(model, arch_for(model)) if recipe.keep_defaults else set()
+    keep_patterns = [re.compile(p) for p in recipe.keep]
+    plan = []
+    for name, module in quantizable_layers(model):
+        if name in keep or any(p.search(name) for p in keep_patterns):
+            continue
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            logger.info("%s: padding_mode=%r is not supported; kept in full precision", name, module.padding_mode)
+            continue
+        weight, act, kept = recipe.weight, recipe.activation, False
+        for override in recipe.overrides:
+            if re.search(override.pattern, name):
+                kept = override.keep
+                weight = override.weight if override.weight is not None else weight
+                act = override.activation if override.activation is not None else act
+        if kept or (weight is None and act is None):
+            continue
+        plan.append(LayerChoice(name, module, _fits(weight, module, name, "weight"), act))
+    return plan
+
+
+def calibrate(
+    pipe,
+    model: nn.Module,
+    plan: Sequence[LayerChoice],
+    prompts: Sequence[Any],
+    *,
+    recipe: Recipe,
+    num_inference_steps: int,
+    call_kwargs: dict[str, Any],
+) -> StatsStore:
+    """Run the pipeline with hooks on the planned layers; return their statistics."""
+    targets = [(c.name, c.module, c.channel_dim) for c in plan if c.activation is not None and not c.activation.dynamic]
+    with Calibrator(pipe, model, targets, recipe.histogram_bins) as calibrator:
+        run_pipeline(
+            pipe, prompts, num_inference_steps=num_inference_steps, batch_size=recipe.calib_batch_size,
+            seed=recipe.calib_seed, call_kwargs=call_kwargs,
+        )
+    store = calibrator.store
+    logger.info(
+        "calibrated %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
+        len(store.layers()), len(store.timesteps()), ", ".join(store.branches()), store.nbytes() / 2**20,
+    )
+    return store
+
+
+def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spec: QuantSpec) -> list[tuple[float, float]]:
+    """One static (lo, hi) per timestep group, from the merged histograms of the group's steps."""
+    ranges = []
+    for members in groups.members:
+        stats = store.select(layer, members)
+        if stats is None or stats.hist is None:
+            raise DQError(f"layer {layer!r} saw no activations during calibration; is it used by the pipeline?")
+        ranges.append(range_from_histogram(stats.hist, 2.0**stats.hist_exp, spec))
+    return ranges
+
+
+def build_layers(
+    plan: Sequence[LayerChoice], store: StatsStore | None, groups: TimestepGroups, router: TimestepRouter
+) -> dict[str, QuantModule]:
+    new = {}
+    for choice in plan:
+        ranges = None
+        if choice.activation is not None and not choice.activation.dynamic:
+            ranges = activation_ranges(store, choice.name, groups, choice.activation)
+        cls = QuantConv2d if isinstance(choice.module, nn.Conv2d) else QuantLinear
+        new[choice.name] = cls.from_float(choice.module, choice.weight, choice.activation, ranges, router)
+    return new
+
+
+def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    for name, module in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
+
+
+def quantize(
+    pipe,
+    recipe: str | Recipe | dict[str, Any] = "w8a8",
+    *,
+    calib_prompts: Sequence[Any] | str | None = None,
+    num_inference_steps: int | None = None,
+    **call_kwargs: Any,
+):
+    """Quantize the pipeline's denoiser in place and return the same pipeline.
+
+    recipe: a preset name (`dq.recipes()`), a `Recipe`, a mapping or a YAML/JSON path.
+    calib_prompts: prompts (or class labels) to calibrate on, or the name/path of a
+        prompt file; default: the recipe's prompt set (per-model defaults apply).
+    num_inference_steps: sampler steps per calibration prompt (default: the recipe's).
+    call_kwargs: passed to every calibration call of the pipeline (guidance_scale,
+        height, width, ...).
+
+    The pipeline is only modified once calibration has succeeded: any failure leaves
+    it as it was.
+    """
+    recipe = Recipe.from_any(recipe)
+    _, model = find_denoiser(pipe)
+    if is_quantized(model):
+        raise DQError("this pipeline's denoiser is already quantized; load the full-precision model again")
+    plan = plan_layers(model, recipe)
+    if not plan:
+        raise DQError(
+            f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
+            "check the recipe's keep/overrides or set keep_defaults: false"
+        )
+    store, groups = None, TimestepGroups([], [[]])
+    if any(c.activation is not None and not c.activation.dynamic for c in plan):
+        prompts = resolve_prompts(pipe, calib_prompts, recipe)
+        steps = num_inference_steps or recipe.calib_steps
+        store = calibrate(pipe, model, plan, prompts, recipe=recipe, num_inference_steps=steps, call_kwargs=call_kwargs)
+        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
+    router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
+    with torch.no_grad():
+        replacements = build_layers(plan, store, groups, router)
+    attach_router(model, router)  # may refuse (no timestep argument): before any swap
+    swap_modules(model, replacements)
+    model._dq_recipe = recipe
+    logger.info("quantized %d layers of %s with recipe %s (%d timestep groups)", len(plan), type(model).__name__, recipe.name, len(groups))
+    return pipe

@@ -1,0 +1,196 @@
+"""Saving and loading quantized pipelines.
+
+Layout: a diffusers pipeline folder. The quantized denoiser's subfolder holds the
+diffusers `config.json` with an added `quantization_config` ({"quant_method": "dq",
+"format_version", "recipe", "plan"}: the per-layer quantizer specs) and its state
+dict, quantized codes included, in `diffusion_pytorch_model.safetensors`. That is
+the shape diffusers' own quantization backends use, so registering dq as a
+backend can later make plain `from_pretrained` read it. Everything is written to a
+temporary folder beside the target and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .engine import find_denoiser, is_quantized
+from .errors import DQError
+from .nn.layers import QuantModule, shell_from_plan
+from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
+from .paths import default_model_dir
+from .recipe import FORMAT_VERSION, Recipe
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+QUANT_METHOD = "dq"
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    recipe: Recipe | None = getattr(model, "_dq_recipe", None)
+    plan = {name: m.plan_entry() for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "recipe": recipe.to_dict() if recipe else None,
+        "timestep_groups": getattr(model, ROUTER_NAME).groups,
+        "plan": plan,
+    }
+
+
+def save_denoiser(model: nn.Module, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = quantization_config(model)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "dq_format_version": str(FORMAT_VERSION)})
+
+
+def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a quantized pipeline to `out_dir` (a diffusers folder; safetensors only)."""
+    out_dir = Path(out_dir)
+    name, model = find_denoiser(pipe)
+    if not is_quantized(model):
+        raise DQError("the pipeline is not quantized; call dq.quantize(pipe, recipe) first")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DQError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.register_modules(**{name: None})
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            pipe.register_modules(**{name: model})
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+        save_denoiser(model, tmp / name)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved quantized pipeline to %s", out_dir)
+    return out_dir
+
+
+def _dq_component(path: Path) -> tuple[str, dict[str, Any]] | None:
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        return None
+    for name in json.loads(index_path.read_text()):
+        config_path = path / name / "config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            if config.get("quantization_config", {}).get("quant_method") == QUANT_METHOD:
+                return name, config
+    return None
+
+
+def is_dq_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and _dq_component(path) is not None
+
+
+def load_denoiser(folder: Path, config: dict[str, Any]) -> nn.Module:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    qc = config["quantization_config"]
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise DQError(f"{folder} was written by a newer dq (format {qc['format_version']}); upgrade dq")
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None:
+        raise DQError(f"diffusers has no model class {config['_class_name']!r}; upgrade diffusers")
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(plain)
+    replacements = {}
+    for name, entry in qc["plan"].items():
+        layer = model.get_submodule(name)
+        with torch.device("meta"):
+            replacements[name] = shell_from_plan(entry, tuple(layer.weight.shape), layer.bias is not None)
+    from .engine import swap_modules
+
+    swap_modules(model, replacements)
+    router = TimestepRouter(groups=int(qc.get("timestep_groups", 1)))
+    attach_router(model, router)
+    for module in replacements.values():
+        module.bind_router(router)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise DQError(f"{weights} is missing; the folder is not a complete dq checkpoint")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False, assign=True)
+    if missing or unexpected:
+        raise DQError(f"{weights} does not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
+    recipe = qc.get("recipe")
+    model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
+    return model.eval()
+
+
+def load(path: str | Path, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a pipeline saved by `dq.save` / `dq quantize --out`."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    found = _dq_component(path) if path.is_dir() else None
+    if found is None:
+        raise DQError(f"{path} is not a dq-quantized pipeline folder (no component with quant_method 'dq')")
+    name, config = found
+    model = load_denoiser(path / name, config)
+    kwargs = {name: model}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype | None = None, device=None):
+    """A pipeline from a hub id, a local diffusers folder, a dq folder, or None (the embedded default)."""
+    from diffusers import DiffusionPipeline
+
+    if model is None:
+        model = default_model_dir()
+        if not (Path(model) / "model_index.json").exists():
+            raise DQError(
+                f"the embedded default pipeline is missing at {model}; retrain it with "
+                "`python -m dq_pipelines.default.train` (see pipelines/default/README.md)"
+            )
+    if is_dq_folder(model):
+        return load(model, torch_dtype=torch_dtype, device=device)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DQError(f"cannot load pipeline {str(model)!r}: {exc}") from exc
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.eval()
+    if device is not None:
+        pipe.to(device)
+    return pipe

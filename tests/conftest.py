@@ -1,0 +1,42 @@
+import copy
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models gain nothing from threads; CI has 2 cores
+
+
+class DenoiserRecorder:
+    """Records the (args, kwargs) of every denoiser call during a pipeline run."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = []
+
+    def __enter__(self):
+        def hook(_m, args, kwargs):
+            self.calls.append((copy.deepcopy(args), copy.deepcopy(kwargs)))
+
+        self.handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def replay(self):
+        outs = []
+        with torch.no_grad():
+            for args, kwargs in self.calls:
+                out = self.model(*args, **{**kwargs, "return_dict": False})
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (ref.float() - test.float()).pow(2).mean()
+    return float(10 * torch.log10(ref.float().pow(2).mean() / noise.clamp(min=1e-30)))
+
+
+@pytest.fixture
+def recorder():
+    return DenoiserRecorder
