@@ -17,6 +17,7 @@ from .calibrate.run import run_pipeline
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
+from .kernels import set_execution
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .prompts import resolve_prompts
@@ -188,6 +189,7 @@ def quantize(
         replacements = build_layers(plan, store, groups, router)
     attach_router(model, router)  # may refuse (no timestep argument): before any swap
     swap_modules(model, replacements)
+    set_execution(model, recipe.execution)
     model._dq_recipe = recipe
     logger.info("quantized %d layers of %s with recipe %s (%d timestep groups)", len(plan), type(model).__name__, recipe.name, len(groups))
     return pipe

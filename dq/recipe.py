@@ -61,6 +61,8 @@ class Recipe:
     keep: extra regexes of layers to leave in full precision, on top of the
         architecture's defaults (`keep_defaults: false` drops those defaults).
     overrides: per-layer specs (mixed precision).
+    execution: "real" runs low-bit kernels (int8/fp8 matmuls, packed 4-bit weights),
+        "sim" fake-quantizes in float (research), "auto" picks real where supported.
     """
 
     name: str = "custom"
@@ -76,6 +78,7 @@ class Recipe:
     keep: list[str] = field(default_factory=list)
     keep_defaults: bool = True
     overrides: list[LayerOverride] = field(default_factory=list)
+    execution: str = "auto"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class Recipe:
                 re.compile(pattern)
             except re.error as exc:
                 raise DQError(f"keep pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        if self.execution not in ("auto", "real", "sim"):
+            raise DQError(f"execution must be 'auto', 'real' or 'sim', got {self.execution!r}")
         self.overrides = [o if isinstance(o, LayerOverride) else _override_from_dict(o) for o in self.overrides]
 
     @property

@@ -52,6 +52,12 @@ class QuantModule(nn.Module):
             self.register_buffer("ascale", torch.ones(groups))
             self.register_buffer("azero", None if act_spec.symmetric else torch.zeros(groups))
         self._router: TimestepRouter | None = None
+        # Extension points (see forward): an input transform (smoothing / rotation,
+        # dq.nn.transforms), a high-precision side branch (low-rank outliers), and the
+        # execution mode: "sim" (fake quantization in float) or "real" (dq.kernels).
+        self.input_transform: nn.Module | None = None
+        self.branch: nn.Module | None = None
+        self.execution = "sim"
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -115,6 +121,18 @@ class QuantModule(nn.Module):
         return P.dequantize(P.quantize(x.float(), scale, zero, spec), scale, zero).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        y = self.compute(x)
+        if self.branch is not None:
+            y = y + self.branch(x)
+        return y
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized op on the (transformed) input."""
+        return self.simulated(x)
+
+    def simulated(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantize_input(x)
         w = self.dequantized_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
