@@ -1,0 +1,1 @@
+"""Pipelines that ship with dq (installed as the ``dq_pipelines`` package)."""

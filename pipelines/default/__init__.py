@@ -1,0 +1,1 @@
+"""The embedded default pipeline: a tiny PixArt-style text-to-image model trained on shapes."""

@@ -1,0 +1,99 @@
+"""Tests of the embedded default pipeline: the shapes grammar and the shipped model."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "pipelines" / "default" / "model"
+
+
+def _import_shapes():
+    """``dq_pipelines.default.shapes`` when installed, else the source tree's ``pipelines``."""
+    try:
+        return importlib.import_module("dq_pipelines.default.shapes")
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        return importlib.import_module("pipelines.default.shapes")
+
+
+shapes = _import_shapes()
+
+
+def test_every_caption_round_trips() -> None:
+    captions = shapes.all_captions()
+    assert len(captions) == len(set(captions)) == 18 + 18 * 4 * 18
+    for caption in captions[::7]:
+        assert shapes.parse_caption(caption).caption() == caption
+
+
+def test_sampled_scenes_round_trip_and_parse_forgives_case() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = shapes.sample_scene(rng)
+        assert shapes.parse_caption(scene.caption()) == scene
+    assert shapes.parse_caption("  A Red  Circle above a blue square. ").relation == "above"
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "a red", "a pink circle", "a red circle near a blue square", "red circle"]
+)
+def test_parse_rejects_captions_outside_grammar(bad: str) -> None:
+    with pytest.raises(ValueError, match="outside the grammar"):
+        shapes.parse_caption(bad)
+
+
+def test_vocabulary_covers_every_caption() -> None:
+    vocab = set(shapes.vocabulary())
+    assert all(set(c.split()) <= vocab for c in shapes.all_captions())
+
+
+def test_render_shape_dtype_and_colours() -> None:
+    scene = shapes.parse_caption("a red circle above a blue square")
+    image = shapes.render(scene, size=64)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    top, bottom = image[16, 32], image[48, 32]
+    assert tuple(top) == shapes.COLOURS["red"] and tuple(bottom) == shapes.COLOURS["blue"]
+    assert np.array_equal(image, shapes.render(scene, size=64)), (
+        "rendering without rng is canonical"
+    )
+    jittered = [shapes.render(scene, size=64, rng=np.random.default_rng(s)) for s in (0, 0, 1)]
+    assert np.array_equal(jittered[0], jittered[1]) and not np.array_equal(jittered[0], jittered[2])
+
+
+def test_attribute_variants() -> None:
+    scene = shapes.parse_caption("a red circle to the left of a blue square")
+    variants = shapes.attribute_variants(scene)
+    assert list(variants) == ["colour0", "shape0", "relation", "colour1", "shape1"]
+    assert len(variants["colour0"]) == len(shapes.COLOURS)
+    assert len(variants["relation"]) == len(shapes.RELATIONS)
+    for slot, alternatives in variants.items():
+        assert scene in alternatives, slot
+        assert len(set(alternatives)) == len(alternatives)
+    assert [v.objects[1].shape for v in variants["shape1"]] == list(shapes.SHAPES)
+    assert all(v.objects[0] == scene.objects[0] for v in variants["shape1"])
+    single = shapes.attribute_variants(shapes.parse_caption("a green triangle"))
+    assert list(single) == ["colour0", "shape0"]
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="no shipped model")
+def test_shipped_pipeline_generates() -> None:
+    torch = pytest.importorskip("torch")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    assert not pipe.text_encoder.training
+    out = pipe(
+        "a red circle above a blue square",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (1, 256, 256, 3)
+    assert np.isfinite(out).all()
