@@ -117,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recipes)
 
     try:
-        from .eval.cli import add_eval_parser
+        from .eval.cli import add_eval_parser, run_eval
     except ImportError as exc:  # evaluation extras not installed
         e = sub.add_parser("eval", help="evaluate a pipeline (needs: pip install 'dq[eval]')")
         e.set_defaults(func=lambda _a, exc=exc: _missing_eval(exc))
     else:
         add_eval_parser(sub)
+        sub.choices["eval"].set_defaults(func=run_eval)
     return parser
 
 

@@ -35,7 +35,9 @@ class AttributeResult:
     num_images: int
     num_skipped: int  # prompts outside the grammar, not scored
     correct: list[bool] = field(repr=False)  # one per scored image, in order
-    predictions: list[dict[str, str]] = field(repr=False)  # predicted caption per slot, per scored image
+    predictions: list[dict[str, str]] = field(
+        repr=False
+    )  # predicted caption per slot, per scored image
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -46,12 +48,16 @@ class AttributeResult:
         }
 
 
-def attribute_accuracy(images: ImageBatch, prompts: Sequence[str], clip: ClipModel) -> AttributeResult | None:
+def attribute_accuracy(
+    images: ImageBatch, prompts: Sequence[str], clip: ClipModel
+) -> AttributeResult | None:
     """Score ``images`` (one per prompt); ``None`` when no prompt is in the grammar."""
     shapes = _shapes()
     pil_images = to_pil(images)
     if len(pil_images) != len(prompts):
-        raise EvalError(f"attribute accuracy got {len(pil_images)} images but {len(prompts)} prompts; pass one prompt per image")
+        raise EvalError(
+            f"attribute accuracy got {len(pil_images)} images but {len(prompts)} prompts; pass one prompt per image"
+        )
     scenes, keep = [], []
     for i, prompt in enumerate(prompts):
         try:
@@ -61,7 +67,11 @@ def attribute_accuracy(images: ImageBatch, prompts: Sequence[str], clip: ClipMod
             continue
     skipped = len(prompts) - len(keep)
     if skipped:
-        logger.info("attribute accuracy: %d of %d prompts are outside the grammar and not scored", skipped, len(prompts))
+        logger.info(
+            "attribute accuracy: %d of %d prompts are outside the grammar and not scored",
+            skipped,
+            len(prompts),
+        )
     if not keep:
         return None
     image_emb = clip.embed_images([pil_images[i] for i in keep])
@@ -107,5 +117,7 @@ def _shapes():
     try:
         from dq_pipelines.default import shapes
     except ImportError as exc:  # pragma: no cover - only without the dq_pipelines package
-        raise EvalError("attribute accuracy needs the dq_pipelines package (install dq with its pipelines)") from exc
+        raise EvalError(
+            "attribute accuracy needs the dq_pipelines package (install dq with its pipelines)"
+        ) from exc
     return shapes

@@ -55,11 +55,15 @@ class ClipModel:
     @torch.inference_mode()
     def embed_images(self, images: ImageBatch, *, batch_size: int = 64) -> torch.Tensor:
         """(N, D) unit-norm image embeddings, each image preprocessed exactly as open_clip does."""
-        pil_images = images if _is_pil_list(images) else to_pil(images)
+        pil_images = to_pil(images)
         chunks = []
         for start in range(0, len(pil_images), batch_size):
-            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in pil_images[start : start + batch_size]])
-            chunks.append(self.model.encode_image(pixels.to(self.device), normalize=True).float().cpu())
+            pixels = torch.stack(
+                [self.preprocess(im) for im in pil_images[start : start + batch_size]]
+            )
+            chunks.append(
+                self.model.encode_image(pixels.to(self.device), normalize=True).float().cpu()
+            )
         return torch.cat(chunks)
 
     @torch.inference_mode()
@@ -73,7 +77,9 @@ class ClipModel:
         return torch.stack([self._text_cache[t] for t in texts])
 
 
-def load_clip(model_name: str | None = None, pretrained: str | None = None, *, device: str = "cpu") -> ClipModel:
+def load_clip(
+    model_name: str | None = None, pretrained: str | None = None, *, device: str = "cpu"
+) -> ClipModel:
     """Load a CLIP model for scoring.
 
     ``model_name=None`` is dq's offline evaluator CLIP. Otherwise ``model_name`` is an open_clip
@@ -85,19 +91,32 @@ def load_clip(model_name: str | None = None, pretrained: str | None = None, *, d
 
     if model_name is None:
         if pretrained is not None:
-            raise EvalError("--clip-pretrained needs --clip-model: name the architecture the checkpoint is for")
+            raise EvalError(
+                "--clip-pretrained needs --clip-model: name the architecture the checkpoint is for"
+            )
         model_name, pretrained = _register_evaluator(open_clip)
     elif model_name.endswith(".json"):
         config = Path(model_name)
         if not config.is_file():
-            raise EvalError(f"CLIP model config {config} does not exist; give an open_clip model name or a config json")
+            raise EvalError(
+                f"CLIP model config {config} does not exist; give an open_clip model name or a config json"
+            )
         open_clip.add_model_config(config)
         model_name = config.stem
-    if pretrained is not None and Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin"):
+    if pretrained is not None and Path(pretrained).suffix in (
+        ".safetensors",
+        ".pt",
+        ".pth",
+        ".bin",
+    ):
         if not Path(pretrained).is_file():
-            raise MissingWeightsError(f"CLIP checkpoint {pretrained} does not exist; check the --clip-pretrained path")
+            raise MissingWeightsError(
+                f"CLIP checkpoint {pretrained} does not exist; check the --clip-pretrained path"
+            )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
     except RuntimeError as exc:
         if pretrained is not None and "download" in str(exc).lower():
             raise MissingWeightsError(
@@ -105,20 +124,30 @@ def load_clip(model_name: str | None = None, pretrained: str | None = None, *, d
                 "--clip-pretrained PATH to a local checkpoint, or omit --clip-model to use dq's offline "
                 "evaluator CLIP"
             ) from exc
-        raise EvalError(f"cannot load CLIP model {model_name!r} (pretrained={pretrained!r}): {exc}") from exc
+        raise EvalError(
+            f"cannot load CLIP model {model_name!r} (pretrained={pretrained!r}): {exc}"
+        ) from exc
     if pretrained is None and not model_name.startswith(("local-dir:", "hf-hub:")):
-        logger.warning("CLIP model %s has no pretrained weights: its scores are meaningless", model_name)
+        logger.warning(
+            "CLIP model %s has no pretrained weights: its scores are meaningless", model_name
+        )
     model.eval()
-    return ClipModel(model, preprocess, open_clip.get_tokenizer(model_name), model_name, torch.device(device))
+    return ClipModel(
+        model, preprocess, open_clip.get_tokenizer(model_name), model_name, torch.device(device)
+    )
 
 
-def clip_score(images: ImageBatch, prompts: Sequence[str], clip: ClipModel, *, reduction: str = "mean") -> torch.Tensor:
+def clip_score(
+    images: ImageBatch, prompts: Sequence[str], clip: ClipModel, *, reduction: str = "mean"
+) -> torch.Tensor:
     """``100 * max(cos(image, prompt), 0)`` per image/prompt pair, in [0, 100]."""
     if len(prompts) == 0:
         raise EvalError("clip_score got no prompts; pass one prompt per image")
     image_emb = clip.embed_images(images)
     if image_emb.shape[0] != len(prompts):
-        raise EvalError(f"clip_score got {image_emb.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+        raise EvalError(
+            f"clip_score got {image_emb.shape[0]} images but {len(prompts)} prompts; pass one prompt per image"
+        )
     text_emb = clip.embed_texts(list(prompts))
     per_image = 100 * (image_emb * text_emb).sum(dim=1).clamp(min=0)
     if reduction == "none":
@@ -151,7 +180,3 @@ def _register_evaluator(open_clip) -> tuple[str, str]:
     if EVALUATOR_NAME not in open_clip.list_models():
         open_clip.add_model_config(config)
     return EVALUATOR_NAME, str(weights)
-
-
-def _is_pil_list(images: object) -> bool:
-    return isinstance(images, (list, tuple)) and len(images) > 0 and all(isinstance(im, Image.Image) for im in images)

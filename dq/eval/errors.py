@@ -10,4 +10,5 @@ class EvalError(DQError):
 
 
 class MissingWeightsError(EvalError):
-    """A metric's network weights are neither cached, downloadable, nor given as a local file."""
+    """A metric's network is unavailable: its weights are neither cached, downloadable, nor given
+    as a local file (or the package that loads them is not installed)."""

@@ -50,7 +50,9 @@ class FidScorer:
         self._metric = _make_metric(features, inception_weights, clip)
         real = to_uint8(real_images)
         if real.shape[0] < 2:
-            raise EvalError(f"FID needs at least 2 real images, got {real.shape[0]}; use more prompts or images")
+            raise EvalError(
+                f"FID needs at least 2 real images, got {real.shape[0]}; use more prompts or images"
+            )
         self.num_real = real.shape[0]
         self._update(real, real=True)
 
@@ -58,7 +60,9 @@ class FidScorer:
         """FID of ``images`` against the real set (lower is better)."""
         fake = to_uint8(images)
         if fake.shape[0] < 2:
-            raise EvalError(f"FID needs at least 2 generated images, got {fake.shape[0]}; use more prompts")
+            raise EvalError(
+                f"FID needs at least 2 generated images, got {fake.shape[0]}; use more prompts"
+            )
         self._metric.reset()  # keeps the real statistics (reset_real_features=False)
         self._update(fake, real=False)
         return float(self._metric.compute())
@@ -78,24 +82,32 @@ def fid(
     clip: ClipModel | None = None,
 ) -> float:
     """FID between two image sets (see ``FidScorer``)."""
-    return FidScorer(real_images, features=features, inception_weights=inception_weights, clip=clip)(images)
+    return FidScorer(
+        real_images, features=features, inception_weights=inception_weights, clip=clip
+    )(images)
 
 
-def load_image_folder(folder: str | Path, *, size: tuple[int, int] | None = None, limit: int | None = None) -> list[Image.Image]:
+def load_image_folder(
+    folder: str | Path, *, size: tuple[int, int] | None = None, limit: int | None = None
+) -> list[Image.Image]:
     """RGB images of a folder (sorted by name), centre-cropped to ``size``'s aspect and resized to it."""
     path = Path(folder)
     if not path.is_dir():
         raise EvalError(f"real-image folder {path} does not exist or is not a folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise EvalError(f"real-image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --real-images at a folder of images")
+        raise EvalError(
+            f"real-image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --real-images at a folder of images"
+        )
     images = []
     for file in files[:limit]:
         try:
             with Image.open(file) as image:
                 images.append(_fit(image.convert("RGB"), size))
         except (UnidentifiedImageError, OSError) as exc:
-            raise EvalError(f"cannot read image {file}: {exc}; remove it from {path} or fix it") from exc
+            raise EvalError(
+                f"cannot read image {file}: {exc}; remove it from {path} or fix it"
+            ) from exc
     return images
 
 
@@ -106,10 +118,14 @@ def _fit(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     scale = min(image.width / width, image.height / height)
     crop_w, crop_h = round(width * scale), round(height * scale)
     left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
-    return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
+    return image.crop((left, top, left + crop_w, top + crop_h)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
 
 
-def _make_metric(features: str, inception_weights: str | Path | None, clip: ClipModel | None) -> FrechetInceptionDistance:
+def _make_metric(
+    features: str, inception_weights: str | Path | None, clip: ClipModel | None
+) -> FrechetInceptionDistance:
     if features == "clip":
         if clip is None:
             from .clip import load_clip
@@ -119,7 +135,9 @@ def _make_metric(features: str, inception_weights: str | Path | None, clip: Clip
     if features != "inception":
         raise EvalError(f"unknown FID feature network {features!r}; choose one of {FID_FEATURES}")
     return FrechetInceptionDistance(
-        feature=2048, reset_real_features=False, feature_extractor_weights_path=_inception_weights(inception_weights)
+        feature=2048,
+        reset_real_features=False,
+        feature_extractor_weights_path=_inception_weights(inception_weights),
     )
 
 
@@ -128,7 +146,9 @@ def _inception_weights(path: str | Path | None) -> str | None:
     _require_torch_fidelity()
     if path is not None:
         if not Path(path).is_file():
-            raise MissingWeightsError(f"--inception-weights {path}: no such file; give the path of {_INCEPTION_FILE}")
+            raise MissingWeightsError(
+                f"--inception-weights {path}: no such file; give the path of {_INCEPTION_FILE}"
+            )
         return str(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _INCEPTION_FILE
     if cached.is_file():
@@ -150,6 +170,6 @@ def _require_torch_fidelity() -> None:
     try:
         import torch_fidelity  # noqa: F401
     except ImportError as exc:
-        raise EvalError(
+        raise MissingWeightsError(
             "Inception FID needs torch-fidelity (`pip install torch-fidelity`), or use --fid-features clip"
         ) from exc

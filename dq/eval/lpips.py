@@ -30,12 +30,16 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 class LpipsScorer:
     """Per-image LPIPS (lower is more similar) with one loaded backbone."""
 
-    def __init__(self, net: str = "alex", weights: str | Path | None = None, *, batch_size: int = 16) -> None:
+    def __init__(
+        self, net: str = "alex", weights: str | Path | None = None, *, batch_size: int = 16
+    ) -> None:
         self.net = net
         self.batch_size = batch_size
         self._metric = load_lpips(net, weights)
 
-    def __call__(self, images: ImageBatch, reference: ImageBatch, *, reduction: str = "mean") -> torch.Tensor:
+    def __call__(
+        self, images: ImageBatch, reference: ImageBatch, *, reduction: str = "mean"
+    ) -> torch.Tensor:
         x, y = to_batch(images), to_batch(reference)
         if x.shape != y.shape:
             raise EvalError(
@@ -44,7 +48,9 @@ class LpipsScorer:
         self._metric.reset()
         with torch.inference_mode():
             for start in range(0, x.shape[0], self.batch_size):
-                self._metric.update(x[start : start + self.batch_size], y[start : start + self.batch_size])
+                self._metric.update(
+                    x[start : start + self.batch_size], y[start : start + self.batch_size]
+                )
             per_image = self._metric.compute().flatten().float()
         if reduction == "none":
             return per_image
@@ -53,7 +59,13 @@ class LpipsScorer:
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def lpips(images: ImageBatch, reference: ImageBatch, *, net: str = "alex", weights: str | Path | None = None) -> float:
+def lpips(
+    images: ImageBatch,
+    reference: ImageBatch,
+    *,
+    net: str = "alex",
+    weights: str | Path | None = None,
+) -> float:
     """Mean LPIPS of ``images`` against ``reference`` (see ``LpipsScorer``)."""
     return float(LpipsScorer(net, weights)(images, reference))
 
@@ -63,13 +75,17 @@ def backbone_file(net: str) -> str:
     return Path(urlparse(_backbone_weights(net).url).path).name
 
 
-def load_lpips(net: str = "alex", weights: str | Path | None = None) -> LearnedPerceptualImagePatchSimilarity:
+def load_lpips(
+    net: str = "alex", weights: str | Path | None = None
+) -> LearnedPerceptualImagePatchSimilarity:
     """torchmetrics' LPIPS with its backbone from the hub cache / a download, or from ``weights``."""
     filename, url = backbone_file(net), _backbone_weights(net).url
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise MissingWeightsError(f"--lpips-weights {path}: no such file; give the path of {filename} ({url})")
+            raise MissingWeightsError(
+                f"--lpips-weights {path}: no such file; give the path of {filename} ({url})"
+            )
         with _hub_cache_holding(path, filename):
             try:
                 return _build(net)
@@ -93,7 +109,11 @@ def _build(net: str) -> LearnedPerceptualImagePatchSimilarity:
 def _backbone_weights(net: str):
     from torchvision import models
 
-    enums = {"alex": models.AlexNet_Weights, "vgg": models.VGG16_Weights, "squeeze": models.SqueezeNet1_1_Weights}
+    enums = {
+        "alex": models.AlexNet_Weights,
+        "vgg": models.VGG16_Weights,
+        "squeeze": models.SqueezeNet1_1_Weights,
+    }
     if net not in enums:
         raise EvalError(f"unknown LPIPS network {net!r}; choose one of {LPIPS_NETS}")
     return enums[net].DEFAULT

@@ -1,0 +1,165 @@
+"""``dq eval``: generate images with a pipeline and score them (FID, CLIP, attributes, LPIPS,
+PSNR, SSIM), writing JSON and printing a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EvalError
+from .evaluate import METRICS, Scorer, evaluate, parse_metrics
+from .fid import FID_FEATURES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_PROMPTS = 64
+
+
+def add_eval_parser(subparsers) -> None:
+    """Add the ``eval`` sub-command to an argparse sub-parser set."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="generate images and score them (FID, CLIP score, attribute accuracy, LPIPS, PSNR, SSIM)",
+        description=__doc__,
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL_OR_DIR",
+        help="pipeline to evaluate: a dq folder, a diffusers folder or hub id (default: the embedded pipeline)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="full-precision pipeline whose images (same prompts and seeds) are the target of LPIPS/PSNR/SSIM/FID",
+    )
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompt file, one per line ('#' comments), or a shipped set name (default: captions of the default grammar)",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"use the first N prompts (default: all of --prompts, or the first {DEFAULT_NUM_PROMPTS} of calib/shapes_eval.txt)",
+    )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(METRICS)} (default: every metric the inputs and weights allow)",
+    )
+    parser.add_argument(
+        "--json", dest="json_out", metavar="OUT", help="write the results as JSON here"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="inference steps (default: the pipeline's)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images per pipeline call (does not change the images)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="prompt i is generated with seed SEED+i"
+    )
+    parser.add_argument(
+        "--real-images",
+        metavar="DIR",
+        help="folder of real images: FID's target instead of the reference",
+    )
+    parser.add_argument(
+        "--fid-features",
+        choices=FID_FEATURES,
+        default="inception",
+        help="FID feature network: Inception-v3 (standard; needs its weights) or CLIP image features (offline)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="local FID Inception weights (weights-inception-2015-12-05-6726825d.pth) for offline use",
+    )
+    parser.add_argument(
+        "--lpips-weights",
+        metavar="PATH",
+        help="local torchvision AlexNet checkpoint (alexnet-owt-7be5be79.pth) for LPIPS offline",
+    )
+    parser.add_argument(
+        "--clip-model",
+        metavar="NAME",
+        help="open_clip model for the CLIP score (default: dq's offline evaluator CLIP)",
+    )
+    parser.add_argument(
+        "--clip-pretrained",
+        metavar="TAG",
+        help="open_clip pretrained tag or local checkpoint file for --clip-model",
+    )
+    parser.add_argument(
+        "--device", default=None, help="device for the pipelines (default: as loaded)"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``dq eval``; raises ``EvalError`` (a ``DQError``) with a message on bad input."""
+    from dq.io import open_pipeline
+
+    metrics = parse_metrics(args.metrics)
+    prompts = _prompts(args.prompts, args.num_prompts)
+    scorer = Scorer(
+        metrics,
+        fid_features=args.fid_features,
+        inception_weights=args.inception_weights,
+        lpips_weights=args.lpips_weights,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+    )
+    for path, option in (
+        (args.inception_weights, "--inception-weights"),
+        (args.lpips_weights, "--lpips-weights"),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise EvalError(f"{option} {path}: no such file")
+    if args.real_images is not None and not Path(args.real_images).is_dir():
+        raise EvalError(f"--real-images {args.real_images}: no such folder")
+    pipe = open_pipeline(args.model, device=args.device)
+    reference = open_pipeline(args.reference, device=args.device) if args.reference else None
+    result = evaluate(
+        pipe,
+        prompts,
+        reference=reference,
+        real_images=args.real_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_inference_steps=args.steps,
+        scorer=scorer,
+    )
+    result.settings.update(
+        model=args.model or "default", reference=args.reference, prompts=args.prompts or "shapes_eval"
+    )
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(
+            json.dumps(result.to_dict(per_image=True), indent=2) + "\n", encoding="utf-8"
+        )
+        logger.info("wrote %s", out)
+    sys.stdout.write(result.to_table() + "\n")
+    return 0
+
+
+def _prompts(source: str | None, limit: int | None) -> list[str]:
+    if limit is not None and limit < 1:
+        raise EvalError(f"--num-prompts must be at least 1, got {limit}")
+    if source is None:
+        source = "shapes_eval"  # the embedded default's evaluation set, disjoint from calibration
+        limit = limit or DEFAULT_NUM_PROMPTS
+    from dq.prompts import load_prompts  # raises DQError for a missing or empty file
+
+    return load_prompts(source)[:limit]
