@@ -1,0 +1,131 @@
+"""Image quality of every preset on the embedded default pipeline, against full precision.
+
+Full precision, every dq preset (the naive round-to-nearest baselines included) and
+torchao's int8 dynamic quantization (on the same layers dq quantizes), all in one run.
+Calibration uses calib/shapes_calib.txt; evaluation uses calib/shapes_eval.txt (disjoint).
+Each variant's images are scored against the full-precision images of the same seeds.
+
+    python benchmarks/quality.py            # 256 evaluation prompts, 20 steps
+    python benchmarks/quality.py --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+import dq
+from dq.arch import arch_for, default_keep
+from dq.engine import find_denoiser
+from dq.eval import Scorer, generate_images
+from dq.prompts import load_prompts
+
+from report import RESULTS, machine, module_bytes, update_section
+
+METRICS = ("fid", "clip", "attr", "lpips", "psnr", "ssim")
+
+
+def torchao_int8_dynamic(pipe) -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    _, model = find_denoiser(pipe)
+    keep = default_keep(model, arch_for(model))
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name not in keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--calib-prompts", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--recipes", default=",".join(dq.recipes()), help="comma-separated presets")
+    parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 4 steps")
+    parser.add_argument("--out", default=str(RESULTS / "quality.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.num_prompts, args.calib_prompts, args.steps = 8, 4, 4
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+
+    prompts = load_prompts("shapes_eval")[: args.num_prompts]
+    calib = load_prompts("shapes_calib")[: args.calib_prompts]
+    scorer = Scorer(None, fid_features="clip")
+    gen = dict(batch_size=args.batch_size, num_inference_steps=args.steps)
+
+    def measure(name: str, prepare) -> dict:
+        pipe = dq.open_pipeline(None)
+        start = time.perf_counter()
+        prepare(pipe)
+        prep_s = time.perf_counter() - start
+        start = time.perf_counter()
+        images = generate_images(pipe, prompts, **gen)
+        gen_s = time.perf_counter() - start
+        result = scorer.score(images, prompts, reference_images=reference)
+        _, model = find_denoiser(pipe)
+        row = {
+            "variant": name,
+            **{k: result.metrics.get(k) for k in METRICS},
+            "weight_bytes": module_bytes(model),
+            "prepare_s": prep_s,
+            "generate_s": gen_s,
+            "notes": result.notes,
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
+        return row
+
+    fp = dq.open_pipeline(None)
+    start = time.perf_counter()
+    reference = generate_images(fp, prompts, **gen)
+    fp_s = time.perf_counter() - start
+    fp_result = scorer.score(reference, prompts, reference_images=reference)
+    rows = [{"variant": "full precision (fp32)", **{k: fp_result.metrics.get(k) for k in METRICS},
+             "weight_bytes": module_bytes(find_denoiser(fp)[1]), "prepare_s": 0.0, "generate_s": fp_s, "notes": fp_result.notes}]
+    for recipe in [r for r in args.recipes.split(",") if r]:
+        rows.append(measure(recipe, lambda p, r=recipe: dq.quantize(p, r, calib_prompts=calib, num_inference_steps=args.steps)))
+    if not args.no_torchao:
+        rows.append(measure("torchao int8 dynamic", torchao_int8_dynamic))
+
+    result = {"machine": machine(), "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    table = render(result)
+    print(table)
+    if not args.quick:
+        update_section("quality", table)
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Embedded default pipeline, {result['num_prompts']} evaluation prompts (calib/shapes_eval.txt), "
+        f"{result['calib_prompts']} disjoint calibration prompts, {result['steps']} steps; "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}. "
+        "LPIPS/PSNR/SSIM/FID against the full-precision images of the same seeds; FID on the "
+        "evaluator CLIP's image features (offline; no Inception weights here); LPIPS n/a offline "
+        "(no AlexNet weights here, and no other network is substituted).",
+        "",
+        "| variant | FID (CLIP feat.) | CLIP score | attribute acc. | LPIPS | PSNR dB | SSIM | weight MB | generate s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['variant']} | {fmt(r['fid'], '.3f')} | {fmt(r['clip'], '.2f')} | {fmt(r['attr'], '.1%')} | "
+            f"{fmt(r['lpips'], '.3f')} | {fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} | "
+            f"{r['weight_bytes'] / 2**20:.2f} | {r['generate_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
