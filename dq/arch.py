@@ -4,7 +4,7 @@ For each denoiser class: which Linear/Conv2d layers stay in full precision by
 default, and which producer -> consumer pairs later stages (smoothing, rotation)
 may fuse. Any other model falls back to `GENERIC`.
 
-Why these layers are kept (see BENCHMARKS.md, "sensitivity"): the timestep and
+Why these layers are kept (measured: BENCHMARKS.md, "Layer sensitivity"): the timestep and
 conditioning embedders and the adaptive-norm modulation linears process one
 vector per sample, so quantizing them saves almost no compute while their error
 shifts every token of every block; the patch embedding and the final projection
