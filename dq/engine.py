@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from .arch import arch_for, default_keep, quantizable_layers
-from .calibrate.hooks import Calibrator
+from .calibrate.hooks import Calibrator, CalibTarget
 from .calibrate.run import run_pipeline
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
 from .kernels import set_execution
+from .nn.attention import quantize_attention
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
+from .outliers import PreparedLayer, calibration_targets, plan_components, prepare_layer, summarize
 from .prompts import resolve_prompts
 from .quant.primitives import range_from_histogram
 from .quant.spec import QuantSpec
@@ -101,9 +103,12 @@ def calibrate(
     recipe: Recipe,
     num_inference_steps: int,
     call_kwargs: dict[str, Any],
+    targets: Sequence[CalibTarget] | None = None,
 ) -> StatsStore:
-    """Run the pipeline with hooks on the planned layers; return their statistics."""
-    targets = [(c.name, c.module, c.channel_dim) for c in plan if c.activation is not None and not c.activation.dynamic]
+    """Run the pipeline with hooks on the planned layers (or on explicit `targets`: which
+    statistics of which layers, see `CalibTarget`); return their statistics."""
+    if targets is None:
+        targets = [CalibTarget(c.name, c.module, c.channel_dim) for c in plan if c.activation is not None and not c.activation.dynamic]
     with Calibrator(pipe, model, targets, recipe.histogram_bins) as calibrator:
         run_pipeline(
             pipe, prompts, num_inference_steps=num_inference_steps, batch_size=recipe.calib_batch_size,
@@ -129,7 +134,8 @@ def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spe
 
 
 def build_layers(
-    plan: Sequence[LayerChoice], store: StatsStore | None, groups: TimestepGroups, router: TimestepRouter
+    plan: Sequence[LayerChoice], store: StatsStore | None, groups: TimestepGroups, router: TimestepRouter,
+    prepared: dict[str, PreparedLayer] | None = None,
 ) -> dict[str, QuantModule]:
     new = {}
     for choice in plan:
@@ -137,7 +143,11 @@ def build_layers(
         if choice.activation is not None and not choice.activation.dynamic:
             ranges = activation_ranges(store, choice.name, groups, choice.activation)
         cls = QuantConv2d if isinstance(choice.module, nn.Conv2d) else QuantLinear
-        new[choice.name] = cls.from_float(choice.module, choice.weight, choice.activation, ranges, router)
+        prep = (prepared or {}).get(choice.name) or PreparedLayer()
+        new[choice.name] = cls.from_float(
+            choice.module, choice.weight, choice.activation, ranges, router,
+            weight=prep.weight, weight_codes=prep.weight_codes, input_transform=prep.input_transform, branch=prep.branch,
+        )
     return new
 
 
@@ -178,18 +188,45 @@ def quantize(
             f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
             "check the recipe's keep/overrides or set keep_defaults: false"
         )
-    store, groups = None, TimestepGroups([], [[]])
-    if any(c.activation is not None and not c.activation.dynamic for c in plan):
+    works = plan_components(plan, recipe)
+    run = dict(recipe=recipe, num_inference_steps=num_inference_steps or recipe.calib_steps, call_kwargs=call_kwargs)
+    prompts = None
+    # Pass 1 (when a component needs statistics of the raw inputs): channel ranges, H, and the
+    # histograms of static layers whose input is not transformed.
+    store, groups, prepared = None, TimestepGroups([], [[]]), {}
+    first = calibration_targets(works, first_pass=True)
+    if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
         prompts = resolve_prompts(pipe, calib_prompts, recipe)
-        steps = num_inference_steps or recipe.calib_steps
-        store = calibrate(pipe, model, plan, prompts, recipe=recipe, num_inference_steps=steps, call_kwargs=call_kwargs)
+        store = calibrate(pipe, model, plan, prompts, targets=first, **run)
+        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
+    with torch.no_grad():
+        for name, work in works.items():
+            prepared[name] = prepare_layer(work, store, groups)
+    if store is not None:
+        store.moments.clear()  # H is only needed to prepare the layers
+    # Pass 2: static activation ranges of what each layer will quantize (its transformed input).
+    done = {t.name for t in first if t.histogram} if store is not None else set()
+    second = [t for t in calibration_targets(works, first_pass=False, prepared=prepared) if t.name not in done]
+    if second:
+        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
+        ranged = calibrate(pipe, model, plan, prompts, targets=second, **run)
+        if store is None:
+            store = ranged
+        else:
+            store.entries = {k: v for k, v in store.entries.items() if k[0] in done}
+            store.merge_(ranged)
         groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
     router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
     with torch.no_grad():
-        replacements = build_layers(plan, store, groups, router)
+        replacements = build_layers(plan, store, groups, router, prepared)
     attach_router(model, router)  # may refuse (no timestep argument): before any swap
     swap_modules(model, replacements)
+    if recipe.attention is not None:
+        quantize_attention(model, recipe.attention)
     set_execution(model, recipe.execution)
     model._dq_recipe = recipe
+    summary = summarize(prepared)
+    if summary:
+        logger.info("outlier handling: %s", summary)
     logger.info("quantized %d layers of %s with recipe %s (%d timestep groups)", len(plan), type(model).__name__, recipe.name, len(groups))
     return pipe

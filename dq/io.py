@@ -25,6 +25,8 @@ from torch import nn
 
 from .engine import find_denoiser, is_quantized
 from .errors import DQError
+from .kernels import set_execution
+from .nn.attention import quantize_attention
 from .nn.layers import QuantModule, shell_from_plan
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .paths import default_model_dir
@@ -112,7 +114,7 @@ def is_dq_folder(path: str | Path) -> bool:
     return path.is_dir() and _dq_component(path) is not None
 
 
-def load_denoiser(folder: Path, config: dict[str, Any]) -> nn.Module:
+def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = None) -> nn.Module:
     import diffusers
     from accelerate import init_empty_weights
 
@@ -148,11 +150,28 @@ def load_denoiser(folder: Path, config: dict[str, Any]) -> nn.Module:
         raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
     recipe = qc.get("recipe")
     model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
+    if model._dq_recipe is not None and model._dq_recipe.attention is not None:
+        # attention processors hold no tensors: the recipe alone reinstalls them
+        quantize_attention(model, model._dq_recipe.attention)
+    # The execution mode is not stored in the tensors: restore the recipe's (or the caller's).
+    if execution is None:
+        execution = model._dq_recipe.execution if model._dq_recipe is not None else "auto"
+    set_execution(model, execution)
     return model.eval()
 
 
-def load(path: str | Path, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a pipeline saved by `dq.save` / `dq quantize --out`."""
+def load(
+    path: str | Path,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    execution: str | None = None,
+):
+    """Load a pipeline saved by `dq.save` / `dq quantize --out`.
+
+    execution: "real", "auto" or "sim" (see `dq.kernels.set_execution`); default: the
+    saved recipe's.
+    """
     from diffusers import DiffusionPipeline
 
     path = Path(path)
@@ -160,7 +179,7 @@ def load(path: str | Path, *, torch_dtype: torch.dtype | None = None, device: st
     if found is None:
         raise DQError(f"{path} is not a dq-quantized pipeline folder (no component with quant_method 'dq')")
     name, config = found
-    model = load_denoiser(path / name, config)
+    model = load_denoiser(path / name, config, execution)
     kwargs = {name: model}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype

@@ -49,6 +49,206 @@ class LayerOverride:
         }
 
 
+def _check_patterns(patterns: Any, where: str) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise DQError(f"{where} must be a list of regular expressions, got {patterns!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise DQError(f"{where} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+    return list(patterns)
+
+
+@dataclass
+class Component:
+    """An outlier-handling stage of a recipe. `include` / `exclude`: regexes (searched) of the
+    layer names it applies to (empty include: every quantized layer it can apply to)."""
+
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    name = "component"
+
+    def __post_init__(self) -> None:
+        self.include = _check_patterns(self.include, f"{self.name}.include")
+        self.exclude = _check_patterns(self.exclude, f"{self.name}.exclude")
+
+    def applies_to(self, layer: str) -> bool:
+        if self.include and not any(re.search(p, layer) for p in self.include):
+            return False
+        return not any(re.search(p, layer) for p in self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, QuantSpec) else (list(value) if isinstance(value, list) else value)
+        return out
+
+    @classmethod
+    def from_any(cls, value: Any) -> Component | None:
+        """None / false: off; true: the defaults; a mapping of options; or an instance."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise DQError(f"recipe component {cls.name!r} must be null, true/false or a mapping of options, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise DQError(f"unknown {cls.name} option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**value)
+
+
+def _positive_int(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DQError(f"{where} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class SmoothConfig(Component):
+    """Smoothing (SmoothQuant): per-channel scales s = a^alpha / w^(1-alpha) move activation
+    outliers into the weight. alpha: a number in [0, 1], or "search" (per layer, the value of
+    an (grid+1)-point grid, or no smoothing, with the smallest estimated output error).
+    aggregate: how per-timestep channel ranges combine (dq.quant.smooth.AGGREGATIONS)."""
+
+    alpha: float | str = "search"
+    grid: int = 20
+    aggregate: str = "rms"
+
+    name = "smooth"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .quant.smooth import AGGREGATIONS
+
+        if isinstance(self.alpha, str):
+            if self.alpha != "search":
+                raise DQError(f"smooth.alpha must be a number in [0, 1] or 'search', got {self.alpha!r}")
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise DQError(f"smooth.alpha must be a number in [0, 1] or 'search', got {self.alpha!r}")
+        else:
+            self.alpha = float(self.alpha)
+        _positive_int(self.grid, "smooth.grid")
+        if self.aggregate not in AGGREGATIONS:
+            raise DQError(f"unknown smooth.aggregate {self.aggregate!r}; choose one of {list(AGGREGATIONS)}")
+
+
+@dataclass
+class RotateConfig(Component):
+    """Randomized Hadamard rotation of layer inputs and weights. block_size: a power of two
+    (null: the largest power of two dividing each layer's input width); seed: the random
+    signs' seed (mixed with each layer's name)."""
+
+    block_size: int | None = None
+    seed: int = 0
+
+    name = "rotate"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .quant.hadamard import is_power_of_two
+
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool) or not is_power_of_two(self.block_size) or self.block_size < 2
+        ):
+            raise DQError(
+                f"cannot build a Hadamard matrix of size {self.block_size!r}: rotate.block_size must be a "
+                "power of two >= 2, or null for the largest power of two dividing each layer's width"
+            )
+        if not isinstance(self.seed, int):
+            raise DQError(f"rotate.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class LowRankConfig(Component):
+    """SVDQuant low-rank branch: W = L1 L2 (rank `rank`, float) + R (quantized), the split refit
+    `iters` times to W - Q(R)."""
+
+    rank: int = 32
+    iters: int = 3
+
+    name = "lowrank"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int(self.rank, "lowrank.rank")
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise DQError(f"lowrank.iters must be a non-negative integer, got {self.iters!r}")
+
+
+@dataclass
+class GPTQConfig(Component):
+    """GPTQ error-compensating rounding from the calibration inputs' second moment.
+    damp: fraction of mean(diag H) added to the diagonal; block_size: columns per lazy
+    update block; act_order: process columns by decreasing input energy (static groups)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    name = "gptq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise DQError(f"gptq.damp must be a number in (0, 1), got {self.damp!r}")
+        self.damp = float(self.damp)
+        _positive_int(self.block_size, "gptq.block_size")
+        if not isinstance(self.act_order, bool):
+            raise DQError(f"gptq.act_order must be true or false, got {self.act_order!r}")
+
+
+PROBS_QUANTIZERS = ("log2", "uniform", "none")
+
+
+@dataclass
+class AttentionConfig(Component):
+    """Quantized attention (through diffusers attention processors). probs: quantizer of the
+    post-softmax probabilities, "log2" (levels 2^-k and zero), "uniform" (on [0, 1]) or
+    "none"; probs_bits: its width (log2 is the better choice up to 4 bits, where uniform levels
+    round most probabilities to zero; from 6 bits on, uniform is more accurate); qkv:
+    quantizer of Q, K and V (dynamic per token and head),
+    or null. include / exclude match attention module names (e.g. 'attn1' for self-attention)."""
+
+    probs: str = "log2"
+    probs_bits: int = 4
+    qkv: QuantSpec | None = None
+
+    name = "attention"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.probs not in PROBS_QUANTIZERS:
+            raise DQError(f"unknown attention.probs quantizer {self.probs!r}; choose one of {list(PROBS_QUANTIZERS)}")
+        if isinstance(self.probs_bits, bool) or not isinstance(self.probs_bits, int) or not 2 <= self.probs_bits <= 8:
+            raise DQError(f"attention.probs_bits must be an integer from 2 to 8, got {self.probs_bits!r}")
+        self.qkv = QuantSpec.from_dict(self.qkv)
+        if self.qkv is not None:
+            if self.qkv.granularity not in ("token", "tensor") or self.qkv.log:
+                raise DQError("attention.qkv must be a dynamic 'token' or 'tensor' quantizer without log")
+            self.qkv = self.qkv.replace(dynamic=True)
+        if self.probs == "none" and self.qkv is None:
+            raise DQError("attention quantizes nothing: set probs to 'log2' or 'uniform', or give a qkv quantizer")
+
+
+# The outlier-handling stages a recipe can switch on, in the order they are applied to a layer
+# (attention acts on attention modules, beside the layers).
+COMPONENTS: dict[str, type[Component]] = {
+    "smooth": SmoothConfig,
+    "rotate": RotateConfig,
+    "lowrank": LowRankConfig,
+    "gptq": GPTQConfig,
+    "attention": AttentionConfig,
+}
+
+
 @dataclass
 class Recipe:
     """How to quantize a denoiser.
@@ -63,6 +263,10 @@ class Recipe:
     overrides: per-layer specs (mixed precision).
     execution: "real" runs low-bit kernels (int8/fp8 matmuls, packed 4-bit weights),
         "sim" fake-quantizes in float (research), "auto" picks real where supported.
+    smooth / rotate / lowrank / gptq / attention: outlier-handling components (see
+        `COMPONENTS`), each null (off), true (defaults) or a mapping of its options. Per
+        layer they apply as: x -> (x / s) R,  W -> ((W * s) R = L1 L2 + R_w),  R_w rounded by
+        GPTQ or to nearest; attention quantizes softmax probabilities and Q/K/V.
     """
 
     name: str = "custom"
@@ -79,6 +283,11 @@ class Recipe:
     keep_defaults: bool = True
     overrides: list[LayerOverride] = field(default_factory=list)
     execution: str = "auto"
+    smooth: SmoothConfig | None = None
+    rotate: RotateConfig | None = None
+    lowrank: LowRankConfig | None = None
+    gptq: GPTQConfig | None = None
+    attention: AttentionConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -105,17 +314,24 @@ class Recipe:
         if self.execution not in ("auto", "real", "sim"):
             raise DQError(f"execution must be 'auto', 'real' or 'sim', got {self.execution!r}")
         self.overrides = [o if isinstance(o, LayerOverride) else _override_from_dict(o) for o in self.overrides]
+        for key, cls in COMPONENTS.items():
+            setattr(self, key, cls.from_any(getattr(self, key)))
+
+    def components(self) -> dict[str, Component]:
+        """The outlier-handling components switched on, by name, in application order."""
+        return {key: getattr(self, key) for key in COMPONENTS if getattr(self, key) is not None}
 
     @property
     def needs_calibration(self) -> bool:
         specs = [self.activation] + [o.activation for o in self.overrides]
-        return any(s is not None and not s.dynamic for s in specs)
+        # smoothing needs activation ranges, GPTQ the inputs' second moment
+        return any(s is not None and not s.dynamic for s in specs) or self.smooth is not None or self.gptq is not None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, QuantSpec):
+            if isinstance(value, (QuantSpec, Component)):
                 value = value.to_dict()
             elif f.name == "overrides":
                 value = [o.to_dict() for o in value]
@@ -144,7 +360,10 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise DQError(f"unknown recipe field(s) {unknown}; valid fields: {sorted(known | {'base'})}")
+            raise DQError(
+                f"unknown recipe field(s) {unknown}; valid fields: {sorted(known | {'base'})} "
+                f"(the outlier-handling components are {list(COMPONENTS)})"
+            )
         return cls(**data)
 
     @classmethod
@@ -201,16 +420,45 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 # Presets. Weights: int8 per output channel; 4-bit per group of 64 with an MSE clip
 # search. Activations: int8 static per tensor, a range per timestep group chosen by
 # MSE on the calibration histogram; 4-bit activations dynamic per token.
+#
+# Outlier handling, chosen by measurement on the embedded default pipeline (trained;
+# pooled denoiser-output SQNR over 10 steps of 4 unseen prompts, 16 calibration prompts;
+# benchmarks/ablation.py measures images): rtn -> preset
+#   W8A8 36.1 -> 42.6 dB (no outlier handling 40.3; + smoothing 42.2; + GPTQ 42.6)
+#   W4A8 27.6 -> 33.9 dB (no outlier handling 28.0; + GPTQ 33.6; + smoothing 33.9)
+#   W4A4  9.1 -> 31.4 dB (per-token, no outlier handling 21.5; + low-rank 28.6; + smoothing
+#                         and GPTQ 31.4)
+# - smoothing needs its per-layer alpha search: SmoothQuant's fixed alpha 0.5 is *worse*
+#   than no smoothing at W8A8 (39.3 dB), the search gives 42.2. Channel ranges aggregate
+#   the timesteps by RMS: per-step maxima ("max", "mean", "salience") are noisy, smoothing
+#   equalizes that noise and the scales then clip unseen inputs (tiny sd15/dit, W8A8, out of
+#   sample: 2 to 7 dB worse than RMS); on the trained model RMS is also best at W4A4 (31.4
+#   vs 30.6 "max", 30.9 "mean", 30.7 "salience").
+# - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
+#   comes almost free once H is collected for the smoothing search.
+# - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add
+#   7 dB at W4A8 too, but its float branch costs r(in+out) MACs per token (+50% on this
+#   128-wide model, about +5% at width 1152), so only W4A4, where nothing else recovers
+#   quality, pays for it.
+# - Hadamard rotation gains +2.0 dB at W8A8, +1.5 at W4A8, +0.1 at W4A4 on top of the
+#   presets, but it runs online (LayerNorm and adaLN modulation sit between every producer
+#   and its consumers, so it cannot be folded) and costs about as much as a 128-wide fp32
+#   layer: more than the int8 matmul it precedes. Left out; `rotate: true` buys the quality.
+# - attention quantization only adds error in simulation (no kernel uses it yet): off.
+# - w4a16 stays calibration-free; `base: w4a16, gptq: true` gives +6.4 dB with calibration.
 _PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(
         weight=_w(8, granularity="channel"),
         activation=_w(8, granularity="tensor", symmetric=False, range="mse"),
-        description="int8 weights (per channel) and int8 static activations per timestep group",
+        smooth=dict(alpha="search", aggregate="rms"),
+        description="int8 weights (per channel) and int8 static activations per timestep group; smoothing",
     ),
     "w4a8": dict(
         weight=_w(4, granularity="group", group_size=64, range="mse"),
         activation=_w(8, granularity="tensor", symmetric=False, range="mse"),
-        description="int4 weights (group 64) and int8 static activations per timestep group",
+        smooth=dict(alpha="search", aggregate="rms"),
+        gptq=dict(),
+        description="int4 weights (group 64, GPTQ) and int8 static activations per timestep group; smoothing",
     ),
     "w4a16": dict(
         weight=_w(4, granularity="group", group_size=64, range="mse"),
@@ -220,7 +468,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "w4a4": dict(
         weight=_w(4, granularity="group", group_size=64, range="mse"),
         activation=_w(4, granularity="token", symmetric=False),
-        description="int4 weights (group 64) and int4 dynamic per-token activations",
+        smooth=dict(alpha="search", aggregate="rms"),
+        lowrank=dict(rank=32),
+        gptq=dict(),
+        description="int4 weights (group 64, GPTQ) and int4 dynamic per-token activations; "
+        "smoothing and a rank-32 float branch (SVDQuant)",
     ),
     "w8a8-rtn": dict(
         weight=_w(8, granularity="channel"),

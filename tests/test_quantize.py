@@ -108,7 +108,8 @@ def test_save_and_load_give_identical_outputs(kind, tmp_path):
     got = run(loaded, kind).images
     assert torch.equal(torch.as_tensor(got), torch.as_tensor(expected))
     _, model = find_denoiser(loaded)
-    assert any(m.qweight.dtype == torch.int8 for m in model.modules() if isinstance(m, QuantModule))
+    # 4-bit codes are stored packed, two per byte (dq.quant.packing)
+    assert any(m.qweight.dtype == torch.uint8 for m in model.modules() if isinstance(m, QuantModule))
     with pytest.raises(DQError, match="not empty"):
         dq.save(pipe, out)
     dq.save(pipe, out, overwrite=True)

@@ -9,14 +9,17 @@ as a context manager, it removes all hooks when the block ends, error or not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
 from ..nn.router import read_timestep, timestep_position
-from .stats import ActivationStats, StatsStore
+from .stats import ActivationStats, SecondMoment, StatsStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,30 @@ def as_rows(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+def conv_rows(x: torch.Tensor, geometry: dict[str, Any]) -> torch.Tensor:
+    """[patches, C*kh*kw] float32 im2col rows of a conv input (the conv's matrix-view inputs)."""
+    cols = F.unfold(
+        x.detach().float(), geometry["kernel_size"], geometry["dilation"], geometry["padding"], geometry["stride"]
+    )
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@dataclass
+class CalibTarget:
+    """One layer to observe. histogram: collect the value histogram (static activation
+    ranges); second_moment: collect H = sum x x^T (conv layers: of their im2col patches,
+    `unfold` giving the geometry); transform: applied to the input before any statistic
+    (the layer's future input transform, so ranges are those of what gets quantized)."""
+
+    name: str
+    module: nn.Module
+    channel_dim: int = -1
+    histogram: bool = True
+    second_moment: bool = False
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    unfold: dict[str, Any] | None = None
+
+
 class Calibrator:
     """Collects per-(layer, timestep, CFG branch) input statistics of `layers`.
 
@@ -57,12 +84,12 @@ class Calibrator:
         self,
         pipe,
         denoiser: nn.Module,
-        layers: Iterable[tuple[str, nn.Module, int]],
+        layers: Iterable[CalibTarget | tuple[str, nn.Module, int]],
         histogram_bins: int | None,
     ):
         self.pipe = pipe
         self.denoiser = denoiser
-        self.layers = list(layers)
+        self.layers = [t if isinstance(t, CalibTarget) else CalibTarget(*t) for t in layers]
         self.bins = histogram_bins
         self.store = StatsStore()
         self.hooks = HookSet()
@@ -74,8 +101,8 @@ class Calibrator:
     def __enter__(self) -> Calibrator:
         try:
             self.hooks.pre_hook(self.denoiser, self._on_denoiser, with_kwargs=True)
-            for name, module, channel_dim in self.layers:
-                self.hooks.pre_hook(module, self._layer_hook(name, channel_dim))
+            for target in self.layers:
+                self.hooks.pre_hook(target.module, self._layer_hook(target))
         except Exception:
             self.hooks.remove_all()
             raise
@@ -97,7 +124,10 @@ class Calibrator:
             return [("uncond", x[: n // 2]), ("cond", x[n // 2 :])]
         return [("all", x)]
 
-    def _layer_hook(self, name: str, channel_dim: int):
+    def _layer_hook(self, target: CalibTarget):
+        name, channel_dim = target.name, target.channel_dim
+        bins = self.bins if target.histogram else None
+
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             if not torch.isfinite(x).all():
@@ -106,8 +136,13 @@ class Calibrator:
                     "full-precision model itself overflows here; run it in float32 or check the "
                     "calibration inputs"
                 )
+            if target.transform is not None:
+                x = target.transform(x)
             for branch, part in self._branches(x):
-                stats = ActivationStats.from_rows(as_rows(part, channel_dim), self.bins)
+                stats = ActivationStats.from_rows(as_rows(part, channel_dim), bins)
                 self.store.add((name, self.timestep, branch), stats)
+            if target.second_moment:
+                rows = conv_rows(x, target.unfold) if target.unfold is not None else as_rows(x, channel_dim)
+                self.store.add_moment(name, SecondMoment.from_rows(rows))
 
         return hook

@@ -105,7 +105,36 @@ def _widen(hist: torch.Tensor, exp: int, new_exp: int) -> torch.Tensor:
     return hist
 
 
+@dataclass
+class SecondMoment:
+    """H = sum x x^T over every token seen by one layer (all timesteps and branches).
+
+    Collected only for layers whose recipe needs it (smoothing search, GPTQ): it is
+    d x d per layer. Rows are the layer's input vectors (a conv's im2col patches).
+    Accumulated in float64; merges by sum.
+    """
+
+    sum: torch.Tensor  # [D, D] float64
+    count: int
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> SecondMoment:
+        rows = rows.float()
+        return cls((rows.T @ rows).double(), rows.shape[0])
+
+    def merge_(self, other: SecondMoment) -> SecondMoment:
+        if other.sum.shape != self.sum.shape:
+            raise DQError(f"cannot merge second moments of shapes {tuple(other.sum.shape)} and {tuple(self.sum.shape)}")
+        self.sum = self.sum + other.sum
+        self.count += other.count
+        return self
+
+    def copy(self) -> SecondMoment:
+        return SecondMoment(self.sum.clone(), self.count)
+
+
 Key = tuple[str, float, str]  # (layer name, timestep value, branch)
+_MOMENT = "moment|"  # state-dict prefix of second moments
 
 
 class StatsStore:
@@ -113,6 +142,7 @@ class StatsStore:
 
     def __init__(self) -> None:
         self.entries: dict[Key, ActivationStats] = {}
+        self.moments: dict[str, SecondMoment] = {}
 
     def add(self, key: Key, stats: ActivationStats) -> None:
         current = self.entries.get(key)
@@ -121,9 +151,21 @@ class StatsStore:
         else:
             current.merge_(stats)
 
+    def add_moment(self, layer: str, moment: SecondMoment) -> None:
+        current = self.moments.get(layer)
+        if current is None:
+            self.moments[layer] = moment
+        else:
+            current.merge_(moment)
+
+    def moment(self, layer: str) -> SecondMoment | None:
+        return self.moments.get(layer)
+
     def merge_(self, other: StatsStore) -> StatsStore:
         for key, stats in other.entries.items():
             self.add(key, stats.copy())
+        for layer, moment in other.moments.items():
+            self.add_moment(layer, moment.copy())
         return self
 
     def layers(self) -> list[str]:
@@ -153,15 +195,25 @@ class StatsStore:
         for (layer, t, branch), stats in self.entries.items():
             for field_name, tensor in stats.to_tensors().items():
                 out[f"{layer}|{t!r}|{branch}|{field_name}"] = tensor
+        for layer, moment in self.moments.items():
+            out[f"{_MOMENT}{layer}|sum"] = moment.sum
+            out[f"{_MOMENT}{layer}|count"] = torch.tensor(moment.count, dtype=torch.int64)
         return out
 
     @classmethod
     def from_state_dict(cls, data: dict[str, torch.Tensor]) -> StatsStore:
         grouped: dict[Key, dict[str, torch.Tensor]] = {}
+        moments: dict[str, dict[str, torch.Tensor]] = {}
         for flat, tensor in data.items():
+            if flat.startswith(_MOMENT):
+                layer, field_name = flat[len(_MOMENT) :].rsplit("|", 1)
+                moments.setdefault(layer, {})[field_name] = tensor
+                continue
             layer, t, branch, field_name = flat.rsplit("|", 3)
             grouped.setdefault((layer, float(t), branch), {})[field_name] = tensor
         store = cls()
+        for layer, fields_ in moments.items():
+            store.moments[layer] = SecondMoment(fields_["sum"], int(fields_["count"]))
         for key, fields_ in grouped.items():
             store.entries[key] = ActivationStats.from_tensors(fields_)
         return store

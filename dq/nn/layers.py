@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.dispatch import real_forward
 from ..quant import primitives as P
+from ..quant.packing import WeightLayout
 from ..quant.spec import QuantSpec
 from .router import TimestepRouter
+from .transforms import InputTransform, LowRankBranch
 
-
-def _weight_dtype(spec: QuantSpec) -> torch.dtype:
-    if spec.kind == "int":
-        return torch.int8
-    return torch.float8_e5m2 if spec.kind == "fp8_e5m2" else torch.float8_e4m3fn
+# Buffers whose dtype is part of the storage format: `Module.to(dtype)` / `.half()` must
+# not cast them (fp8 codes would double in size, float32 scales would lose precision).
+_STORAGE_BUFFERS = ("qweight", "wscale", "wzero", "wmult", "ascale", "azero", "wsum")
 
 
 class QuantModule(nn.Module):
@@ -35,16 +36,21 @@ class QuantModule(nn.Module):
         weight_spec: QuantSpec | None,
         act_spec: QuantSpec | None,
         groups: int = 1,
+        *,
+        storage: str | None = "default",
     ):
         super().__init__()
         self.weight_spec = weight_spec
         self.act_spec = act_spec
         self.weight_shape = tuple(weight_shape)
+        self.weight_layout: WeightLayout | None = None
         if weight_spec is not None:
-            rows = P.row_view(torch.empty(weight_shape, device="meta"), weight_spec.granularity, weight_spec.group_size).shape[0]
-            self.register_buffer("qweight", torch.zeros(weight_shape, dtype=_weight_dtype(weight_spec)))
-            self.register_buffer("wscale", torch.ones(rows, 1))
-            self.register_buffer("wzero", None if weight_spec.symmetric else torch.zeros(rows, 1))
+            # storage: "default" (packed / two-level where possible, dq.quant.packing), a
+            # checkpoint's layout tag, or None for checkpoints older than packing.
+            if storage == "default":
+                self.set_weight_layout(WeightLayout.default(self.weight_shape, weight_spec))
+            else:
+                self.set_weight_layout(WeightLayout.from_tag(self.weight_shape, weight_spec, storage))
         else:
             self.weight = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if has_bias else None
@@ -58,6 +64,8 @@ class QuantModule(nn.Module):
         self.input_transform: nn.Module | None = None
         self.branch: nn.Module | None = None
         self.execution = "sim"
+        self.kernel: str | None = None  # set with the execution mode by dq.kernels.set_execution
+        self.strict_execution = False  # "real" asked explicitly: no silent fallback to sim on a device
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -68,16 +76,37 @@ class QuantModule(nn.Module):
         act_spec: QuantSpec | None,
         act_ranges: list[tuple[float, float]] | None = None,
         router: TimestepRouter | None = None,
+        *,
+        weight: torch.Tensor | None = None,
+        weight_codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        input_transform: nn.Module | None = None,
+        branch: nn.Module | None = None,
     ) -> QuantModule:
+        """Quantize a float layer.
+
+        weight: the float weight to quantize instead of `layer.weight` (already in the
+        input transform's basis, minus the low-rank branch); weight_codes: precomputed
+        (codes, scale, zero) as `primitives.quantize_tensor` returns them (GPTQ rounding);
+        input_transform / branch: the modules of `dq.nn.transforms` (see `forward`).
+        """
         groups = len(act_ranges) if act_ranges else 1
         q = cls.shell_like(layer, weight_spec, act_spec, groups)
-        weight = layer.weight.detach().float()
+        weight = layer.weight.detach().float() if weight is None else weight.detach().float().reshape(layer.weight.shape)
+        q.input_transform = input_transform
+        q.branch = branch
         if weight_spec is not None:
-            codes, scale, zero = P.quantize_tensor(weight, weight_spec)
-            q.qweight.copy_(codes)
-            q.wscale.copy_(scale)
-            if zero is not None:
-                q.wzero.copy_(zero)
+            if weight_codes is not None:  # rounded elsewhere (GPTQ)
+                layout = q.weight_layout
+                stored = layout.store_two_level(*weight_codes, weight) if layout.two_level else None
+                if stored is None:
+                    if layout.two_level:  # free float group scales: no integer kernel for this layer
+                        q.set_weight_layout(WeightLayout(q.weight_shape, weight_spec, packed=layout.packed))
+                    stored = q.weight_layout.store(*weight_codes)
+            else:
+                stored = q.weight_layout.encode(weight)
+            for name, tensor in stored.items():
+                if tensor is not None:
+                    getattr(q, name).copy_(tensor.reshape(getattr(q, name).shape))
         else:
             q.weight.data.copy_(weight)
         if layer.bias is not None:
@@ -103,11 +132,39 @@ class QuantModule(nn.Module):
         # A plain attribute, not a submodule: the router belongs to the denoiser.
         object.__setattr__(self, "_router", router)
 
+    def set_weight_layout(self, layout: WeightLayout) -> None:
+        """(Re)create the weight storage buffers for `layout`, zero-filled."""
+        self.weight_layout = layout
+        for name, tensor in layout.empty().items():
+            self.register_buffer(name, tensor)
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {n: b for n in _STORAGE_BUFFERS if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        if self.weight_spec is not None and self.qweight.device.type != "cpu":
+            self.__dict__.pop("_dq_prepacked", None)  # dq.kernels' CPU-only weight copy
+        return self
+
     # -- computation --------------------------------------------------------------
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.weight_spec is None:
             return self.weight
-        return P.dequantize_tensor(self.qweight, self.wscale, self.wzero, self.weight_spec)
+        return self.weight_layout.decode(self.qweight, self.wscale, self.wzero, self.wmult, dtype)
+
+    def static_act_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, zero) [1] of the current timestep group (static activations).
+
+        index_select, not indexing: a 0-dim index tensor would become a Python int (a
+        graph break and a recompile per group under torch.compile).
+        """
+        if self._router is None:
+            return self.ascale[:1], None if self.azero is None else self.azero[:1]
+        idx = self._router.index.reshape(1)
+        return self.ascale.index_select(0, idx), None if self.azero is None else self.azero.index_select(0, idx)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_spec
@@ -115,9 +172,7 @@ class QuantModule(nn.Module):
             return x
         if spec.dynamic:
             return P.fake_quantize(x, spec, channel_dim=self.channel_dim)
-        idx = self._router.index if self._router is not None else 0
-        scale = self.ascale[idx]
-        zero = self.azero[idx] if self.azero is not None else None
+        scale, zero = self.static_act_params()
         return P.dequantize(P.quantize(x.float(), scale, zero, spec), scale, zero).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +184,14 @@ class QuantModule(nn.Module):
         return y
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        """The quantized op on the (transformed) input."""
+        """The quantized op on the (transformed) input: low-bit kernels or simulated."""
+        if self.execution == "real":
+            return real_forward(self, x)
         return self.simulated(x)
 
     def simulated(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantize_input(x)
-        w = self.dequantized_weight().to(x.dtype)
+        w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self.float_op(xq, w, bias)
 
@@ -149,6 +206,9 @@ class QuantModule(nn.Module):
             "weight": self.weight_spec.to_dict() if self.weight_spec else None,
             "activation": self.act_spec.to_dict() if self.act_spec else None,
             "groups": int(self.ascale.numel()) if getattr(self, "ascale", None) is not None else 1,
+            "storage": self.weight_layout.tag if self.weight_layout is not None else None,
+            "input_transform": self.input_transform.config() if self.input_transform is not None else None,
+            "branch": self.branch.config() if self.branch is not None else None,
         }
 
     def extra_repr(self) -> str:
@@ -181,8 +241,11 @@ class QuantLinear(QuantModule):
 class QuantConv2d(QuantModule):
     channel_dim = 1
 
-    def __init__(self, weight_shape, has_bias, weight_spec, act_spec, groups=1, *, conv: dict[str, Any] | None = None):
-        super().__init__(weight_shape, has_bias, weight_spec, act_spec, groups)
+    def __init__(
+        self, weight_shape, has_bias, weight_spec, act_spec, groups=1, *, conv: dict[str, Any] | None = None,
+        storage: str | None = "default",
+    ):
+        super().__init__(weight_shape, has_bias, weight_spec, act_spec, groups, storage=storage)
         conv = conv or {}
         self.stride = tuple(conv.get("stride", (1, 1)))
         self.padding = conv.get("padding", (0, 0))
@@ -227,6 +290,14 @@ def shell_from_plan(entry: dict[str, Any], weight_shape: tuple[int, ...], has_bi
     cls = QUANT_TYPES[entry["type"]]
     w = QuantSpec.from_dict(entry["weight"])
     a = QuantSpec.from_dict(entry["activation"])
+    storage = entry.get("storage")  # absent: a checkpoint from before packed storage
     if cls is QuantConv2d:
-        return QuantConv2d(weight_shape, has_bias, w, a, entry["groups"], conv=entry["conv"])
-    return cls(weight_shape, has_bias, w, a, entry["groups"])
+        shell = QuantConv2d(weight_shape, has_bias, w, a, entry["groups"], conv=entry["conv"], storage=storage)
+    else:
+        shell = cls(weight_shape, has_bias, w, a, entry["groups"], storage=storage)
+    # Side modules get their (empty) buffers here, so that the state dict fills them.
+    if entry.get("input_transform"):
+        shell.input_transform = InputTransform.from_config(entry["input_transform"])
+    if entry.get("branch"):
+        shell.branch = LowRankBranch.from_config(entry["branch"])
+    return shell

@@ -1,0 +1,221 @@
+"""Ablation of dq's outlier handling: each component added alone, then stacked, at W4A8 and
+W4A4, against naive round-to-nearest, on images of the same seeds as full precision.
+
+For each bit width the rows are:
+- "rtn": the naive baseline preset (`w4a8-rtn` / `w4a4-rtn`: min/max ranges, one range);
+- "base": the preset's quantizers without any outlier handling (MSE ranges, timestep
+  groups; per-token activations at W4A4);
+- "+smooth", "+rotate", "+lowrank", "+gptq", "+attention": base plus one component;
+- "smooth+lowrank", ..., "all": components stacked in application order;
+- "preset": the shipped preset (its measured best combination).
+
+Metrics: PSNR and SSIM of each variant's images against the full-precision images of the
+same prompts and seeds (plus LPIPS and CLIP score when their weights are available), and
+the denoiser-output SQNR over every denoising step of the evaluation prompts. Calibration
+uses calib/shapes_calib.txt, evaluation calib/shapes_eval.txt (disjoint).
+
+    python benchmarks/ablation.py                 # embedded default pipeline, full run
+    python benchmarks/ablation.py --quick         # smoke test (2 prompts, 4 steps)
+    python benchmarks/ablation.py --tiny pixart   # a tiny random-weight test pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dq
+from dq.engine import find_denoiser
+from dq.recipe import preset
+
+RESULTS = Path(__file__).parent / "results"
+COMPONENT_ROWS: dict[str, dict[str, Any]] = {
+    "+smooth": {"smooth": {"alpha": "search"}},
+    "+rotate": {"rotate": True},
+    "+lowrank": {"lowrank": {"rank": 32}},
+    "+gptq": {"gptq": True},
+    "+attention": {"attention": {"probs": "log2", "probs_bits": 4}},
+}
+STACKS: dict[str, tuple[str, ...]] = {
+    "smooth+gptq": ("+smooth", "+gptq"),
+    "smooth+lowrank": ("+smooth", "+lowrank"),
+    "smooth+lowrank+gptq": ("+smooth", "+lowrank", "+gptq"),
+    "all": ("+smooth", "+rotate", "+lowrank", "+gptq"),
+}
+NO_COMPONENTS = {"smooth": None, "rotate": None, "lowrank": None, "gptq": None, "attention": None}
+
+logger = logging.getLogger("ablation")
+
+
+def variants(bits: str) -> dict[str, dict[str, Any] | str]:
+    """Every recipe of the ablation for one bit width, by row name."""
+    base = {"base": bits, **NO_COMPONENTS}
+    # the preset's own smoothing options (timestep aggregation) apply to every smoothed row
+    smooth = preset(bits).smooth.to_dict() if preset(bits).smooth is not None else {}
+    rows: dict[str, dict[str, Any] | str] = {"rtn": f"{bits}-rtn", "base": base}
+    for name, component in COMPONENT_ROWS.items():
+        if name == "+smooth":
+            component = {"smooth": {**smooth, **component["smooth"]}}
+        rows[name] = {**base, **component}
+    for name, parts in STACKS.items():
+        recipe = dict(base)
+        for part in parts:
+            recipe.update(rows[part] if isinstance(rows[part], str) else {k: v for k, v in rows[part].items() if k in NO_COMPONENTS and v is not None})
+        rows[name] = recipe
+    rows["preset"] = bits
+    return rows
+
+
+class CallRecorder:
+    """The denoiser's (args, kwargs) of every call, to replay on a quantized copy."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.calls = model, []
+
+    def __enter__(self) -> CallRecorder:
+        self.handle = self.model.register_forward_pre_hook(
+            lambda _m, args, kwargs: self.calls.append((copy.deepcopy(args), copy.deepcopy(kwargs))), with_kwargs=True
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def replay(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(*a, **{**k, "return_dict": False})[0] for a, k in self.calls]
+
+
+def pooled_sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    signal = sum(float(r.double().pow(2).sum()) for r in ref)
+    noise = sum(float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out))
+    return 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
+
+
+def load(args) -> tuple[Any, dict[str, Any], list[str], list[str]]:
+    """(full-precision pipeline, call kwargs, calibration prompts, evaluation prompts)."""
+    if args.tiny:
+        from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+        pipe = tiny_pipeline(args.tiny)
+        kwargs = {k: v for k, v in default_call_kwargs(args.tiny).items() if k not in ("num_inference_steps", "output_type")}
+        pool = prompts_for(args.tiny, args.calib_prompts + args.num_prompts)
+        return pipe, kwargs, pool[: args.calib_prompts], pool[args.calib_prompts :]
+    from dq.prompts import load_prompts
+
+    pipe = dq.open_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    calib, evaluation = load_prompts("shapes_calib"), load_prompts("shapes_eval")
+    return pipe, {}, calib[: args.calib_prompts], evaluation[: args.num_prompts]
+
+
+def make_scorer(metrics: list[str]):
+    from dq.eval import Scorer
+
+    return Scorer(metrics)
+
+
+def score(scorer, images, prompts, reference) -> tuple[dict[str, float | None], list[str]]:
+    from dq.eval import MissingWeightsError
+
+    try:
+        result = scorer.score(images, prompts, reference_images=reference)
+        return dict(result.metrics), list(result.notes)
+    except MissingWeightsError as exc:  # an explicitly requested network is missing
+        return {}, [str(exc)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded default pipeline)")
+    parser.add_argument("--tiny", default=None, metavar="KIND", help="use a tiny random-weight pipeline instead (pixart, sd15, ...)")
+    parser.add_argument("--bits", default="w4a8,w4a4", help="comma-separated bit widths (presets with a -rtn baseline)")
+    parser.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="evaluation prompts (one image each)")
+    parser.add_argument("--calib-prompts", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps, for calibration and evaluation")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--metrics", default="psnr,ssim,lpips,clip", help="image metrics (dq.eval); missing weights are noted, not fatal")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 4 steps, 4 calibration prompts, psnr/ssim")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "ablation.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.num_prompts, args.calib_prompts, args.steps, args.metrics = 2, 4, 4, "psnr,ssim"
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("dq", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    from dq.eval import generate_images
+
+    pipe, kwargs, calib, prompts = load(args)
+    _, model = find_denoiser(pipe)
+    gen = dict(num_inference_steps=args.steps, batch_size=args.batch_size, progress=False, **kwargs)
+    started = time.perf_counter()
+    with CallRecorder(model) as recorder:
+        reference = generate_images(pipe, prompts, **gen)
+    ref_out = recorder.replay(model)
+    logger.info("reference: %d images in %.1f s", len(reference), time.perf_counter() - started)
+
+    metric_names = [m for m in args.metrics.split(",") if m]
+    scorers = {name: make_scorer([name]) for name in metric_names}
+    results: dict[str, list[dict[str, Any]]] = {}
+    wanted = None if args.rows is None else set(args.rows.split(","))
+    for bits in args.bits.split(","):
+        results[bits] = []
+        for row, recipe in variants(bits).items():
+            if wanted is not None and row not in wanted:
+                continue
+            quantized = copy.deepcopy(pipe)
+            t0 = time.perf_counter()
+            dq.quantize(quantized, recipe, calib_prompts=calib, num_inference_steps=args.steps, **kwargs)
+            t_quant = time.perf_counter() - t0
+            _, qmodel = find_denoiser(quantized)
+            sqnr = pooled_sqnr(ref_out, recorder.replay(qmodel))
+            images = generate_images(quantized, prompts, **gen)
+            metrics: dict[str, float | None] = {}
+            notes: list[str] = []
+            for name, scorer in scorers.items():
+                got, why = score(scorer, images, prompts, reference)
+                metrics[name] = got.get(name)
+                notes += why
+            entry = {
+                "row": row,
+                "recipe": dq.Recipe.from_any(recipe).to_dict(),
+                "denoiser_sqnr_db": sqnr,
+                "metrics": metrics,
+                "quantize_s": round(t_quant, 2),
+                "notes": notes,
+            }
+            results[bits].append(entry)
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None)
+            logger.info("%-5s %-20s SQNR %6.2f dB  %s  (quantize %.1f s)", bits, row, sqnr, shown, t_quant)
+            del quantized
+
+    out = {
+        "model": f"tiny-{args.tiny}" if args.tiny else (args.model or "embedded-default"),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "settings": {
+            "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps,
+            "quick": args.quick, "metrics": metric_names,
+        },
+        "results": results,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    logger.info("wrote %s (%.0f s in all)", path, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,643 @@
+"""Speed and memory of dq's real low-bit execution, against full precision and torchao.
+
+Everything runs in ONE process, variants interleaved round by round, so that the ratios
+hold on a noisy shared machine (absolute times do not). Eager is compared with eager and
+torch.compile with torch.compile.
+
+CPU part:
+  (a) the embedded default pipeline (`dq.open_pipeline(None)`; skipped with a note when it
+      is absent): one denoiser step and a whole pipeline call;
+  (b) a random-weight PixArt-Sigma-shaped transformer slice (hidden 1152, 16 heads x 72,
+      `--blocks` blocks, 300 text tokens of width 1152) at 256 and 1024 image tokens, batch 2
+      (classifier-free guidance): one denoiser step.
+  Memory: bytes of the quantized modules (dq storage + runtime copies), a 4-bit
+  PixArt-Sigma-size transformer (28 blocks, rank-32 low-rank branch) counted on the meta
+  device, and the peak RSS of a fresh process that holds a slice and runs a step.
+GPU part (skipped without CUDA): bf16 vs fp8 vs int8 on full-size random-weight FLUX.1,
+PixArt-Sigma and SDXL denoisers at 1024x1024.
+
+    python benchmarks/speed.py            # the full run (tens of minutes on a 2-core CPU)
+    python benchmarks/speed.py --quick    # smoke test: tiny shapes, one round
+
+Writes benchmarks/results/speed-<date>-<machine>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dq  # noqa: E402
+from dq.engine import find_denoiser, plan_layers, swap_modules  # noqa: E402
+from dq.errors import DQError  # noqa: E402
+from dq.kernels import set_execution  # noqa: E402
+from dq.nn import QuantConv2d, QuantLinear, TimestepRouter  # noqa: E402
+from dq.nn.router import attach_router  # noqa: E402
+from dq.quant.packing import weight_nbytes  # noqa: E402
+from dq.recipe import Recipe, preset  # noqa: E402
+
+logger = logging.getLogger("benchmarks.speed")
+RESULTS = Path(__file__).resolve().parent / "results"
+CPU_RECIPES = ("w8a8", "w4a8", "w4a16")
+GPU_RECIPES = ("fp8", "w8a8")
+CALIB_TIMESTEPS = (999, 800, 600, 400, 200, 1)
+
+
+# -- quantizing a bare denoiser (no pipeline to calibrate with) -------------------------
+def quantize_denoiser(model: nn.Module, recipe: Recipe, make_call: Callable[[int], dict[str, Any]],
+                      execution: str = "real") -> nn.Module:
+    """Static ranges from min/max per timestep group over `make_call(t)` calls.
+
+    Speed does not depend on the ranges' values; `dq.quantize` does the real thing with a
+    pipeline. Ranges are min/max (not the recipe's MSE search) to keep this fast.
+    """
+    plan = plan_layers(model, recipe)
+    boundaries = torch.tensor([250.0, 500.0, 750.0])
+    groups = len(boundaries) + 1
+    ranges: dict[str, list[list[float]]] = {c.name: [[0.0, 0.0] for _ in range(groups)] for c in plan}
+    current = {"group": 0}
+
+    def observe(name: str):
+        def hook(_m, args):
+            x = args[0].detach()
+            r = ranges[name][current["group"]]
+            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
+        return hook
+
+    handles = [c.module.register_forward_pre_hook(observe(c.name)) for c in plan]
+    try:
+        with torch.no_grad():
+            for t in CALIB_TIMESTEPS:
+                current["group"] = int((torch.tensor(float(t)) > boundaries).sum())
+                model(**make_call(t))
+    finally:
+        for h in handles:
+            h.remove()
+    router = TimestepRouter(boundaries).to(next(model.parameters()).device)
+    new = {}
+    with torch.no_grad():
+        for c in plan:
+            static = c.activation is not None and not c.activation.dynamic
+            r = [tuple(x) if x[1] > x[0] else (-1.0, 1.0) for x in ranges[c.name]] if static else None
+            cls = QuantConv2d if isinstance(c.module, nn.Conv2d) else QuantLinear
+            new[c.name] = cls.from_float(c.module, c.weight, c.activation, r, router)
+    attach_router(model, router)
+    swap_modules(model, new)
+    set_execution(model, execution)
+    model._dq_recipe = recipe
+    return model
+
+
+def torchao_int8(model: nn.Module, names: set[str]) -> nn.Module:
+    """torchao int8 dynamic activation x int8 weight on the same layers dq quantizes."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in names)
+    return model
+
+
+def torchao_fp8(model: nn.Module, names: set[str]) -> nn.Module:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(), filter_fn=lambda m, fqn: fqn in names)
+    return model
+
+
+# -- timing ------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int, device: str = "cpu") -> dict[str, dict]:
+    """Milliseconds per call: each round times every variant once (`inner` calls), in turn."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / inner * 1e3)
+    return {k: {"min_ms": min(v), "median_ms": statistics.median(v), "rounds": v} for k, v in times.items()}
+
+
+def warm_up(fns: dict[str, Callable[[], Any]], device: str = "cpu") -> dict[str, float]:
+    """First call of each variant (compilation for compiled ones), in seconds."""
+    out = {}
+    for name, fn in fns.items():
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        fn()
+        _sync(device)
+        out[name] = time.perf_counter() - start
+    return out
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Stored bytes plus runtime copies (oneDNN prepacked int8 weights on CPU)."""
+    extra = sum(m._dq_prepacked.nbytes for m in model.modules() if getattr(m, "_dq_prepacked", None) is not None)
+    return _tensor_bytes(model) + extra
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, torchao's quantized tensor subclasses included."""
+    total = 0
+    seen = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        inner = getattr(t, "__tensor_flatten__", None)
+        if inner is not None and type(t) not in (torch.Tensor, nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+# -- models --------------------------------------------------------------------------------
+def pixart_slice(blocks: int, caption_channels: int = 1152, sample_size: int = 32, dtype=torch.float32,
+                 device: str = "cpu") -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.device(device):
+        model = PixArtTransformer2DModel(
+            num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=blocks,
+            cross_attention_dim=1152, caption_channels=caption_channels, sample_size=sample_size, patch_size=2,
+            norm_type="ada_norm_single", use_additional_conditions=False,
+        )
+    return model.to(dtype).eval()
+
+
+def pixart_call(tokens: int, text: int, caption_channels: int, dtype=torch.float32, device: str = "cpu"):
+    side = int(round(tokens**0.5)) * 2  # latent side; patch 2
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
+    text_states = torch.randn(2, text, caption_channels, generator=g).to(device, dtype)
+
+    def make(t: int) -> dict[str, Any]:
+        return {"hidden_states": latents, "encoder_hidden_states": text_states,
+                "timestep": torch.tensor([t, t], device=device), "return_dict": False}
+
+    return make
+
+
+def quant_names(model: nn.Module, recipe: str) -> set[str]:
+    return {c.name for c in plan_layers(model, preset(recipe))}
+
+
+def denoiser_variants(build: Callable[[], nn.Module], make_call, recipes, baselines) -> dict[str, nn.Module]:
+    base = build()
+    names = quant_names(base, "w8a8")
+    variants = {"fp": base}
+    for recipe in recipes:
+        variants[f"dq-{recipe}"] = quantize_denoiser(copy.deepcopy(base), preset(recipe), make_call)
+    for name, fn in baselines.items():
+        variants[name] = fn(copy.deepcopy(base), names)
+    return variants
+
+
+def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, device: str = "cpu",
+                 timestep: int = 500) -> dict[str, Any]:
+    """Eager and compiled denoiser-step latency of every variant, interleaved."""
+    out: dict[str, Any] = {"bytes": {k: module_bytes(m) for k, m in variants.items()}}
+    with torch.no_grad():
+        eager = {k: (lambda m=m: m(**call)) for k, m in variants.items()}
+        warm_up(eager, device)
+        out["eager"] = time_interleaved(eager, args.rounds, args.inner, device)
+        log_ratios("eager", out["eager"])
+        if not args.no_compile:
+            compiled_models = {k: torch.compile(m) for k, m in variants.items()}
+            compiled = {k: (lambda c=c: c(**call)) for k, c in compiled_models.items()}
+            out["compile_s"] = warm_up(compiled, device)
+            out["compiled"] = time_interleaved(compiled, args.rounds, args.inner, device)
+            log_ratios("compiled", out["compiled"])
+    return out
+
+
+def log_ratios(mode: str, timing: dict[str, dict]) -> None:
+    base = timing["fp"]["min_ms"]
+    logger.info("%s: %s", mode, ", ".join(f"{k} {v['min_ms']:.1f} ms ({base / v['min_ms']:.2f}x)" for k, v in timing.items()))
+
+
+# -- CPU sections ------------------------------------------------------------------------
+def cpu_slice(args) -> list[dict[str, Any]]:
+    results = []
+    for tokens in args.tokens:
+        make = pixart_call(tokens, args.text_tokens, 1152)
+        side = int(round(tokens**0.5)) * 2
+        variants = denoiser_variants(lambda s=side: pixart_slice(args.blocks, sample_size=s), make, CPU_RECIPES,
+                                     {"torchao-int8-dyn": torchao_int8})
+        logger.info("PixArt-Sigma slice, %d blocks, %d tokens", args.blocks, tokens)
+        res = measure_step(variants, make(500), args)
+        results.append({"model": f"pixart-sigma-slice-{args.blocks}blocks", "tokens": tokens, "batch": 2, **res})
+        del variants
+    return results
+
+
+def cpu_default_pipeline(args) -> dict[str, Any]:
+    """The embedded default pipeline (the tiny PixArt test pipeline with --quick when absent)."""
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    try:
+        load = lambda: dq.open_pipeline(None)  # noqa: E731
+        load()
+        name, prompts = "default", ["a red circle above a blue square", "a green triangle"]
+        call_kwargs = {"clean_caption": False}
+    except DQError as exc:
+        if not args.quick:
+            return {"skipped": f"embedded default pipeline absent: {exc}"}
+        load = lambda: tiny_pipeline("pixart")  # noqa: E731
+        name, prompts = "tiny-pixart (default pipeline absent)", prompts_for("pixart", 2)
+        call_kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    steps = 2 if args.quick else 20
+    pipes = {"fp": load()}
+    for recipe in (*CPU_RECIPES, "w4a8-rtn"):  # w4a8 uses GPTQ: see the note in the report
+        pipe = load()
+        dq.quantize(pipe, recipe, calib_prompts=prompts, num_inference_steps=2 if args.quick else 8, **call_kwargs)
+        pipes[f"dq-{recipe}"] = pipe
+    names = quant_names(find_denoiser(pipes["fp"])[1], "w8a8")
+    ao = load()
+    torchao_int8(find_denoiser(ao)[1], names)
+    pipes["torchao-int8-dyn"] = ao
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    # one denoiser call, recorded from the pipeline
+    recorded: list = []
+    model = find_denoiser(pipes["fp"])[1]
+    handle = model.register_forward_pre_hook(lambda m, a, k: recorded.append((a, k)), with_kwargs=True)
+    pipes["fp"](prompt=prompts, num_inference_steps=2, **call_kwargs)
+    handle.remove()
+    cargs, ckwargs = recorded[0]
+    call = {**dict(zip(["hidden_states"], cargs)), **ckwargs, "return_dict": False}
+    denoisers = {k: find_denoiser(p)[1] for k, p in pipes.items()}
+    res = measure_step(denoisers, call, args)
+
+    def run(pipe):
+        return pipe(prompt=prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                    output_type="np", **call_kwargs)
+
+    with torch.no_grad():
+        fns = {k: (lambda p=p: run(p)) for k, p in pipes.items()}
+        run(pipes["fp"])
+        res["pipeline_eager"] = time_interleaved(fns, max(1, args.rounds // 2), 1)
+        log_ratios("pipeline eager", res["pipeline_eager"])
+        if not args.no_compile:
+            for p in pipes.values():
+                name_, den = find_denoiser(p)
+                setattr(p, name_, torch.compile(den))
+            for fn in fns.values():
+                fn()
+            res["pipeline_compiled"] = time_interleaved(fns, max(1, args.rounds // 2), 1)
+            log_ratios("pipeline compiled", res["pipeline_compiled"])
+    return {"model": name, "pipeline_steps": steps, **res}
+
+
+# -- memory ------------------------------------------------------------------------------
+def pixart_sigma_4bit_bytes(blocks: int = 28, rank: int = 32, recipe: str = "w4a8", keep_defaults: bool = True) -> dict[str, Any]:
+    """Bytes of a 4-bit PixArt-Sigma-size transformer, counted on the meta device.
+
+    keep_defaults: the architecture's full-precision layers (embedders, adaLN, caption
+    projection, output) stay in bf16, as `dq.quantize` does; False quantizes them too.
+    """
+    from dq.nn.transforms import LowRankBranch
+
+    model = pixart_slice(blocks, caption_channels=4096, sample_size=128, device="meta")
+    bf16 = sum(p.numel() * 2 for p in model.parameters())
+    r = preset(recipe)
+    r.keep_defaults = keep_defaults
+    plan = plan_layers(model, r)
+    bf16_quantized = sum(c.module.weight.numel() * 2 + (c.module.bias.numel() * 2 if c.module.bias is not None else 0) for c in plan)
+    with torch.device("meta"):
+        new = {}
+        for c in plan:
+            w = c.module.weight
+            shell = QuantLinear(tuple(w.shape), c.module.bias is not None, c.weight, c.activation, 4)
+            shell.branch = LowRankBranch(w.shape[1], w.shape[0], rank)
+            new[c.name] = shell
+    swap_modules(model, new)
+    model.to(torch.bfloat16)  # float parts (kept layers, biases, branches) in bf16; dq storage keeps its dtypes
+    total = weight_nbytes(model)
+    quantized = sum(weight_nbytes(m) for m in new.values())
+    branch = sum(weight_nbytes(m.branch) for m in new.values())
+    return {
+        "blocks": blocks, "rank": rank, "recipe": recipe, "keep_defaults": keep_defaults,
+        "bf16_bytes": bf16, "dq_bytes": total, "ratio": total / bf16,
+        "quantized_layers_bf16_bytes": bf16_quantized, "quantized_layers_dq_bytes": quantized,
+        "quantized_layers_ratio": quantized / bf16_quantized, "branch_bytes": branch,
+    }
+
+
+_PEAK_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+from benchmarks.speed import pixart_slice, pixart_call, quantize_denoiser, meta_quantized_slice
+from dq.recipe import preset
+variant, blocks, tokens = {variant!r}, {blocks}, {tokens}
+make = pixart_call(tokens, 300, 1152)
+side = int(round(tokens ** 0.5)) * 2
+def hwm():  # peak RSS in kB; VmHWM, unlike ru_maxrss, is not inherited across exec
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1])
+base = hwm()
+if variant == "fp":
+    model = pixart_slice(blocks, sample_size=side)
+else:
+    model = meta_quantized_slice(blocks, side, preset(variant), make)
+loaded = hwm()
+with torch.no_grad():
+    model(**make(500))
+peak = hwm()
+print("RESULT", base, loaded, peak)
+"""
+
+
+def meta_quantized_slice(blocks: int, side: int, recipe: Recipe, make) -> nn.Module:
+    """A quantized slice built without ever holding its float weights (as a checkpoint load would).
+
+    Shells are made on the meta device and filled with random codes; float parts are random.
+    """
+    model = pixart_slice(blocks, sample_size=side, device="meta")
+    plan = plan_layers(model, recipe)
+    router = TimestepRouter(torch.tensor([250.0, 500.0, 750.0]))
+    with torch.device("meta"):
+        new = {c.name: QuantLinear(tuple(c.module.weight.shape), c.module.bias is not None, c.weight, c.activation, 4)
+               for c in plan}
+    swap_modules(model, new)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("wmult"):
+                t.fill_(1)
+            elif t.dtype in (torch.int8, torch.uint8):
+                t.copy_(torch.randint(-7 if t.dtype == torch.int8 else 0, 8 if t.dtype == torch.int8 else 256, t.shape, dtype=t.dtype))
+            elif name.endswith(("wscale", "ascale")):
+                t.fill_(0.01)
+            elif name.endswith(("azero", "boundaries")):
+                t.zero_()
+            elif t.is_floating_point():
+                t.normal_(0, 0.02)
+    for m in new.values():
+        m.bind_router(router)
+    attach_router(model, router)
+    router.boundaries.copy_(torch.tensor([250.0, 500.0, 750.0]))
+    set_execution(model, "real")
+    return model.eval()
+
+
+def peak_rss(variant: str, blocks: int, tokens: int, threads: int) -> dict[str, float]:
+    """Max RSS (MB) of a fresh process: at start, after building the model, after one step."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = _PEAK_SCRIPT.format(root=root, variant=variant, blocks=blocks, tokens=tokens, threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=root)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        return {"error": out.stderr[-2000:]}
+    base, loaded, peak = (int(v) / 1024 for v in line.split()[1:])
+    return {"start_mb": base, "after_build_mb": loaded, "peak_mb": peak, "model_mb": loaded - base, "step_mb": peak - loaded}
+
+
+# -- GPU section ---------------------------------------------------------------------------
+def gpu_models(quick: bool):
+    """(name, builder, make_call) of full-size random-weight denoisers at 1024x1024."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    dtype, dev = torch.bfloat16, "cuda"
+    lat = 16 if quick else 128  # latent side at 1024x1024
+
+    def flux():
+        with torch.device(dev):
+            m = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1 if quick else 19, num_single_layers=2 if quick else 38,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+            )
+        return m.to(dtype).eval()
+
+    def flux_call(t):
+        n = (lat // 2) ** 2
+        g = torch.Generator(device=dev).manual_seed(0)
+        ids = torch.zeros(n, 3, device=dev)
+        return {"hidden_states": torch.randn(1, n, 64, device=dev, dtype=dtype, generator=g),
+                "encoder_hidden_states": torch.randn(1, 512, 4096, device=dev, dtype=dtype, generator=g),
+                "pooled_projections": torch.randn(1, 768, device=dev, dtype=dtype, generator=g),
+                "timestep": torch.tensor([t / 1000], device=dev, dtype=dtype), "guidance": torch.tensor([3.5], device=dev, dtype=dtype),
+                "img_ids": ids, "txt_ids": torch.zeros(512, 3, device=dev), "return_dict": False}
+
+    def pixart():
+        return pixart_slice(2 if quick else 28, caption_channels=4096, sample_size=lat, dtype=dtype, device=dev)
+
+    def pixart_gpu_call(t):
+        g = torch.Generator(device=dev).manual_seed(0)
+        return {"hidden_states": torch.randn(2, 4, lat, lat, device=dev, dtype=dtype, generator=g),
+                "encoder_hidden_states": torch.randn(2, 300, 4096, device=dev, dtype=dtype, generator=g),
+                "timestep": torch.tensor([t, t], device=dev), "return_dict": False}
+
+    def sdxl():
+        with torch.device(dev):
+            m = UNet2DConditionModel(
+                sample_size=lat, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(320, 640, 1280), layers_per_block=2,
+                transformer_layers_per_block=(1, 2, 2 if quick else 10), attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            )
+        return m.to(dtype).eval()
+
+    def sdxl_call(t):
+        g = torch.Generator(device=dev).manual_seed(0)
+        return {"sample": torch.randn(2, 4, lat, lat, device=dev, dtype=dtype, generator=g), "timestep": torch.tensor([t, t], device=dev),
+                "encoder_hidden_states": torch.randn(2, 77, 2048, device=dev, dtype=dtype, generator=g),
+                "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, device=dev, dtype=dtype, generator=g),
+                                      "time_ids": torch.randn(2, 6, device=dev, dtype=dtype, generator=g)},
+                "return_dict": False}
+
+    return [("flux.1", flux, flux_call), ("pixart-sigma", pixart, pixart_gpu_call), ("sdxl", sdxl, sdxl_call)]
+
+
+def gpu_section(args) -> dict[str, Any]:
+    """Each variant is timed interleaved with the bf16 model, one variant at a time: a full-size
+    FLUX.1 does not fit an 80 GB GPU several times over (GPU timings are stable enough)."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from dq.kernels import fp8
+
+    has_fp8 = fp8.device_unsupported(torch.device("cuda")) is None
+    results = []
+    for name, build, make_call in gpu_models(args.quick):
+        logger.info("GPU: %s", name)
+        base = build()
+        names = quant_names(base, "w8a8")
+        makers: dict[str, Callable[[nn.Module], nn.Module]] = {
+            f"dq-{r}": (lambda m, r=r, mc=make_call: quantize_denoiser(m, preset(r), mc)) for r in GPU_RECIPES
+            if r != "fp8" or has_fp8
+        }
+        makers["torchao-int8-dyn"] = lambda m, n=names: torchao_int8(m, n)
+        if has_fp8:
+            makers["torchao-fp8-dyn"] = lambda m, n=names: torchao_fp8(m, n)
+        entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {}}
+        for variant, make in makers.items():
+            quantized = make(copy.deepcopy(base))
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            res = measure_step({"fp": base, variant: quantized}, make_call(500), args, device="cuda")
+            res["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            entry["pairs"][variant] = res
+            del quantized
+            torch.cuda.empty_cache()
+        results.append(entry)
+        del base
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "has_fp8": has_fp8, "results": results}
+
+
+# -- report ------------------------------------------------------------------------------
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)
+    except (OSError, AttributeError):
+        pass
+    gpu = f"-{torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu}-{os.cpu_count()}cores{gpu}").strip("-").lower()
+
+
+def contention() -> dict[str, Any]:
+    load1, load5, _ = os.getloadavg()
+    return {"loadavg_1m": load1, "loadavg_5m": load5, "cpus": os.cpu_count()}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Machine: {report['machine']} ({report['date']}); torch {report['torch']}, threads {report['threads']}; "
+             f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report['load_after']['loadavg_1m']:.1f}",
+             "", "| model | tokens | variant | eager ms | eager x | compiled ms | compiled x | weight MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    sections = [*report.get("cpu_slice", []), report.get("cpu_default", {})]
+    for gpu in report.get("gpu", {}).get("results", []):
+        sections += [{"model": f"{gpu['model']} (GPU)", **pair} for pair in gpu["pairs"].values()]
+    seen: dict[str, set[str]] = {}
+    for sec in sections:
+        if "eager" not in sec:
+            continue
+        for variant, t in sec["eager"].items():
+            if variant == "fp" and sec is not sections[0] and "(GPU)" in sec["model"] and variant in seen.get(sec["model"], ()):
+                continue
+            seen.setdefault(sec["model"], set()).add(variant)
+            e0 = sec["eager"]["fp"]["min_ms"]
+            c = sec.get("compiled", {}).get(variant)
+            c0 = sec.get("compiled", {}).get("fp")
+            comp = f"{c['min_ms']:.1f} | {c0['min_ms'] / c['min_ms']:.2f}" if c else "- | -"
+            lines.append(f"| {sec['model']} | {sec.get('tokens', '')} | {variant} | {t['min_ms']:.1f} | "
+                         f"{e0 / t['min_ms']:.2f} | {comp} | {sec['bytes'][variant] / 2**20:.1f} |")
+    default = report.get("cpu_default", {})
+    if "pipeline_eager" in default:
+        lines += ["", f"Whole pipeline ({default['model']}, {default['pipeline_steps']} steps):", "",
+                  "| variant | eager s | eager x | compiled s | compiled x |", "|---|---|---|---|---|"]
+        e0 = default["pipeline_eager"]["fp"]["min_ms"]
+        c0 = default.get("pipeline_compiled", {}).get("fp", {}).get("min_ms")
+        for variant, t in default["pipeline_eager"].items():
+            c = default.get("pipeline_compiled", {}).get(variant)
+            comp = f"{c['min_ms'] / 1e3:.2f} | {c0 / c['min_ms']:.2f}" if c else "- | -"
+            lines.append(f"| {variant} | {t['min_ms'] / 1e3:.2f} | {e0 / t['min_ms']:.2f} | {comp} |")
+    elif default:
+        lines += ["", f"Default pipeline: {default.get('skipped')}"]
+    mem = report.get("memory", {})
+    for key in ("pixart_sigma_4bit", "pixart_sigma_4bit_all_layers"):
+        if key not in mem:
+            continue
+        m = mem[key]
+        kept = "architecture's kept layers in bf16" if m["keep_defaults"] else "every linear layer 4-bit"
+        lines += ["", f"4-bit PixArt-Sigma-size transformer ({m['blocks']} blocks, {m['recipe']}, rank-{m['rank']} branch, "
+                  f"{kept}): {m['dq_bytes'] / 2**20:.0f} MB vs bf16 {m['bf16_bytes'] / 2**20:.0f} MB = "
+                  f"{m['ratio']:.3f}x (quantized layers alone: {m['quantized_layers_ratio']:.3f}x)"]
+    for variant, p in mem.get("peak_rss", {}).items():
+        if "peak_mb" in p:
+            lines.append(f"- peak RSS, slice {variant}: model {p['model_mb']:.0f} MB, step +{p['step_mb']:.0f} MB, "
+                         f"peak {p['peak_mb']:.0f} MB")
+    if "gpu" in report and "skipped" in report["gpu"]:
+        lines += ["", f"GPU part: skipped ({report['gpu']['skipped']})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, one round")
+    parser.add_argument("--blocks", type=int, default=None, help="transformer blocks of the CPU slice (default 4)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="image tokens of the CPU slice (256 1024)")
+    parser.add_argument("--text-tokens", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5)")
+    parser.add_argument("--inner", type=int, default=None, help="calls per variant per round (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["slice", "default", "memory", "gpu"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.blocks = args.blocks or (1 if args.quick else 4)
+    args.tokens = args.tokens or ([64] if args.quick else [256, 1024])
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.inner = args.inner or (1 if args.quick else 2)
+    if args.quick:
+        args.text_tokens = min(args.text_tokens, 32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # every variant is its own set of module objects: one compiled graph each
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 1024
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("dq").setLevel(logging.WARNING)
+
+    report: dict[str, Any] = {
+        "date": dt.date.today().isoformat(), "machine": machine_name(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "quick": args.quick, "args": {k: str(v) for k, v in vars(args).items()},
+        "load_before": contention(),
+    }
+    if "slice" not in args.skip:
+        report["cpu_slice"] = cpu_slice(args)
+    if "default" not in args.skip:
+        report["cpu_default"] = cpu_default_pipeline(args)
+    if "memory" not in args.skip:
+        report["memory"] = {
+            "pixart_sigma_4bit": pixart_sigma_4bit_bytes(2 if args.quick else 28),
+            "pixart_sigma_4bit_all_layers": pixart_sigma_4bit_bytes(2 if args.quick else 28, keep_defaults=False),
+            "peak_rss": {v: peak_rss(v, args.blocks, args.tokens[0], torch.get_num_threads()) for v in ("fp", "w8a8", "w4a8")},
+        }
+    if "gpu" not in args.skip:
+        report["gpu"] = gpu_section(args)
+    report["load_after"] = contention()
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    path = args.out / f"speed-{report['date']}-{report['machine']}{suffix}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    print(table)
+    print(f"\nwrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
