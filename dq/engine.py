@@ -17,7 +17,7 @@ from .calibrate.run import run_pipeline
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
-from .kernels import set_execution
+from .kernels import check_execution, set_execution
 from .nn.attention import quantize_attention
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
@@ -219,6 +219,7 @@ def quantize(
     router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
     with torch.no_grad():
         replacements = build_layers(plan, store, groups, router, prepared)
+    check_execution(replacements, recipe.execution)  # refuses (DQError) before anything changes
     attach_router(model, router)  # may refuse (no timestep argument): before any swap
     swap_modules(model, replacements)
     if recipe.attention is not None:

@@ -131,3 +131,19 @@ def test_compiled_real_model_matches_eager_and_does_not_recompile_per_timestep_g
             frames = frames if frames is not None else counter.frame_count
             assert counter.frame_count == frames, f"recompiled at timestep {t} (group {group})"
     assert group == 3
+
+
+def test_real_execution_refused_before_the_pipeline_changes():
+    import dq
+    from dq.errors import DQError
+    from dq.nn import QuantModule
+    from dq.testing.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("pixart")
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(DQError, match="execution 'real'"):
+        dq.quantize(pipe, {"base": "w4a4-rtn", "activation": {"bits": 4, "granularity": "token", "kind": "fp4_e2m1"}, "weight": {"kind": "fp4_e2m1", "granularity": "channel"}, "execution": "real"})
+    assert not any(isinstance(m, QuantModule) for m in pipe.transformer.modules())
+    assert not hasattr(pipe.transformer, "dq_router")
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
