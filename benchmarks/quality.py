@@ -17,14 +17,13 @@ import logging
 import time
 
 import torch
+from report import RESULTS, machine, module_bytes, update_section
 
 import dq
 from dq.arch import arch_for, default_keep
 from dq.engine import find_denoiser
 from dq.eval import Scorer, generate_images
 from dq.prompts import load_prompts
-
-from report import RESULTS, machine, module_bytes, update_section
 
 METRICS = ("fid", "clip", "attr", "lpips", "psnr", "ssim")
 

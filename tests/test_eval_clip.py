@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from dq_pipelines.default import shapes
 
 from dq.eval.attributes import attribute_accuracy
 from dq.eval.clip import clip_score, load_clip
 from dq.eval.errors import EvalError, MissingWeightsError
 from dq.eval.fid import FidScorer, fid
 from dq.eval.metrics import to_pil
+from dq_pipelines.default import shapes
 
 
 @pytest.fixture(scope="module")

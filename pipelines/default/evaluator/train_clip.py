@@ -27,13 +27,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from dq_pipelines.default import shapes
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dq.eval.attributes import attribute_accuracy
 from dq.eval.clip import EVALUATOR_NAME, ClipModel, load_clip
+from dq_pipelines.default import shapes
 
 logger = logging.getLogger("train_clip")
 
