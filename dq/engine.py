@@ -113,6 +113,7 @@ def calibrate(
         run_pipeline(
             pipe, prompts, num_inference_steps=num_inference_steps, batch_size=recipe.calib_batch_size,
             seed=recipe.calib_seed, call_kwargs=call_kwargs,
+            on_batch=lambda n: setattr(calibrator, "prompt_batch", n),
         )
     store = calibrator.store
     logger.info(

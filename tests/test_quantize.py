@@ -190,3 +190,21 @@ def test_already_quantized_is_refused():
     dq.quantize(pipe, "w4a16")
     with pytest.raises(DQError, match="already quantized"):
         dq.quantize(pipe, "w4a16")
+
+
+@pytest.mark.parametrize(("kind", "branches"), [("pixart", ["cond", "uncond"]), ("sd15", ["cond", "uncond"]), ("flux", ["all"])])
+def test_cfg_branches_told_apart(kind, branches, monkeypatch):
+    from dq import engine
+
+    seen = {}
+    real = engine.calibrate
+
+    def spy(*a, **k):
+        store = real(*a, **k)
+        seen["branches"] = store.branches()
+        return store
+
+    monkeypatch.setattr(engine, "calibrate", spy)
+    pipe = tiny_pipeline(kind)
+    dq.quantize(pipe, "w8a8-rtn", calib_prompts=prompts_for(kind, 2), num_inference_steps=2, **calib_kwargs(kind))
+    assert seen["branches"] == branches

@@ -97,6 +97,7 @@ class Calibrator:
         self.timestep = NO_TIMESTEP
         self.batch = None
         self.cfg = False
+        self.prompt_batch: int | None = None  # images the current pipeline call makes
 
     def __enter__(self) -> Calibrator:
         try:
@@ -116,7 +117,10 @@ class Calibrator:
         self.timestep = NO_TIMESTEP if t is None else round(float(torch.as_tensor(t).reshape(-1)[0]), 6)
         sample = args[0] if args else next(iter(kwargs.values()), None)
         self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) else None
-        self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        # Pipelines with the property say so; the others (PixArt) run CFG as a doubled batch.
+        self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) or (
+            self.prompt_batch is not None and self.batch == 2 * self.prompt_batch
+        )
 
     def _branches(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         n = x.shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ def run_pipeline(
     seed: int,
     call_kwargs: dict[str, Any] | None = None,
     desc: str = "calibrating",
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Call `pipe` over `prompts` in batches, seeded per batch, with a progress bar."""
     if not prompts:
@@ -68,6 +69,8 @@ def run_pipeline(
         with torch.inference_mode():
             for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
                 batch = prompts[start : start + batch_size]
+                if on_batch is not None:
+                    on_batch(len(batch))
                 generator = torch.Generator(device=device).manual_seed(seed + start)
                 pipe(**prompt_kwargs(pipe, batch), num_inference_steps=num_inference_steps, generator=generator, **kwargs)
     except CalibrationError:
