@@ -15,7 +15,7 @@ the denoiser-output SQNR over every denoising step of the evaluation prompts. Ca
 uses calib/shapes_calib.txt, evaluation calib/shapes_eval.txt (disjoint).
 
     python benchmarks/ablation.py                 # embedded default pipeline, full run
-    python benchmarks/ablation.py --quick         # smoke test (2 prompts, 4 steps)
+    python benchmarks/ablation.py --quick         # smoke test (2 prompts, 3 steps)
     python benchmarks/ablation.py --tiny pixart   # a tiny random-weight test pipeline
 """
 
@@ -50,6 +50,7 @@ STACKS: dict[str, tuple[str, ...]] = {
     "smooth+lowrank+gptq": ("+smooth", "+lowrank", "+gptq"),
     "all": ("+smooth", "+rotate", "+lowrank", "+gptq"),
 }
+REFERENCE_ONLY = {"psnr", "ssim", "lpips", "fid"}  # metrics scored against the full-precision images
 NO_COMPONENTS = {"smooth": None, "rotate": None, "lowrank": None, "gptq": None, "attention": None}
 
 logger = logging.getLogger("ablation")
@@ -144,12 +145,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps, for calibration and evaluation")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--metrics", default="psnr,ssim,lpips,clip", help="image metrics (dq.eval); missing weights are noted, not fatal")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 4 steps, 4 calibration prompts, psnr/ssim")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 3 steps, 2 calibration prompts, psnr/ssim")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "ablation.json"))
     args = parser.parse_args()
     if args.quick:
-        args.num_prompts, args.calib_prompts, args.steps, args.metrics = 2, 4, 4, "psnr,ssim"
+        args.num_prompts, args.calib_prompts, args.steps, args.metrics = 2, 2, 3, "psnr,ssim"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("dq", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -168,6 +169,11 @@ def main() -> None:
 
     metric_names = [m for m in args.metrics.split(",") if m]
     scorers = {name: make_scorer([name]) for name in metric_names}
+    # metrics that need no reference (CLIP score) are also given for full precision itself
+    reference_metrics: dict[str, float | None] = {}
+    for name in set(metric_names) - REFERENCE_ONLY:
+        got, _ = score(scorers[name], reference, prompts, None)
+        reference_metrics[name] = got.get(name)
     results: dict[str, list[dict[str, Any]]] = {}
     wanted = None if args.rows is None else set(args.rows.split(","))
     for bits in args.bits.split(","):
@@ -209,6 +215,7 @@ def main() -> None:
             "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps,
             "quick": args.quick, "metrics": metric_names,
         },
+        "full_precision": reference_metrics,
         "results": results,
     }
     path = Path(args.out)

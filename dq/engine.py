@@ -21,7 +21,14 @@ from .kernels import check_execution, set_execution
 from .nn.attention import quantize_attention
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
-from .outliers import PreparedLayer, calibration_targets, plan_components, prepare_layer, summarize
+from .outliers import (
+    LayerWork,
+    PreparedLayer,
+    calibration_targets,
+    plan_components,
+    prepare_layer,
+    summarize,
+)
 from .prompts import resolve_prompts
 from .quant.primitives import range_from_histogram
 from .quant.spec import QuantSpec
@@ -134,6 +141,51 @@ def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spe
     return ranges
 
 
+def calibrate_and_prepare(
+    pipe,
+    model: nn.Module,
+    plan: Sequence[LayerChoice],
+    works: dict[str, LayerWork],
+    recipe: Recipe,
+    calib_prompts: Sequence[Any] | str | None,
+    num_inference_steps: int,
+    call_kwargs: dict[str, Any],
+) -> tuple[StatsStore | None, TimestepGroups, dict[str, PreparedLayer]]:
+    """Collect what the layers need and prepare their outlier handling, in at most two passes.
+
+    Pass 1 runs when a component needs statistics of the raw inputs (smoothing: channel
+    ranges; the alpha search and GPTQ: H = sum x x^T); it also takes the histograms of static
+    layers whose input stays untransformed. The layers are then prepared (`prepare_layer`).
+    Pass 2 takes the histograms of static layers that are still missing them, of their
+    *transformed* inputs (what the layer will quantize). Returns the statistics for the
+    activation ranges, the timestep groups and the prepared layers.
+    """
+    run = dict(recipe=recipe, num_inference_steps=num_inference_steps, call_kwargs=call_kwargs)
+    prompts = None
+    store, groups = None, TimestepGroups([], [[]])
+    first = calibration_targets(works, first_pass=True)
+    if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
+        prompts = resolve_prompts(pipe, calib_prompts, recipe)
+        store = calibrate(pipe, model, plan, prompts, targets=first, **run)
+        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
+    with torch.no_grad():
+        prepared = {name: prepare_layer(work, store, groups) for name, work in works.items()}
+    done = set()
+    if store is not None:
+        store.moments.clear()  # H is only needed to prepare the layers
+        done = {t.name for t in first if t.histogram}
+        store.entries = {k: v for k, v in store.entries.items() if k[0] in done}
+    second = [t for t in calibration_targets(works, first_pass=False, prepared=prepared) if t.name not in done]
+    if second:
+        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
+        ranged = calibrate(pipe, model, plan, prompts, targets=second, **run)
+        store = ranged if store is None else store.merge_(ranged)
+        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
+    if not any(w.static_act for w in works.values()):
+        groups = TimestepGroups([], [[]])  # no static ranges to look up by timestep
+    return store, groups, prepared
+
+
 def build_layers(
     plan: Sequence[LayerChoice], store: StatsStore | None, groups: TimestepGroups, router: TimestepRouter,
     prepared: dict[str, PreparedLayer] | None = None,
@@ -176,6 +228,10 @@ def quantize(
     call_kwargs: passed to every calibration call of the pipeline (guidance_scale,
         height, width, ...).
 
+    The recipe's outlier-handling components (smoothing, rotation, low-rank branch, GPTQ,
+    attention; see `dq.outliers`) are prepared per layer from the calibration statistics
+    (`calibrate_and_prepare`: one or two passes over the calibration prompts).
+
     The pipeline is only modified once calibration has succeeded: any failure leaves
     it as it was.
     """
@@ -190,33 +246,9 @@ def quantize(
             "check the recipe's keep/overrides or set keep_defaults: false"
         )
     works = plan_components(plan, recipe)
-    run = dict(recipe=recipe, num_inference_steps=num_inference_steps or recipe.calib_steps, call_kwargs=call_kwargs)
-    prompts = None
-    # Pass 1 (when a component needs statistics of the raw inputs): channel ranges, H, and the
-    # histograms of static layers whose input is not transformed.
-    store, groups, prepared = None, TimestepGroups([], [[]]), {}
-    first = calibration_targets(works, first_pass=True)
-    if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
-        prompts = resolve_prompts(pipe, calib_prompts, recipe)
-        store = calibrate(pipe, model, plan, prompts, targets=first, **run)
-        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
-    with torch.no_grad():
-        for name, work in works.items():
-            prepared[name] = prepare_layer(work, store, groups)
-    if store is not None:
-        store.moments.clear()  # H is only needed to prepare the layers
-    # Pass 2: static activation ranges of what each layer will quantize (its transformed input).
-    done = {t.name for t in first if t.histogram} if store is not None else set()
-    second = [t for t in calibration_targets(works, first_pass=False, prepared=prepared) if t.name not in done]
-    if second:
-        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
-        ranged = calibrate(pipe, model, plan, prompts, targets=second, **run)
-        if store is None:
-            store = ranged
-        else:
-            store.entries = {k: v for k, v in store.entries.items() if k[0] in done}
-            store.merge_(ranged)
-        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
+    store, groups, prepared = calibrate_and_prepare(
+        pipe, model, plan, works, recipe, calib_prompts, num_inference_steps or recipe.calib_steps, call_kwargs
+    )
     router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
     with torch.no_grad():
         replacements = build_layers(plan, store, groups, router, prepared)

@@ -11,15 +11,21 @@ Per layer, in this order (math in `dq.quant.smooth`, `hadamard`, `lowrank`, `gpt
 5. GPTQ rounding of R_w under H' = T^T H T (or round-to-nearest in `QuantModule`).
 
 A component that cannot apply to a layer is skipped with one log line saying why.
+
+The input transform stays in the quantized layer (`QuantModule.input_transform`) rather than
+being folded into the producing layer (`arch.fuse_pairs`): each consumer gets its own
+searched scales (to_q, to_k and to_v would need one shared set), and in the supported DiTs a
+non-affine LayerNorm plus per-sample adaLN modulation sits between producer and consumer.
+For real int8 kernels the per-channel multiply fuses into the activation quantizer's scale.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +52,9 @@ from .quant.smooth import (
 from .quant.spec import QuantSpec
 from .quant.transform import ChannelTransform
 from .recipe import GPTQConfig, LowRankConfig, Recipe, RotateConfig, SmoothConfig
+
+if TYPE_CHECKING:
+    from .engine import LayerChoice
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +109,7 @@ def _skip(name: str, component: str, why: str) -> None:
     logger.info("%s: %s skipped: %s", name, component, why)
 
 
-def plan_components(plan, recipe: Recipe) -> dict[str, LayerWork]:
+def plan_components(plan: Sequence[LayerChoice], recipe: Recipe) -> dict[str, LayerWork]:
     """One `LayerWork` per planned layer (see `dq.engine.plan_layers`)."""
     works: dict[str, LayerWork] = {}
     wanted = recipe.components()
@@ -136,7 +145,7 @@ def plan_components(plan, recipe: Recipe) -> dict[str, LayerWork]:
     return works
 
 
-def _why_not(work: LayerWork, key: str, cfg) -> str | None:
+def _why_not(work: LayerWork, key: str, cfg: Any) -> str | None:
     """Why component `key` cannot apply to the layer (None: it can). Raises on a bad rank."""
     weight_needed = key in ("lowrank", "gptq")
     if weight_needed and work.weight_spec is None:

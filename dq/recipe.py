@@ -115,11 +115,11 @@ def _positive_int(value: Any, where: str) -> None:
 class SmoothConfig(Component):
     """Smoothing (SmoothQuant): per-channel scales s = a^alpha / w^(1-alpha) move activation
     outliers into the weight. alpha: a number in [0, 1], or "search" (per layer, the value of
-    an (grid+1)-point grid, or no smoothing, with the smallest estimated output error).
-    aggregate: how per-timestep channel ranges combine (dq.quant.smooth.AGGREGATIONS)."""
+    an (grid+1)-point grid refined to half its step, or no smoothing, with the smallest
+    estimated output error). aggregate: how per-timestep channel ranges combine (dq.quant.smooth.AGGREGATIONS)."""
 
     alpha: float | str = "search"
-    grid: int = 20
+    grid: int = 10
     aggregate: str = "rms"
 
     name = "smooth"

@@ -85,6 +85,7 @@ CONVS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("geometry", CONVS)
 @pytest.mark.parametrize("fmt", ["w8a8-asym", "w4a8-asym", "w8a8-dynamic", "w4a16"])
 def test_conv_real_matches_sim(geometry, fmt):
@@ -205,3 +206,31 @@ def test_cuda_fp8_real_matches_sim(dtype):
 
 def test_dispatch_exports():
     assert dispatch.EXECUTION_MODES == ("auto", "real", "sim")
+
+
+def test_real_layers_deepcopy_and_pickle():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    q = quantized(torch.nn.Linear(64, 32), W8, A8)
+    set_execution(q, "real")
+    x = torch.randn(4, 64)
+    clone = copy.deepcopy(q)
+    assert clone._dq_prepacked is not q._dq_prepacked and torch.equal(clone(x), q(x))
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), q(x))
+
+
+@pytest.mark.parametrize("name", ["w8a8-asym", "w4a8-asym", "w8a8-dynamic", "w4a16"])
+def test_bfloat16_models_keep_their_dtype_and_match_sim(name):
+    torch.manual_seed(0)
+    weight, act = FORMATS[name]
+    q = quantized(torch.nn.Linear(64, 32), weight, act).to(torch.bfloat16)
+    assert q.wscale.dtype == torch.float32  # storage keeps its dtypes through .to(dtype)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    real, sim = real_and_sim(q, x)
+    assert real.dtype == sim.dtype == torch.bfloat16
+    assert torch.allclose(real.float(), sim.float(), rtol=2e-2, atol=2e-2 * float(sim.abs().max()))

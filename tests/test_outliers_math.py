@@ -183,7 +183,7 @@ def searched_scales(layer, x, stats, act):
         s = None if alpha is None else smoothing_scales(ranges, w_range, alpha)
         return output_error(layer.weight.detach(), stats, ChannelTransform(s), quant, act)
 
-    alpha, errors = search_alpha(alpha_grid(10), error_of)
+    alpha, errors = search_alpha(alpha_grid(10), error_of, refine=False)
     return alpha, errors, (None if alpha is None else smoothing_scales(ranges, w_range, alpha))
 
 
@@ -226,7 +226,7 @@ def test_alpha_search_picks_the_alpha_that_is_best_on_the_data(planted):
             for a in alpha_grid(10)
         }
         assert truth[alpha] > max(truth.values()) - 0.5, (act, alpha, truth)
-        estimated_db = 10 * math.log10(float(ref.pow(2).sum()) / errors[f"{alpha:.3g}"])
+        estimated_db = 10 * math.log10(float(ref.pow(2).sum()) / min(errors.values()))
         assert abs(estimated_db - truth[alpha]) < 1.5
 
 
@@ -377,3 +377,10 @@ def test_conv_input_transform_shell_round_trip():
     x = torch.randn(1, 64, 5, 5)
     with torch.no_grad():
         assert sqnr(conv(x), q(x)) > 15
+
+
+def test_alpha_search_refines_between_grid_points_and_can_decline_smoothing():
+    alpha, errors = search_alpha(alpha_grid(4), lambda a: 10.0 if a is None else (a - 0.4) ** 2)
+    assert alpha == pytest.approx(0.375) and "0.375" in errors and len(errors) == 1 + 5 + 2
+    alpha, _ = search_alpha(alpha_grid(4), lambda a: 0.0 if a is None else 1.0)
+    assert alpha is None  # no candidate beats leaving the layer alone

@@ -252,12 +252,23 @@ def test_smoothing_with_dynamic_activations_calibrates_without_histograms(monkey
     seen = []
     original = dq.engine.calibrate
 
-    def spy(*args, **kwargs):
-        store = original(*args, **kwargs)
-        seen.append(store)
-        return store
+    def spy(*args, targets=None, **kwargs):
+        seen.append(targets)
+        return original(*args, targets=targets, **kwargs)
 
     monkeypatch.setattr("dq.engine.calibrate", spy)
     dq.quantize(pipe, {"base": "w4a4", "lowrank": None}, calib_prompts=prompts_for("pixart", 2), num_inference_steps=2, **call_kwargs("pixart"))
     assert len(seen) == 1, "dynamic activations need one statistics pass only"
-    assert all(s.hist is None for s in seen[0].entries.values())
+    assert seen[0] and all(t.second_moment and not t.histogram for t in seen[0])
+    assert pipe.transformer.dq_router.groups == 1  # nothing is looked up by timestep
+
+
+def test_log_domain_weights_quantize_through_the_engine():
+    pipe = tiny_pipeline("pixart")
+    dq.quantize(pipe, {"base": "w4a16", "weight": {"bits": 4, "granularity": "channel", "log": True}})
+    layer = pipe.transformer.transformer_blocks[0].attn1.to_q
+    w = layer.dequantized_weight()
+    ratio = w.abs() / w.abs().amax(dim=1, keepdim=True)
+    exps = torch.log2(ratio[ratio > 0])
+    assert torch.allclose(exps, exps.round(), atol=1e-5), "log-domain weights lie on powers of two of the row scale"
+    assert torch.isfinite(torch.as_tensor(generate(pipe, "pixart", steps=2).images)).all()

@@ -240,6 +240,8 @@ def set_execution(model: nn.Module, mode: str, *, cpu_prepack: bool = True) -> n
     cpu_prepack: int8 layers on CPU (8-bit weights) keep a oneDNN-layout copy of
     their weight for the fused kernel (`dq.kernels.onednn`): faster, one more byte
     per weight in memory; False keeps one copy and uses `torch._int_mm`.
+    Runtime tensors derived from the weights are made here: call it again after
+    changing a layer's stored weights in place.
     """
     from ..nn.layers import QuantModule
 

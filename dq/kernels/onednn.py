@@ -49,6 +49,14 @@ class Prepacked:
         self.w_scale = w_scale.float().contiguous()
         self.w_zero = torch.zeros(weight.shape[0], dtype=torch.long)
 
+    # deepcopy / pickle: oneDNN's opaque tensor has no storage to copy; rebuild it from
+    # its plain form (to_dense gives the weight transposed).
+    def __getstate__(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.packed.to_dense().t().contiguous(), "w_scale": self.w_scale}
+
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
+        self.__init__(state["weight"], state["w_scale"])
+
     @property
     def nbytes(self) -> int:
         return self.w_scale.numel() * 4 + self.packed.numel()

@@ -150,10 +150,11 @@ class QuantModule(nn.Module):
         return self
 
     # -- computation --------------------------------------------------------------
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (float32 unless `dtype` is given)."""
         if self.weight_spec is None:
-            return self.weight
-        return self.weight_layout.decode(self.qweight, self.wscale, self.wzero, self.wmult, dtype)
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return self.weight_layout.decode(self.qweight, self.wscale, self.wzero, self.wmult, dtype or torch.float32)
 
     def static_act_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scale, zero) [1] of the current timestep group (static activations).

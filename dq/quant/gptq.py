@@ -76,15 +76,16 @@ def gptq_quantize(
     block = max(block_size // g, 1) * g if group else block_size
 
     weight = w.detach().float().clone()
-    h = h.detach().double().clone()
+    h = h.detach().to(weight.device, torch.float64).clone()
     dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
+    device = weight.device
+    perm = torch.argsort(h.diagonal(), descending=True).to(device) if act_order else torch.arange(n, device=device)
     static_groups = group and act_order
 
     n_groups = n // g if group else 1
-    scale = torch.empty(out, n_groups)
-    zero = None if spec.symmetric or spec.kind != "int" else torch.empty(out, n_groups)
+    scale = torch.empty(out, n_groups, device=device)
+    zero = None if spec.symmetric or spec.kind != "int" else torch.empty(out, n_groups, device=device)
     if spec.granularity == "tensor":
         s, z = _params(weight.reshape(1, -1), spec)
         scale, zero = s.expand(out, 1).clone(), (None if z is None else z.expand(out, 1).clone())
@@ -98,6 +99,7 @@ def gptq_quantize(
     weight = weight[:, perm]
     u = _inverse_cholesky(h[perm][:, perm], damp).float()
     codes = torch.zeros_like(weight)
+    columns = perm.tolist()
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = weight[:, i1:i2].clone()
@@ -105,7 +107,7 @@ def gptq_quantize(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            col = int(perm[j])
+            col = columns[j]
             gi = col // g if group else 0
             if group and not static_groups and col % g == 0:
                 s, z = _params(w1[:, i : i + g], spec)
