@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -479,17 +480,24 @@ def gpu_models(quick: bool):
     return [("flux.1", flux, flux_call), ("pixart-sigma", pixart, pixart_gpu_call), ("sdxl", sdxl, sdxl_call)]
 
 
-def gpu_section(args) -> dict[str, Any]:
-    """Each variant is timed interleaved with the bf16 model, one variant at a time: a full-size
-    FLUX.1 does not fit an 80 GB GPU several times over (GPU timings are stable enough)."""
+def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """bf16 against each quantized variant, one model at a time (a full-size FLUX.1 does not
+    fit an 80 GB GPU several times over). The bf16 model is compiled once per model and timed
+    interleaved with each variant in turn. A variant that fails is recorded with its error.
+    `on_result` gets the section so far after every variant (partial results survive a limit)."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     from dq.kernels import fp8
 
     has_fp8 = fp8.device_unsupported(torch.device("cuda")) is None
-    results = []
+    section: dict[str, Any] = {"device": torch.cuda.get_device_name(), "has_fp8": has_fp8, "results": []}
+    wanted_models = set(args.gpu_models.split(",")) if args.gpu_models else None
+    wanted_variants = set(args.gpu_variants.split(",")) if args.gpu_variants else None
     for name, build, make_call in gpu_models(args.quick):
+        if wanted_models is not None and name not in wanted_models:
+            continue
         logger.info("GPU: %s", name)
+        torch.manual_seed(0)
         base = build()
         names = quant_names(base, "w8a8")
         makers: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -499,20 +507,54 @@ def gpu_section(args) -> dict[str, Any]:
         makers["torchao-int8-dyn"] = lambda m, n=names: torchao_int8(m, n)
         if has_fp8:
             makers["torchao-fp8-dyn"] = lambda m, n=names: torchao_fp8(m, n)
+        if wanted_variants is not None:
+            makers = {k: v for k, v in makers.items() if k in wanted_variants}
         entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {}}
+        section["results"].append(entry)
+        call = make_call(500)
+        base_bytes = module_bytes(base)
+        with torch.no_grad():
+            base_eager = lambda b=base, c=call: b(**c)  # noqa: E731
+            base_compiled_model = None if args.no_compile else torch.compile(base)
+            base_compiled = None if base_compiled_model is None else (lambda b=base_compiled_model, c=call: b(**c))
+            both = {"fp": base_eager, **({} if base_compiled is None else {"fp-compiled": base_compiled})}
+            base_compile_s = warm_up(both, "cuda")
         for variant, make in makers.items():
-            quantized = make(copy.deepcopy(base))
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            res = measure_step({"fp": base, variant: quantized}, make_call(500), args, device="cuda")
-            res["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            try:
+                quantized = make(build())  # fresh random weights: speed does not depend on them
+                res: dict[str, Any] = {"bytes": {"fp": base_bytes, variant: module_bytes(quantized)}}
+                with torch.no_grad():
+                    q_eager = lambda q=quantized, c=call: q(**c)  # noqa: E731
+                    warm_up({variant: q_eager}, "cuda")
+                    pair = {"fp": base_eager, variant: q_eager}
+                    res["eager"] = time_interleaved(pair, args.rounds, args.inner, "cuda")
+                    log_ratios("eager", res["eager"])
+                    if base_compiled is not None:
+                        q_model = torch.compile(quantized)
+                        q_compiled = lambda q=q_model, c=call: q(**c)  # noqa: E731
+                        res["compile_s"] = {
+                            "fp": base_compile_s.get("fp-compiled"), **warm_up({variant: q_compiled}, "cuda")
+                        }
+                        pair = {"fp": base_compiled, variant: q_compiled}
+                        res["compiled"] = time_interleaved(pair, args.rounds, args.inner, "cuda")
+                        log_ratios("compiled", res["compiled"])
+                res["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            except Exception as exc:  # a failing variant is a result too
+                logger.exception("GPU %s %s failed", name, variant)
+                res = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             entry["pairs"][variant] = res
-            del quantized
+            # drop every reference to the variant before the next one is built (a second
+            # full-size FLUX.1 beside the first does not fit)
+            quantized = q_model = q_eager = q_compiled = pair = None
+            gc.collect()
             torch.cuda.empty_cache()
-        results.append(entry)
-        del base
+            if on_result is not None:
+                on_result(section)
+        base = base_compiled_model = base_eager = base_compiled = None
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "has_fp8": has_fp8, "results": results}
+    return section
 
 
 # -- report ------------------------------------------------------------------------------
@@ -534,7 +576,7 @@ def contention() -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Machine: {report['machine']} ({report['date']}); torch {report['torch']}, threads {report['threads']}; "
-             f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report['load_after']['loadavg_1m']:.1f}",
+             f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report.get('load_after', report['load_before'])['loadavg_1m']:.1f}",
              "", "| model | tokens | variant | eager ms | eager x | compiled ms | compiled x | weight MB |",
              "|---|---|---|---|---|---|---|---|"]
     sections = [*report.get("cpu_slice", []), report.get("cpu_default", {})]
@@ -581,6 +623,10 @@ def markdown(report: dict[str, Any]) -> str:
                          f"peak {p['peak_mb']:.0f} MB")
     if "gpu" in report and "skipped" in report["gpu"]:
         lines += ["", f"GPU part: skipped ({report['gpu']['skipped']})"]
+    for gpu in report.get("gpu", {}).get("results", []):
+        for variant, pair in gpu["pairs"].items():
+            if "error" in pair:
+                lines.append(f"- GPU {gpu['model']} {variant}: FAILED: {pair['error']}")
     return "\n".join(lines)
 
 
@@ -595,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--skip", nargs="*", default=[], choices=["slice", "default", "memory", "gpu"])
+    parser.add_argument("--gpu-models", default="", help="comma list of flux.1,pixart-sigma,sdxl (default: all)")
+    parser.add_argument("--gpu-variants", default="", help="comma list of dq-fp8,dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.blocks = args.blocks or (1 if args.quick else 4)
@@ -626,12 +674,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "pixart_sigma_4bit_all_layers": pixart_sigma_4bit_bytes(2 if args.quick else 28, keep_defaults=False),
             "peak_rss": {v: peak_rss(v, args.blocks, args.tokens[0], torch.get_num_threads()) for v in ("fp", "w8a8", "w4a8")},
         }
-    if "gpu" not in args.skip:
-        report["gpu"] = gpu_section(args)
-    report["load_after"] = contention()
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     path = args.out / f"speed-{report['date']}-{report['machine']}{suffix}.json"
+    if "gpu" not in args.skip:
+        def partial(section: dict[str, Any]) -> None:
+            path.write_text(json.dumps({**report, "gpu": section, "partial": True}, indent=2, default=str))
+
+        report["gpu"] = gpu_section(args, partial)
+    report["load_after"] = contention()
     path.write_text(json.dumps(report, indent=2, default=str))
     table = markdown(report)
     print(table)

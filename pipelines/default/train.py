@@ -74,6 +74,12 @@ class TrainConfig:
     ema_decay: float = 0.999
     save_every: int = 100
     patch_size: int = 2
+    # text encoder: 0 keeps the random init frozen; > 0 trains it with the transformer at this
+    # learning rate (then it is frozen in the saved pipeline). See README.md for why.
+    text_lr: float = 0.0
+    # reuse a trained VAE (a diffusers AutoencoderKL folder) instead of the VAE stage
+    vae_from: str = ""
+    preview: bool = True  # a row of samples at every checkpoint (slow on a CPU)
 
 
 # ---------------------------------------------------------------------------- data
@@ -213,6 +219,30 @@ def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Te
             yield perm[start : start + batch]
 
 
+class CaptionEncoder:
+    """Caption embeddings for training: a fixed table (frozen encoder) or, with a trained
+    encoder, the encoder run on each batch's tokens (padded to the longest caption)."""
+
+    def __init__(self, pipe: PixArtAlphaPipeline, vocab: list[str], trained: bool, device: str):
+        self.trained = trained
+        self.encoder = pipe.text_encoder
+        if trained:
+            tokens = pipe.tokenizer(
+                vocab, padding="longest", add_special_tokens=True, return_tensors="pt"
+            )
+            self.ids, self.masks = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+            self.encoder.to(device).train().requires_grad_(True)
+        else:
+            embeds, masks = caption_table(pipe, vocab)
+            self.embeds, self.masks = embeds.to(device), masks.to(device)
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.trained:
+            return self.embeds[ids], self.masks[ids]
+        masks = self.masks[ids]
+        return self.encoder(self.ids[ids], attention_mask=masks)[0], masks
+
+
 def train_transformer(
     pipe: PixArtAlphaPipeline, latents: torch.Tensor, captions: list[str], cfg: TrainConfig
 ) -> None:
@@ -222,16 +252,19 @@ def train_transformer(
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     vocab = sorted(set(captions))
-    embeds, masks = caption_table(pipe, [*vocab, ""])
-    embeds, masks = embeds.to(device), masks.to(device)
+    text = CaptionEncoder(pipe, [*vocab, ""], trained=cfg.text_lr > 0, device=device)
     empty = len(vocab)
     caption_ids = torch.tensor([vocab.index(c) for c in captions])
 
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
+    groups = [{"params": list(transformer.parameters()), "lr": cfg.dit_lr}]
+    if text.trained:
+        groups.append({"params": list(pipe.text_encoder.parameters()), "lr": cfg.text_lr})
+    trained = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.dit_steps, cfg.warmup_steps)
     )
-    ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema = EMAModel(trained, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     generator = torch.Generator().manual_seed(cfg.seed + 3)
     sampler = batches(len(latents), cfg.dit_batch, generator)
     no_conditions = {"resolution": None, "aspect_ratio": None}
@@ -250,20 +283,21 @@ def train_transformer(
         ).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        embeds, masks = text(ids)
         pred = transformer(
             xt,
-            encoder_hidden_states=embeds[ids],
-            encoder_attention_mask=masks[ids],
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=masks,
             timestep=t,
             added_cond_kwargs=no_conditions,
         ).sample
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
-        ema.step(transformer.parameters())
+        ema.step(trained)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 25 == 0:
             progress.set_postfix(loss=f"{running:.4f}")
@@ -275,25 +309,36 @@ def train_transformer(
                 schedule.get_last_lr()[0],
             )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.dit_steps:
-            save_with_ema(pipe, ema, cfg, tag=f"step{step + 1}")
+            save_with_ema(pipe, ema, trained, cfg, tag=f"step{step + 1}")
 
 
-def save_with_ema(pipe: PixArtAlphaPipeline, ema: EMAModel, cfg: TrainConfig, tag: str) -> None:
-    params = list(pipe.transformer.parameters())
+def save_with_ema(
+    pipe: PixArtAlphaPipeline,
+    ema: EMAModel,
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    tag: str,
+) -> None:
+    """Save the pipeline with the EMA weights (transformer, and text encoder when trained),
+    both in eval mode; the training weights are restored afterwards."""
     ema.store(params)
     ema.copy_to(params)
     pipe.transformer.eval()
+    pipe.text_encoder.eval()
     try:
         pipe.to("cpu")
         pipe.save_pretrained(cfg.out, safe_serialization=True)
         logger.info("saved pipeline (%s) to %s", tag, cfg.out)
-        preview = cfg.cache_dir / f"preview_{tag}.png"
-        save_preview(pipe, preview, seed=cfg.seed)
-        logger.info("preview grid written to %s", preview)
+        if cfg.preview:
+            preview = cfg.cache_dir / f"preview_{tag}.png"
+            save_preview(pipe, preview, seed=cfg.seed)
+            logger.info("preview grid written to %s", preview)
     finally:
         pipe.to(cfg.device)
         ema.restore(params)
         pipe.transformer.train()
+        if cfg.text_lr > 0:
+            pipe.text_encoder.train()
 
 
 @torch.no_grad()
@@ -327,9 +372,15 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
 
     start = time.monotonic()
     images, captions = render_dataset(cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers)
-    train_vae(pipe.vae, images, cfg)
-    pipe.vae.save_pretrained(cfg.cache_dir / "vae")
-    logger.info("VAE stage done in %.1f min", (time.monotonic() - start) / 60)
+    if cfg.vae_from:
+        pipe.vae = AutoencoderKL.from_pretrained(cfg.vae_from).to(cfg.device)
+        pipe.vae.register_to_config(scaling_factor=1.0)  # re-measured below
+        pipe.register_modules(vae=pipe.vae)
+        logger.info("VAE loaded from %s (VAE stage skipped)", cfg.vae_from)
+    else:
+        train_vae(pipe.vae, images, cfg)
+        pipe.vae.save_pretrained(cfg.cache_dir / "vae")
+        logger.info("VAE stage done in %.1f min", (time.monotonic() - start) / 60)
 
     latents = encode_dataset(pipe.vae, images, cfg.device)
     del images
@@ -352,6 +403,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     for name, value in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            continue
         kind = Path if isinstance(value, Path) else type(value)
         parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What one GPU lease runs (device tool; see benchmarks/results/ for what it measured).
+# Usage: bash benchmarks/gpu_session.sh train|tests|speed-quick|speed [extra speed.py args]
+# Needs the wheels in .whl (diffusers, transformers, open_clip, torchao: see README) and $OUT.
+set -uo pipefail
+[ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+what=$1; shift
+case $what in
+  setup) ;;
+  train)
+    python3 -m pipelines.default.train --device cuda --seed 0 --workers 12 \
+      --vae-from pipelines/default/model/vae --num-images 30000 \
+      --dit-steps "${DIT_STEPS:-10000}" --dit-batch 128 --warmup-steps 300 --save-every 1000 \
+      --ema-decay 0.9995 --no-preview --out /tmp/model --cache-dir /tmp/cache "$@" ;;
+  eval)
+    python3 -m dq.cli eval /tmp/model --metrics attr,clip --num-prompts 256 --batch-size 64 \
+      --device cuda --json "$OUT/eval.json" "$@" ;;
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_layers.py tests/test_kernels_pipeline.py "$@" ;;
+  speed-quick)
+    python3 benchmarks/speed.py --quick --skip slice default memory --out "$OUT" "$@" ;;
+  speed)
+    python3 benchmarks/speed.py --skip slice default memory --rounds 5 --inner 5 --out "$OUT" "$@" ;;
+esac
