@@ -121,7 +121,7 @@ def load(args) -> tuple[Any, dict[str, Any], list[str], list[str]]:
 def make_scorer(metrics: list[str]):
     from dq.eval import Scorer
 
-    return Scorer(metrics)
+    return Scorer(metrics, fid_features="clip")  # FID on the evaluator CLIP features: works offline
 
 
 def score(scorer, images, prompts, reference) -> tuple[dict[str, float | None], list[str]]:
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--calib-prompts", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="sampler steps, for calibration and evaluation")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--metrics", default="psnr,ssim,lpips,clip", help="image metrics (dq.eval); missing weights are noted, not fatal")
+    parser.add_argument("--metrics", default="psnr,ssim,lpips,clip,fid,attr", help="image metrics (dq.eval); missing weights are noted, not fatal")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 3 steps, 2 calibration prompts, psnr/ssim")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "ablation.json"))

@@ -40,6 +40,7 @@ from .quant.gptq import gptq_quantize
 from .quant.hadamard import block_size_for, random_signs
 from .quant.logquant import fake_log_quantize
 from .quant.lowrank import check_rank, lowrank_split, svd_factors
+from .quant.packing import WeightLayout
 from .quant.smooth import (
     InputStats,
     aggregate_ranges,
@@ -272,8 +273,20 @@ def prepare_layer(work: LayerWork, store: StatsStore | None, groups: TimestepGro
         branch.up.copy_(up)
         prepared.branch = branch.to(module.weight.device)
     if work.gptq is not None:
+        # Group scales on the layout's two-level form (a per-channel base times small
+        # integers) when it has one, so GPTQ-rounded layers keep the integer kernel.
+        layout = WeightLayout.default(tuple(module.weight.shape), work.weight_spec)
+        group_params = None
+        if layout.two_level:
+            base = layout.two_level_base(weight)
+
+            def group_params(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                scale, zero, _ = layout.two_level_params(rows, base)
+                return scale, zero
+
         codes, s, z = gptq_quantize(
-            weight, h, work.weight_spec, damp=work.gptq.damp, block_size=work.gptq.block_size, act_order=work.gptq.act_order
+            weight, h, work.weight_spec, damp=work.gptq.damp, block_size=work.gptq.block_size,
+            act_order=work.gptq.act_order, group_params=group_params,
         )
         prepared.weight_codes = (codes.reshape(module.weight.shape), s, z)
     if not transform.is_identity:

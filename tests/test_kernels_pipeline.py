@@ -45,9 +45,11 @@ def test_real_matches_sim_on_tiny_pipelines(kind, recipe):
     # execution 'auto' (the presets'): real wherever the layer's formats have a kernel
     assert all(m.execution == ("real" if choose_kernel(m)[0] else "sim") for m in layers)
     expected = "dequant" if recipe == "w4a16" else "int8"
-    if recipe != "w4a8":  # GPTQ codes keep free group scales (see test_kernels_packing): no kernel yet
-        assert any(m.kernel == expected for m in layers)
-    if kind == "sd15" and recipe != "w4a8":
+    # GPTQ (w4a8) rounds on two-level group scales: its layers take the integer kernel too
+    assert any(m.kernel == expected for m in layers)
+    if recipe.startswith("w4a8"):
+        assert all(m.weight_layout.two_level and m.kernel == "int8" for m in layers if m.weight_spec.bits == 4)
+    if kind == "sd15":
         assert any(isinstance(m, dq.nn.QuantConv2d) and m.kernel == expected for m in layers)
     real = rec.replay()
     set_execution(model, "sim")
@@ -70,10 +72,10 @@ def test_packed_checkpoint_round_trip_is_identical_and_stores_packed_bytes(tmp_p
     weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
     with safe_open(weights, "pt") as f:
         qweight = f.get_tensor("transformer_blocks.0.attn1.to_q.qweight")
-        wmult = f.get_tensor("transformer_blocks.0.attn1.to_q.wmult") if recipe == "w4a8-rtn" else None
+        wmult = f.get_tensor("transformer_blocks.0.attn1.to_q.wmult")
     assert qweight.dtype == torch.uint8 and qweight.shape == (64, 32)  # 64 x 64 weights, two per byte
-    if wmult is not None:  # two-level scales: a byte per group of 64
-        assert wmult.dtype == torch.uint8 and wmult.shape == (64, 1)
+    # two-level scales (GPTQ-rounded ones too): a byte per group of 64
+    assert wmult.dtype == torch.uint8 and wmult.shape == (64, 1)
     loaded = dq.load(out)
     layers = [m for m in loaded.transformer.modules() if isinstance(m, QuantModule)]
     assert layers and all(m.execution == ("real" if choose_kernel(m)[0] else "sim") for m in layers), \

@@ -328,6 +328,36 @@ def test_gptq_codes_store_in_a_quantized_layer():
     assert torch.allclose(q.dequantized_weight(), P.dequantize_tensor(codes, scale, zero, W4), atol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_on_two_level_scales_keeps_the_integer_kernel_and_its_gain(symmetric):
+    """GPTQ with the layout's two-level group scales: the codes store as two-level (so the
+    layer runs on the int8 kernel) and still beat round-to-nearest on the output error."""
+    from dq.kernels import choose_kernel
+    from dq.quant.packing import WeightLayout
+
+    spec = QuantSpec(bits=4, granularity="group", group_size=64, symmetric=symmetric)
+    x = correlated_inputs()
+    layer = nn.Linear(256, 64)
+    w = layer.weight.detach()
+    layout = WeightLayout.default(tuple(w.shape), spec)
+    assert layout.two_level
+    base = layout.two_level_base(w)
+    codes, scale, zero = gptq_quantize(
+        w, x.T @ x, spec, group_params=lambda rows: layout.two_level_params(rows, base)[:2]
+    )
+    act = QuantSpec(bits=8, granularity="token", dynamic=True)
+    q = QuantLinear.from_float(layer, spec, act, weight_codes=(codes, scale, zero))
+    assert q.weight_layout.two_level and choose_kernel(q)[0] == "int8"
+    assert torch.allclose(q.dequantized_weight(), P.dequantize_tensor(codes, scale, zero, spec), atol=1e-6)
+
+    def err(weight):
+        return float((x @ (w - weight).T).pow(2).sum())
+
+    assert err(q.dequantized_weight()) < 0.7 * err(P.fake_quantize(w, spec))
+    with pytest.raises(DQError, match="group"):
+        gptq_quantize(w, x.T @ x, QuantSpec(bits=4, granularity="channel"), group_params=lambda rows: (None, None))
+
+
 def test_gptq_handles_dead_inputs_and_checks_shapes():
     x = correlated_inputs(d=64)
     x[:, 5] = 0

@@ -17,6 +17,7 @@ result stores like any other quantized weight.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -62,8 +63,14 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    group_params: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Quantize w [out, n] given H [n, n]; returns (codes, scale, zero) like `quantize_tensor`."""
+    """Quantize w [out, n] given H [n, n]; returns (codes, scale, zero) like `quantize_tensor`.
+
+    group_params: for group granularity, (scale, zero) [out, 1] of a group's columns
+    [out, group_size] in place of the spec's range search, e.g. scales on a per-channel
+    base times small integers (`WeightLayout.two_level_params`), so that the integer
+    kernels can take the result."""
     if spec.log:
         raise DQError("GPTQ rounds to a uniform grid; it does not apply to log-domain weights")
     out, n = w.shape
@@ -83,6 +90,9 @@ def gptq_quantize(
     perm = torch.argsort(h.diagonal(), descending=True).to(device) if act_order else torch.arange(n, device=device)
     static_groups = group and act_order
 
+    if group_params is not None and not group:
+        raise DQError("GPTQ: group_params needs group granularity")
+    params = group_params or (lambda rows: _params(rows, spec))
     n_groups = n // g if group else 1
     scale = torch.empty(out, n_groups, device=device)
     zero = None if spec.symmetric or spec.kind != "int" else torch.empty(out, n_groups, device=device)
@@ -91,7 +101,7 @@ def gptq_quantize(
         scale, zero = s.expand(out, 1).clone(), (None if z is None else z.expand(out, 1).clone())
     elif not group or static_groups:
         for gi in range(n_groups):
-            s, z = _params(weight[:, gi * g : (gi + 1) * g], spec)
+            s, z = params(weight[:, gi * g : (gi + 1) * g])
             scale[:, gi : gi + 1] = s
             if zero is not None:
                 zero[:, gi : gi + 1] = z
@@ -110,7 +120,7 @@ def gptq_quantize(
             col = columns[j]
             gi = col // g if group else 0
             if group and not static_groups and col % g == 0:
-                s, z = _params(w1[:, i : i + g], spec)
+                s, z = params(w1[:, i : i + g])
                 scale[:, gi : gi + 1] = s
                 if zero is not None:
                     zero[:, gi : gi + 1] = z
