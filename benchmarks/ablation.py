@@ -17,6 +17,9 @@ uses calib/shapes_calib.txt, evaluation calib/shapes_eval.txt (disjoint).
     python benchmarks/ablation.py                 # embedded default pipeline, full run
     python benchmarks/ablation.py --quick         # smoke test (2 prompts, 3 steps)
     python benchmarks/ablation.py --tiny pixart   # a tiny random-weight test pipeline
+    python benchmarks/ablation.py --render results/ablation.json  # table + targets of a run
+
+A full run writes the table and the issue's W4A4 target check into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -148,7 +151,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 3 steps, 2 calibration prompts, psnr/ssim")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "ablation.json"))
+    parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
+    if args.render:
+        table = render(json.loads(Path(args.render).read_text()))
+        print(table)
+        _update_benchmarks(table)
+        return
     if args.quick:
         args.num_prompts, args.calib_prompts, args.steps, args.metrics = 2, 2, 3, "psnr,ssim"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -222,6 +231,86 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     logger.info("wrote %s (%.0f s in all)", path, time.perf_counter() - started)
+    table = render(out)
+    print(table)
+    if not args.quick and not args.tiny and args.rows is None:
+        _update_benchmarks(table)
+
+
+def _update_benchmarks(table: str) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report import update_section
+
+    update_section("ablation", table)
+
+
+COLUMNS = (("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"), ("lpips", "LPIPS", ".4f"),
+           ("clip", "CLIP", ".2f"), ("fid", "FID (CLIP feat.)", ".4f"), ("attr", "attr. acc.", ".3f"))
+
+
+def targets(fp: dict[str, Any], rtn: dict[str, Any], best: dict[str, Any]) -> list[str]:
+    """The outlier issue's W4A4 targets for `best` against naive `rtn`, each with its margin."""
+    out = []
+
+    def line(name: str, ok: bool | None, detail: str) -> None:
+        out.append(f"- {name}: {'met' if ok else ('n/a' if ok is None else 'MISSED')} ({detail})")
+
+    p, p0 = best.get("psnr"), rtn.get("psnr")
+    if p is not None and p0 is not None:
+        line("PSNR at least 2 dB above naive", p - p0 >= 2.0, f"{p:.2f} vs {p0:.2f} dB: {p - p0:+.2f} dB")
+    s, s0 = best.get("ssim"), rtn.get("ssim")
+    if s is not None and s0 is not None:
+        ratio = (1 - s) / max(1 - s0, 1e-12)
+        line("(1 - SSIM) at most 0.6x naive's", ratio <= 0.6, f"{1 - s:.4f} vs {1 - s0:.4f}: {ratio:.2f}x")
+    f, f0 = best.get("fid"), rtn.get("fid")
+    if f is not None and f0 is not None:
+        closed = (f0 - f) / f0 if f0 > 0 else None  # full precision's FID against itself is 0
+        line("70% of naive's FID gap to full precision closed", None if closed is None else closed >= 0.7,
+             f"FID {f:.4f} vs naive {f0:.4f}, full precision 0: {closed:.0%} closed" if closed is not None else "naive FID is 0")
+    c, c0, cf = best.get("clip"), rtn.get("clip"), fp.get("clip")
+    if None not in (c, c0, cf):
+        gap = cf - c0
+        closed = (c - c0) / gap if abs(gap) > 1e-9 else None
+        line("70% of naive's CLIP-score gap closed", None if closed is None else closed >= 0.7,
+             f"CLIP {c:.2f} vs naive {c0:.2f}, full precision {cf:.2f}: "
+             + (f"{closed:.0%} closed" if closed is not None else "no gap to close"))
+    lp, lp0 = best.get("lpips"), rtn.get("lpips")
+    line("LPIPS at most 0.6x naive's", None if lp is None or lp0 is None else lp <= 0.6 * lp0,
+         "no LPIPS weights offline" if lp is None else f"{lp:.4f} vs {lp0:.4f}")
+    return out
+
+
+def render(out: dict[str, Any]) -> str:
+    """Markdown: one table per bit width, and the W4A4 targets (preset against rtn)."""
+    st = out["settings"]
+    fp = out.get("full_precision", {})
+    lines = [
+        "## Outlier-handling ablation (`python benchmarks/ablation.py`)",
+        "",
+        f"{out['model']}, {out['date']}, {out['machine']}: {st['num_prompts']} evaluation prompts (calib/shapes_eval.txt), "
+        f"{st['calib_prompts']} calibration prompts (calib/shapes_calib.txt, disjoint), {st['steps']} sampler steps. "
+        "Every image metric is against the full-precision images of the same prompts and seeds (CLIP score and attribute "
+        "accuracy are absolute; full precision: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in fp.items() if v is not None) + "). "
+        "SQNR: denoiser output over every recorded sampler call. LPIPS: n/a without its backbone weights (offline).",
+        "",
+    ]
+    for bits, rows in out["results"].items():
+        header = ["row", "SQNR dB", *[c[1] for c in COLUMNS], "quantize s"]
+        lines += [f"**{bits.upper()}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in rows:
+            m = r["metrics"]
+            cells = [r["row"], f"{r['denoiser_sqnr_db']:.2f}"]
+            cells += ["n/a" if m.get(k) is None else format(m[k], f) for k, _, f in COLUMNS]
+            cells.append(f"{r['quantize_s']:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        by_row = {r["row"]: r["metrics"] for r in rows}
+        if bits == "w4a4" and "rtn" in by_row and "preset" in by_row:
+            lines += ["W4A4 targets (preset `w4a4` against naive `w4a4-rtn`):", "", *targets(fp, by_row["rtn"], by_row["preset"]), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

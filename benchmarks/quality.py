@@ -46,7 +46,14 @@ def main() -> None:
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 4 steps")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
+    parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            table = render(json.load(f))
+        print(table)
+        update_section("quality", table)
+        return
     if args.quick:
         args.num_prompts, args.calib_prompts, args.steps = 8, 4, 4
     logging.basicConfig(level=logging.WARNING)
@@ -114,16 +121,39 @@ def render(result: dict) -> str:
         "evaluator CLIP's image features (offline; no Inception weights here); LPIPS n/a offline "
         "(no AlexNet weights here, and no other network is substituted).",
         "",
-        "| variant | FID (CLIP feat.) | CLIP score | attribute acc. | LPIPS | PSNR dB | SSIM | weight MB | generate s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | FID (CLIP feat.) | CLIP score | attribute acc. | LPIPS | PSNR dB | SSIM | weight MB | quantize s | generate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['variant']} | {fmt(r['fid'], '.3f')} | {fmt(r['clip'], '.2f')} | {fmt(r['attr'], '.1%')} | "
+            f"| {r['variant']} | {fmt(r['fid'], '.4f')} | {fmt(r['clip'], '.2f')} | {fmt(r['attr'], '.1%')} | "
             f"{fmt(r['lpips'], '.3f')} | {fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} | "
-            f"{r['weight_bytes'] / 2**20:.2f} | {r['generate_s']:.0f} |"
+            f"{r['weight_bytes'] / 2**20:.2f} | {r.get('prepare_s', 0):.0f} | {r['generate_s']:.0f} |"
         )
+    lines += ["", *peer_check(result["rows"])]
     return "\n".join(lines)
+
+
+# metric -> True when higher is better
+DIRECTION = {"fid": False, "clip": True, "attr": True, "lpips": False, "psnr": True, "ssim": True}
+
+
+def peer_check(rows: list[dict]) -> list[str]:
+    """The outlier issue's W8A8 target: no metric worse than torchao int8 dynamic (same run)."""
+    by = {r["variant"]: r for r in rows}
+    ours, peer = by.get("w8a8"), by.get("torchao int8 dynamic")
+    if ours is None or peer is None:
+        return []
+    worse, compared = [], []
+    for k, higher in DIRECTION.items():
+        a, b = ours.get(k), peer.get(k)
+        if a is None or b is None:
+            continue
+        compared.append(k)
+        if (a < b) if higher else (a > b):
+            worse.append(f"{k} {a:.4g} vs {b:.4g}")
+    verdict = "met" if not worse else "MISSED on " + ", ".join(worse)
+    return [f"W8A8 against torchao int8 dynamic, no metric worse ({', '.join(compared)}): {verdict}."]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ QUANTIZABLE = (nn.Linear, nn.Conv2d)
 class ArchSpec:
     name: str
     keep: tuple[str, ...] = ()  # regexes (re.search) of module names kept in full precision
+    # regexes of layers whose weights are quantized but whose activations stay in float by
+    # default: the text-embedding projections, whose T5 inputs carry large outlier channels
+    # (weight-only saves their memory without touching those activations)
+    weight_only: tuple[str, ...] = ()
     # (producer regex, consumer regexes): consumers read the producer's output, so a
     # per-channel scale can be folded into the producer (smoothing, rotation).
     fuse_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -46,23 +50,26 @@ ARCHS: dict[str, ArchSpec] = {
     ),
     "PixArtTransformer2DModel": ArchSpec(
         name="pixart",
-        keep=(r"^pos_embed\.", r"^adaln_single\.", r"^caption_projection\.", r"^proj_out$"),
+        keep=(r"^pos_embed\.", r"^adaln_single\.", r"^proj_out$"),
+        weight_only=(r"^caption_projection\.",),
         fuse_pairs=((r"\.norm1$", (r"\.attn1\.to_q$", r"\.attn1\.to_k$", r"\.attn1\.to_v$")),),
     ),
     "SD3Transformer2DModel": ArchSpec(
         name="sd3",
         keep=(
-            r"^pos_embed\.", r"^time_text_embed\.", r"^context_embedder$", r"^norm_out\.",
+            r"^pos_embed\.", r"^time_text_embed\.", r"^norm_out\.",
             r"^proj_out$", r"\.norm1\.linear$", r"\.norm1_context\.linear$",
         ),
+        weight_only=(r"^context_embedder$",),
         fuse_pairs=((r"\.norm1$", _ATTN_QKV), (r"\.norm1_context$", (r"\.add_[qkv]_proj$",))),
     ),
     "FluxTransformer2DModel": ArchSpec(
         name="flux",
         keep=(
-            r"^x_embedder$", r"^context_embedder$", r"^time_text_embed\.", r"^norm_out\.",
+            r"^x_embedder$", r"^time_text_embed\.", r"^norm_out\.",
             r"^proj_out$", r"\.norm1\.linear$", r"\.norm1_context\.linear$", r"\.norm\.linear$",
         ),
+        weight_only=(r"^context_embedder$",),
         fuse_pairs=((r"\.norm1$", _ATTN_QKV), (r"\.norm1_context$", (r"\.add_[qkv]_proj$",))),
     ),
     "DiTTransformer2DModel": ArchSpec(
@@ -87,6 +94,13 @@ def arch_for(model: nn.Module) -> ArchSpec:
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every Linear / Conv2d in module order (dq's own quantized layers excluded)."""
     return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
+
+
+def default_weight_only(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
+    """Names of the layers the architecture quantizes weight-only by default."""
+    spec = spec or arch_for(model)
+    patterns = [re.compile(p) for p in spec.weight_only]
+    return {n for n, _ in quantizable_layers(model) if any(p.search(n) for p in patterns)}
 
 
 def default_keep(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:

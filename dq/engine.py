@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_for, default_keep, quantizable_layers
+from .arch import arch_for, default_keep, default_weight_only, quantizable_layers
 from .calibrate.hooks import Calibrator, CalibTarget
 from .calibrate.run import run_pipeline
 from .calibrate.stats import StatsStore
@@ -81,6 +81,7 @@ def _fits(spec: QuantSpec | None, module: nn.Module, name: str, what: str) -> Qu
 def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
     """Which layers get which quantizers, per the architecture rules and the recipe."""
     keep = default_keep(model, arch_for(model)) if recipe.keep_defaults else set()
+    weight_only = default_weight_only(model, arch_for(model)) if recipe.keep_defaults else set()
     keep_patterns = [re.compile(p) for p in recipe.keep]
     plan = []
     for name, module in quantizable_layers(model):
@@ -90,6 +91,8 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
             logger.info("%s: padding_mode=%r is not supported; kept in full precision", name, module.padding_mode)
             continue
         weight, act, kept = recipe.weight, recipe.activation, False
+        if name in weight_only:
+            act = None  # an override below may still give it an activation format
         for override in recipe.overrides:
             if re.search(override.pattern, name):
                 kept = override.keep

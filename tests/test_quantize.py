@@ -74,7 +74,7 @@ def test_w4a8_runs_and_stays_correlated(kind):
 def test_activation_ranges_differ_per_timestep_group():
     pipe = tiny_pipeline("pixart")
     dq.quantize(pipe, dq.Recipe(timestep_groups=4), calib_prompts=prompts_for("pixart", 2), num_inference_steps=8, **calib_kwargs("pixart"))
-    scales = [m.ascale for m in pipe.transformer.modules() if isinstance(m, QuantModule)]
+    scales = [m.ascale for m in pipe.transformer.modules() if isinstance(m, QuantModule) and m.act_spec is not None]
     assert all(s.numel() == 4 for s in scales)
     spread = max(float(s.max() / s.min()) for s in scales)
     assert spread > 1.05, "adaLN-modulated activations should need different ranges per step group"
@@ -208,3 +208,18 @@ def test_cfg_branches_told_apart(kind, branches, monkeypatch):
     pipe = tiny_pipeline(kind)
     dq.quantize(pipe, "w8a8-rtn", calib_prompts=prompts_for(kind, 2), num_inference_steps=2, **calib_kwargs(kind))
     assert seen["branches"] == branches
+
+
+@pytest.mark.parametrize("kind,layer", [("pixart", "caption_projection.linear_1"), ("sd3", "context_embedder"), ("flux", "context_embedder")])
+def test_text_projections_are_weight_only_by_default(kind, layer):
+    """The architecture's weight-only layers: weights quantized, activations left in float
+    (unless keep_defaults is off); kept layers stay untouched."""
+    from dq.engine import plan_layers
+    from dq.recipe import Recipe
+
+    _, model = find_denoiser(tiny_pipeline(kind))
+    by_name = {c.name: c for c in plan_layers(model, Recipe.from_any("w8a8"))}
+    assert by_name[layer].weight is not None and by_name[layer].activation is None
+    assert any(c.activation is not None for c in by_name.values())
+    everything = {c.name: c for c in plan_layers(model, Recipe.from_any({"base": "w8a8", "keep_defaults": False}))}
+    assert everything[layer].activation is not None and len(everything) > len(by_name)
