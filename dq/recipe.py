@@ -434,6 +434,11 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   equalizes that noise and the scales then clip unseen inputs (tiny sd15/dit, W8A8, out of
 #   sample: 2 to 7 dB worse than RMS); on the trained model RMS is also best at W4A4 (31.4
 #   vs 30.6 "max", 30.9 "mean", 30.7 "salience").
+# - w8a8 uses static per-tensor activation ranges per timestep group: no per-call range
+#   search, the fastest int8 path (benchmarks/speed.py). Per-token dynamic ranges cost a
+#   reduction per token but are more accurate: on 256 prompts of the embedded pipeline
+#   (benchmarks/quality.py, 2026-11-22) PSNR 33.2 (static) vs 36.3 dB (w8a8-dynamic), where
+#   torchao's int8 dynamic (no smoothing) gets 34.6.
 # - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
 #   comes almost free once H is collected for the smoothing search.
 # - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add
@@ -452,6 +457,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
         activation=_w(8, granularity="tensor", symmetric=False, range="mse"),
         smooth=dict(alpha="search", aggregate="rms"),
         description="int8 weights (per channel) and int8 static activations per timestep group; smoothing",
+    ),
+    "w8a8-dynamic": dict(
+        weight=_w(8, granularity="channel"),
+        activation=_w(8, granularity="token", symmetric=False, dynamic=True),
+        smooth=dict(alpha="search", aggregate="rms"),
+        description="int8 weights (per channel) and int8 dynamic per-token activations; smoothing "
+        "(best W8A8 image quality; static w8a8 is the faster one)",
     ),
     "w4a8": dict(
         weight=_w(4, granularity="group", group_size=64, range="mse"),

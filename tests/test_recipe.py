@@ -22,6 +22,9 @@ def test_w4a16_is_weight_only_and_w4a4_dynamic():
     assert not preset("w4a16").needs_calibration
     assert preset("w4a4").activation.dynamic
     assert preset("w8a8").needs_calibration
+    dynamic = preset("w8a8-dynamic")
+    assert dynamic.activation.dynamic and dynamic.activation.granularity == "token"
+    assert dynamic.smooth is not None and dynamic.needs_calibration  # the alpha search needs statistics
 
 
 def test_yaml_and_json_files(tmp_path):
