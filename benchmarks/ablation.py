@@ -238,10 +238,7 @@ def main() -> None:
 
 
 def _update_benchmarks(table: str) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from report import update_section
+    from report import update_section  # benchmarks/ is on sys.path when this runs as a script
 
     update_section("ablation", table)
 

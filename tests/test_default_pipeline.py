@@ -116,6 +116,8 @@ def test_training_script_can_train_the_text_encoder_and_saves_a_loadable_pipelin
         "--threads", "1", "--text-lr", "1e-3",
     ])
     assert cfg.text_lr > 0 and cfg.preview is False
+    with pytest.raises(SystemExit, match="vae-from"):
+        train.train(train.parse_args(["--vae-from", str(tmp_path / "nowhere"), "--threads", "1"]))
     train.train(cfg)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
     initial = build.build_components(build.PipelineConfig(seed=cfg.seed))["text_encoder"]

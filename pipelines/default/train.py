@@ -370,12 +370,17 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
     pipe = PixArtAlphaPipeline(**build_components(pipeline_config))
     pipe.set_progress_bar_config(disable=True)
 
+    if cfg.vae_from and not (Path(cfg.vae_from) / "config.json").is_file():
+        # checked before the (long) rendering, not after it
+        raise SystemExit(
+            f"--vae-from {cfg.vae_from}: not a diffusers AutoencoderKL folder (no config.json); "
+            "pass e.g. pipelines/default/model/vae, or leave it out to train the VAE"
+        )
     start = time.monotonic()
     images, captions = render_dataset(cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers)
     if cfg.vae_from:
-        pipe.vae = AutoencoderKL.from_pretrained(cfg.vae_from).to(cfg.device)
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from).to(cfg.device))
         pipe.vae.register_to_config(scaling_factor=1.0)  # re-measured below
-        pipe.register_modules(vae=pipe.vae)
         logger.info("VAE loaded from %s (VAE stage skipped)", cfg.vae_from)
     else:
         train_vae(pipe.vae, images, cfg)
