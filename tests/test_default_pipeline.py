@@ -113,7 +113,7 @@ def test_training_script_can_train_the_text_encoder_and_saves_a_loadable_pipelin
         "--num-images", "16", "--workers", "1", "--vae-from", str(MODEL_DIR / "vae"),
         "--dit-steps", "3", "--dit-batch", "4", "--warmup-steps", "1", "--save-every", "3",
         "--no-preview", "--out", str(tmp_path / "model"), "--cache-dir", str(tmp_path / "cache"),
-        "--threads", "1", "--text-lr", "1e-3",
+        "--threads", "1", "--text-lr", "1e-3", "--text-steps", "0",
     ])
     assert cfg.text_lr > 0 and cfg.preview is False
     with pytest.raises(SystemExit, match="vae-from"):
@@ -129,3 +129,83 @@ def test_training_script_can_train_the_text_encoder_and_saves_a_loadable_pipelin
     assert pipe.vae.config.scaling_factor != 1.0  # measured on the latents
     out = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert np.isfinite(out.images).all()
+
+
+def _import_pipeline_module(name: str):
+    sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"pipelines.default.{name}")
+
+
+def test_layout_targets_depend_on_the_picture_not_the_wording() -> None:
+    text_pretrain = _import_pipeline_module("text_pretrain")
+    targets = text_pretrain.layout_targets
+    same = targets("a red circle above a blue square")
+    assert same == targets("a blue square below a red circle")
+    assert same != targets("a blue circle above a red square")
+    assert same != targets("a red circle to the left of a blue square")
+    assert targets("") == [0] * 10  # the empty prompt draws nothing
+    single = targets("a green triangle")
+    slots = text_pretrain.LAYOUT_SLOTS
+    assert single[slots.index("centre")] == 1 + list(shapes.COLOURS).index("green")
+    assert single[len(slots) + slots.index("centre")] == 1 + list(shapes.SHAPES).index("triangle")
+    assert sum(v > 0 for v in single) == 2
+
+
+def test_text_pretraining_teaches_the_layout_and_freezes_the_encoder() -> None:
+    torch = pytest.importorskip("torch")
+    build = _import_pipeline_module("build")
+    text_pretrain = _import_pipeline_module("text_pretrain")
+    torch.manual_seed(0)
+    tokenizer = build.build_tokenizer()
+    encoder = build.build_text_encoder(build.TextEncoderConfig(), vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    torch.set_num_threads(1)
+    result = text_pretrain.pretrain_text_encoder(encoder, tokenizer, steps=40, lr=3e-3)
+    # untrained, the ten heads start at about ln(7)/ln(4) nats: 1.67 on average
+    assert result.layout_loss < 0.8, result
+    assert not encoder.training
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    with pytest.raises(ValueError, match="steps must be positive"):
+        text_pretrain.pretrain_text_encoder(encoder, tokenizer, steps=0)
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "transformer").exists(), reason="no shipped model")
+def test_training_script_fine_tunes_from_a_pipeline(tmp_path) -> None:
+    """--init-from starts the transformer and text encoder from a pipeline folder; a bad folder
+    is a clear error before any rendering."""
+    torch = pytest.importorskip("torch")
+    from diffusers import DiffusionPipeline, PixArtTransformer2DModel
+
+    train = _import_pipeline_module("train")
+    with pytest.raises(SystemExit, match="init-from"):
+        train.train(train.parse_args(["--init-from", str(tmp_path), "--threads", "1"]))
+    cfg = train.parse_args([
+        "--num-images", "8", "--workers", "1", "--vae-from", str(MODEL_DIR / "vae"),
+        "--init-from", str(MODEL_DIR), "--text-steps", "2", "--dit-steps", "1",
+        "--dit-batch", "4", "--dit-lr", "1e-12", "--warmup-steps", "1", "--save-every", "1",
+        "--no-preview", "--out", str(tmp_path / "model"), "--cache-dir", str(tmp_path / "cache"),
+        "--threads", "1",
+    ])
+    train.train(cfg)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    shipped = PixArtTransformer2DModel.from_pretrained(MODEL_DIR / "transformer")
+    for (name, a), b in zip(shipped.state_dict().items(), pipe.transformer.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert not pipe.text_encoder.training
+
+    # a second run reuses the first one's encoded dataset and, with --text-steps 0, its encoder
+    with pytest.raises(SystemExit, match="latents-from"):
+        train.train(train.parse_args(["--latents-from", str(tmp_path / "none.pt"), "--threads", "1"]))
+    again = train.parse_args([
+        "--latents-from", str(tmp_path / "cache" / "latents.pt"), "--vae-from", str(tmp_path / "model" / "vae"),
+        "--init-from", str(tmp_path / "model"), "--text-steps", "0", "--timestep-power", "2",
+        "--dit-steps", "1", "--dit-batch", "4", "--warmup-steps", "1", "--save-every", "1",
+        "--no-preview", "--out", str(tmp_path / "model2"), "--cache-dir", str(tmp_path / "cache2"),
+        "--threads", "1",
+    ])
+    train.train(again)
+    second = DiffusionPipeline.from_pretrained(tmp_path / "model2")
+    for a, b in zip(pipe.text_encoder.state_dict().values(), second.text_encoder.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert second.vae.config.scaling_factor == pipe.vae.config.scaling_factor

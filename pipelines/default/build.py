@@ -1,7 +1,8 @@
 """Construct the (untrained) components of the default pipeline from a config.
 
 The pipeline is diffusers' ``PixArtAlphaPipeline``: a word-level tokenizer over the shapes
-grammar, a tiny randomly initialised and frozen ``T5EncoderModel``, a small ``AutoencoderKL``
+grammar, a tiny ``T5EncoderModel`` (randomly initialised here; ``text_pretrain.py`` trains it
+before the transformer and the pipeline keeps it frozen), a small ``AutoencoderKL``
 (4 levels: 256 px images <-> 32x32 latents) and a small ``PixArtTransformer2DModel``.
 """
 
@@ -40,9 +41,9 @@ class TextEncoderConfig:
     d_ff: int = 256
     # With T5's own init the relative position bias is ~0.1, attention is nearly uniform and
     # the outputs are close to a *bag* of words ("a red circle above a blue square" and "a blue
-    # circle above a red square" give almost the same set of vectors). The shipped model uses
-    # that init; a larger std (1.0 or 4.0) was tried to help binding colours to objects, and did
-    # not help within the training budget (see README.md). None keeps T5's init.
+    # circle above a red square" give almost the same set of vectors). The training script
+    # pretrains the encoder on the layout (text_pretrain.py), which re-draws this bias itself;
+    # a larger std here only changes the random init. None keeps T5's init.
     position_bias_std: float | None = None
 
 

@@ -1,9 +1,14 @@
 """Train the embedded default pipeline on procedural shapes.
 
-Two stages, both seeded:
-1. the VAE, on freshly rendered scenes (random crops, so the 2-core CPU can afford it);
-2. the PixArt transformer, on latents of a fixed rendered dataset that is encoded once and
+Three stages, all seeded:
+1. the T5 text encoder, pretrained on the captions alone so that every token's output carries
+   the scene's layout (which colour and shape goes where; ``text_pretrain.py``), then frozen;
+2. the VAE, on freshly rendered scenes (random crops, so the 2-core CPU can afford it);
+3. the PixArt transformer, on latents of a fixed rendered dataset that is encoded once and
    cached, with caption dropout (to the empty prompt) for classifier-free guidance.
+
+``--vae-from`` reuses a trained VAE; ``--init-from`` starts the transformer and the text encoder
+from an existing pipeline (fine-tuning).
 
 The whole pipeline is saved with ``save_pretrained`` (safetensors) at every transformer
 checkpoint, so an interrupted run still leaves a loadable model behind.
@@ -30,9 +35,11 @@ from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DMod
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import T5EncoderModel
 
 from . import shapes
 from .build import PipelineConfig, TransformerConfig, build_components, training_scheduler
+from .text_pretrain import pretrain_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +84,21 @@ class TrainConfig:
     # text encoder: 0 keeps the random init frozen; > 0 trains it with the transformer at this
     # learning rate (then it is frozen in the saved pipeline). See README.md for why.
     text_lr: float = 0.0
+    # text encoder pretraining (text_pretrain.py): steps of the layout objective before the
+    # transformer stage (0 keeps the random init), its learning rate and the weight of the term
+    # that keeps the outputs near the random init's
+    text_steps: int = 600
+    text_pretrain_lr: float = 3e-3
+    text_anchor: float = 0.1
     # reuse a trained VAE (a diffusers AutoencoderKL folder) instead of the VAE stage
     vae_from: str = ""
+    # fine-tune: start the transformer and the text encoder from this pipeline folder
+    init_from: str = ""
+    # reuse an earlier run's encoded dataset (its cache folder's latents.pt; needs --vae-from)
+    latents_from: str = ""
+    # timesteps drawn as T * u ** (1 / p), u uniform: 1 is uniform, 2 draws high noise levels
+    # (where layout and colours are decided) more often
+    timestep_power: float = 1.0
     preview: bool = True  # a row of samples at every checkpoint (slow on a CPU)
 
 
@@ -278,9 +298,9 @@ def train_transformer(
         ids[torch.rand(len(ids), generator=generator) < cfg.caption_dropout] = empty
         ids = ids.to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator
-        ).to(device)
+        num_t = noise_scheduler.config.num_train_timesteps
+        u = torch.rand(len(idx), generator=generator) ** (1.0 / cfg.timestep_power)
+        t = (u * num_t).long().clamp_(max=num_t - 1).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         embeds, masks = text(ids)
@@ -370,13 +390,69 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
     pipe = PixArtAlphaPipeline(**build_components(pipeline_config))
     pipe.set_progress_bar_config(disable=True)
 
+    # both checked before the (long) rendering, not after it
     if cfg.vae_from and not (Path(cfg.vae_from) / "config.json").is_file():
-        # checked before the (long) rendering, not after it
         raise SystemExit(
             f"--vae-from {cfg.vae_from}: not a diffusers AutoencoderKL folder (no config.json); "
             "pass e.g. pipelines/default/model/vae, or leave it out to train the VAE"
         )
+    if cfg.latents_from and not (Path(cfg.latents_from).is_file() and cfg.vae_from):
+        raise SystemExit(
+            f"--latents-from {cfg.latents_from}: needs an existing latents.pt (written to an earlier "
+            "run's --cache-dir) and --vae-from that run's VAE (e.g. its --out folder's vae)"
+        )
+    if cfg.init_from:
+        missing = [
+            part
+            for part in ("transformer", "text_encoder")
+            if not (Path(cfg.init_from) / part / "config.json").is_file()
+        ]
+        if missing:
+            raise SystemExit(
+                f"--init-from {cfg.init_from}: not a pipeline folder ({', '.join(missing)} has no "
+                "config.json); pass e.g. pipelines/default/model, or leave it out to train from scratch"
+            )
+        pipe.register_modules(
+            transformer=PixArtTransformer2DModel.from_pretrained(
+                Path(cfg.init_from) / "transformer"
+            ),
+            text_encoder=T5EncoderModel.from_pretrained(Path(cfg.init_from) / "text_encoder")
+            .eval()
+            .requires_grad_(False),
+        )
+        logger.info("transformer and text encoder initialised from %s", cfg.init_from)
     start = time.monotonic()
+    if cfg.text_steps > 0:
+        pretrain_text_encoder(
+            pipe.text_encoder,
+            pipe.tokenizer,
+            steps=cfg.text_steps,
+            lr=cfg.text_pretrain_lr,
+            anchor_weight=cfg.text_anchor,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+        pipe.text_encoder.to("cpu")
+        logger.info("text encoder stage done in %.1f min", (time.monotonic() - start) / 60)
+    if cfg.latents_from:
+        # scaled latents and captions of an earlier run; its VAE (with the scaling factor the
+        # latents were scaled by) comes from --vae-from
+        cached = torch.load(cfg.latents_from)
+        latents, captions = cached["latents"], cached["captions"]
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from))
+        logger.info("%d latents loaded from %s", len(latents), cfg.latents_from)
+    else:
+        latents, captions = make_latents(pipe, cfg, start)
+    train_transformer(pipe, latents, captions, cfg)
+    logger.info("done in %.1f min; pipeline saved to %s", (time.monotonic() - start) / 60, cfg.out)
+    return pipe
+
+
+def make_latents(
+    pipe: PixArtAlphaPipeline, cfg: TrainConfig, start: float
+) -> tuple[torch.Tensor, list[str]]:
+    """Render the dataset, train (or load) the VAE, encode every image once; the scaled
+    latents and captions are also saved to the cache folder for ``--latents-from``."""
     images, captions = render_dataset(cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers)
     if cfg.vae_from:
         pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from).to(cfg.device))
@@ -395,10 +471,7 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
     logger.info(
         "encoded %d images in %.1f min total", len(latents), (time.monotonic() - start) / 60
     )
-
-    train_transformer(pipe, latents, captions, cfg)
-    logger.info("done in %.1f min; pipeline saved to %s", (time.monotonic() - start) / 60, cfg.out)
-    return pipe
+    return latents, captions
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
