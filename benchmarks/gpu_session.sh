@@ -2,8 +2,12 @@
 # What one GPU lease runs (device tool; see benchmarks/results/ for what it measured).
 # Usage: bash benchmarks/gpu_session.sh train|tests|speed-quick|speed [extra speed.py args]
 # Needs the wheels in .whl (diffusers, transformers, open_clip, torchao: see README) and $OUT.
+# The default pipeline's next retraining (pipelines/default/README.md), then its score:
+#   bash benchmarks/gpu_session.sh train --text-steps 600 --timestep-power 2 && bash benchmarks/gpu_session.sh eval
 set -uo pipefail
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the data packages as an installed dq names them (dq eval's attribute accuracy imports them)
+ln -sfn "$PWD/pipelines" /tmp/site/dq_pipelines && ln -sfn "$PWD/calib" /tmp/site/dq_calib
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 what=$1; shift
 case $what in
@@ -12,7 +16,8 @@ case $what in
     python3 -m pipelines.default.train --device cuda --seed 0 --workers 12 \
       --vae-from pipelines/default/model/vae --num-images 30000 \
       --dit-steps "${DIT_STEPS:-10000}" --dit-batch 128 --warmup-steps 300 --save-every 1000 \
-      --ema-decay 0.9995 --no-preview --out /tmp/model --cache-dir /tmp/cache "$@" ;;
+      --ema-decay 0.9995 --no-preview --out /tmp/model --cache-dir /tmp/cache "$@" \
+      && cp -r /tmp/model "$OUT/model" ;;
   eval)
     python3 -m dq.cli eval /tmp/model --metrics attr,clip --num-prompts 256 --batch-size 64 \
       --device cuda --json "$OUT/eval.json" "$@" ;;
