@@ -168,6 +168,8 @@ def test_text_pretraining_teaches_the_layout_and_freezes_the_encoder() -> None:
     assert any(not torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     with pytest.raises(ValueError, match="steps must be positive"):
         text_pretrain.pretrain_text_encoder(encoder, tokenizer, steps=0)
+    with pytest.raises(ValueError, match="heldout"):
+        text_pretrain.pretrain_text_encoder(encoder, tokenizer, heldout=1.0)
 
 
 @pytest.mark.skipif(not (MODEL_DIR / "transformer").exists(), reason="no shipped model")
@@ -197,6 +199,14 @@ def test_training_script_fine_tunes_from_a_pipeline(tmp_path) -> None:
     # a second run reuses the first one's encoded dataset and, with --text-steps 0, its encoder
     with pytest.raises(SystemExit, match="latents-from"):
         train.train(train.parse_args(["--latents-from", str(tmp_path / "none.pt"), "--threads", "1"]))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a latents.pt"):
+        train.train(train.parse_args([
+            "--latents-from", str(tmp_path / "bad.pt"), "--vae-from", str(MODEL_DIR / "vae"),
+            "--dit-steps", "1", "--threads", "1", "--out", str(tmp_path / "never"),
+        ]))
+    with pytest.raises(SystemExit, match="timestep-power"):
+        train.train(train.parse_args(["--timestep-power", "0", "--threads", "1"]))
     again = train.parse_args([
         "--latents-from", str(tmp_path / "cache" / "latents.pt"), "--vae-from", str(tmp_path / "model" / "vae"),
         "--init-from", str(tmp_path / "model"), "--text-steps", "0", "--timestep-power", "2",

@@ -112,9 +112,11 @@ def pretrain_text_encoder(
     grammar, not the list). ``position_bias_std`` re-draws the relative position biases first
     (after the anchor outputs are taken): with T5's near-zero init attention ignores word order
     and the objective often stalls in the bag-of-words solution (layout loss ~0.15, the colours
-    of the two objects confused); a biased start found the binding in every run tried."""
+    of the two objects confused); a biased start found the binding in all three runs tried."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if not 0.0 <= heldout < 1.0:
+        raise ValueError(f"heldout is a fraction of the captions in [0, 1), got {heldout}")
     generator = torch.Generator().manual_seed(seed)
     captions = [*shapes.all_captions(), ""]
     tokens = tokenizer(captions, padding="longest", add_special_tokens=True, return_tensors="pt")

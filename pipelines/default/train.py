@@ -398,6 +398,11 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
             f"--vae-from {cfg.vae_from}: not a diffusers AutoencoderKL folder (no config.json); "
             "pass e.g. pipelines/default/model/vae, or leave it out to train the VAE"
         )
+    if cfg.timestep_power <= 0:
+        raise SystemExit(
+            f"--timestep-power {cfg.timestep_power}: must be positive (1 draws timesteps "
+            "uniformly, 2 favours high noise)"
+        )
     if cfg.latents_from and not (Path(cfg.latents_from).is_file() and cfg.vae_from):
         raise SystemExit(
             f"--latents-from {cfg.latents_from}: needs an existing latents.pt (written to an earlier "
@@ -439,8 +444,14 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
     if cfg.latents_from:
         # scaled latents and captions of an earlier run; its VAE (with the scaling factor the
         # latents were scaled by) comes from --vae-from
-        cached = torch.load(cfg.latents_from)
-        latents, captions = cached["latents"], cached["captions"]
+        try:
+            cached = torch.load(cfg.latents_from)
+            latents, captions = cached["latents"], cached["captions"]
+        except Exception as error:  # a truncated or foreign file
+            raise SystemExit(
+                f"--latents-from {cfg.latents_from}: not a latents.pt written by this script "
+                f"({error}); leave it out to render and encode the dataset again"
+            ) from error
         pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from))
         logger.info("%d latents loaded from %s", len(latents), cfg.latents_from)
     else:
