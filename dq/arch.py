@@ -96,19 +96,22 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
 
 
+def _matching(layers: list[tuple[str, nn.Module]], regexes: tuple[str, ...]) -> set[str]:
+    patterns = [re.compile(p) for p in regexes]
+    return {n for n, _ in layers if any(p.search(n) for p in patterns)}
+
+
 def default_weight_only(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
     """Names of the layers the architecture quantizes weight-only by default."""
     spec = spec or arch_for(model)
-    patterns = [re.compile(p) for p in spec.weight_only]
-    return {n for n, _ in quantizable_layers(model) if any(p.search(n) for p in patterns)}
+    return _matching(quantizable_layers(model), spec.weight_only)
 
 
 def default_keep(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
     """Names of the layers the architecture keeps in full precision."""
     spec = spec or arch_for(model)
     layers = quantizable_layers(model)
-    patterns = [re.compile(p) for p in spec.keep]
-    kept = {n for n, _ in layers if any(p.search(n) for p in patterns)}
+    kept = _matching(layers, spec.keep)
     if spec.keep_first_last and layers:
         kept |= {layers[0][0], layers[-1][0]}
     return kept

@@ -80,8 +80,10 @@ def _fits(spec: QuantSpec | None, module: nn.Module, name: str, what: str) -> Qu
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
     """Which layers get which quantizers, per the architecture rules and the recipe."""
-    keep = default_keep(model, arch_for(model)) if recipe.keep_defaults else set()
-    weight_only = default_weight_only(model, arch_for(model)) if recipe.keep_defaults else set()
+    keep, weight_only = set(), set()
+    if recipe.keep_defaults:
+        spec = arch_for(model)
+        keep, weight_only = default_keep(model, spec), default_weight_only(model, spec)
     keep_patterns = [re.compile(p) for p in recipe.keep]
     plan = []
     for name, module in quantizable_layers(model):

@@ -441,9 +441,12 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
         )
         pipe.text_encoder.to("cpu")
         logger.info("text encoder stage done in %.1f min", (time.monotonic() - start) / 60)
+    if cfg.vae_from:
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from))
+        logger.info("VAE loaded from %s (VAE stage skipped)", cfg.vae_from)
     if cfg.latents_from:
         # scaled latents and captions of an earlier run; its VAE (with the scaling factor the
-        # latents were scaled by) comes from --vae-from
+        # latents were scaled by) is the one from --vae-from
         try:
             cached = torch.load(cfg.latents_from)
             latents, captions = cached["latents"], cached["captions"]
@@ -452,7 +455,6 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
                 f"--latents-from {cfg.latents_from}: not a latents.pt written by this script "
                 f"({error}); leave it out to render and encode the dataset again"
             ) from error
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from))
         logger.info("%d latents loaded from %s", len(latents), cfg.latents_from)
     else:
         latents, captions = make_latents(pipe, cfg, start)
@@ -464,13 +466,12 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
 def make_latents(
     pipe: PixArtAlphaPipeline, cfg: TrainConfig, start: float
 ) -> tuple[torch.Tensor, list[str]]:
-    """Render the dataset, train (or load) the VAE, encode every image once; the scaled
-    latents and captions are also saved to the cache folder for ``--latents-from``."""
+    """Render the dataset, train the VAE (unless --vae-from loaded one), encode every image
+    once; the scaled latents and captions are also saved to the cache folder for
+    ``--latents-from``."""
     images, captions = render_dataset(cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers)
     if cfg.vae_from:
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(cfg.vae_from).to(cfg.device))
-        pipe.vae.register_to_config(scaling_factor=1.0)  # re-measured below
-        logger.info("VAE loaded from %s (VAE stage skipped)", cfg.vae_from)
+        pipe.vae.to(cfg.device).register_to_config(scaling_factor=1.0)  # re-measured below
     else:
         train_vae(pipe.vae, images, cfg)
         pipe.vae.save_pretrained(cfg.cache_dir / "vae")
