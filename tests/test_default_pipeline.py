@@ -219,3 +219,33 @@ def test_training_script_fine_tunes_from_a_pipeline(tmp_path) -> None:
     for a, b in zip(pipe.text_encoder.state_dict().values(), second.text_encoder.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert second.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "vae").exists(), reason="no shipped model")
+def test_training_script_trains_at_a_smaller_image_size(tmp_path) -> None:
+    """--image-size 128 renders and encodes 128 px scenes (16x16 latents) and trains the same
+    transformer on them; a size the model cannot take, or no trained VAE, is a clear error."""
+    torch = pytest.importorskip("torch")
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    train = _import_pipeline_module("train")
+    for bad in ("100", "32", "512"):
+        with pytest.raises(SystemExit, match="multiple of 16 from 64 to 256"):
+            train.train(train.parse_args(["--image-size", bad, "--threads", "1"]))
+    with pytest.raises(SystemExit, match="needs --vae-from"):
+        train.train(train.parse_args(["--image-size", "128", "--threads", "1"]))
+    cfg = train.parse_args([
+        "--image-size", "128", "--num-images", "8", "--workers", "1",
+        "--vae-from", str(MODEL_DIR / "vae"), "--dit-steps", "1", "--dit-batch", "4",
+        "--warmup-steps", "1", "--save-every", "1", "--out", str(tmp_path / "model"),
+        "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+    ])
+    train.train(cfg)
+    cached = torch.load(tmp_path / "cache" / "latents.pt")
+    assert cached["latents"].shape == (8, 4, 16, 16)
+    preview = Image.open(tmp_path / "cache" / "preview_step1.png")
+    assert preview.size == (128 * len(train.PREVIEW_PROMPTS), 128)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    out = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 256, 256, 3)

@@ -73,6 +73,11 @@ class TrainConfig:
     num_images: int = 4000
     workers: int = 2
     two_object_prob: float = 0.75
+    # training image size: below the pipeline's 256 px the transformer trains on smaller latents
+    # (128 px: 16x16 latents, 64 tokens, about 4x cheaper per sample), a first stage before a
+    # fine-tune at 256 px (--init-from); PixArt's position embedding spans the same canvas at
+    # every size
+    image_size: int = shapes.IMAGE_SIZE
     # transformer stage
     dit_steps: int = 700
     dit_batch: int = 32
@@ -113,23 +118,23 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def render_chunk(
-    seed: int, chunk: int, n: int, two_object_prob: float
+    seed: int, chunk: int, n: int, two_object_prob: float, size: int = shapes.IMAGE_SIZE
 ) -> tuple[np.ndarray, list[str]]:
     """Render ``n`` scenes from a generator keyed by (seed, chunk), so the result does not
     depend on how chunks are spread over worker processes."""
     rng = np.random.default_rng([seed, chunk])
     scenes = [shapes.sample_scene(rng, two_object_prob=two_object_prob) for _ in range(n)]
-    images = np.stack([shapes.render(scene, rng=rng) for scene in scenes])
+    images = np.stack([shapes.render(scene, size=size, rng=rng) for scene in scenes])
     return images, [scene.caption() for scene in scenes]
 
 
 def render_dataset(
-    n: int, seed: int, two_object_prob: float, workers: int
+    n: int, seed: int, two_object_prob: float, workers: int, size: int = shapes.IMAGE_SIZE
 ) -> tuple[np.ndarray, list[str]]:
-    """``n`` rendered scenes (uint8 NHWC) and their captions."""
+    """``n`` rendered scenes (uint8 NHWC, ``size`` px) and their captions."""
     chunk = 256
-    sizes = [min(chunk, n - start) for start in range(0, n, chunk)]
-    args = [(seed, i, size, two_object_prob) for i, size in enumerate(sizes)]
+    counts = [min(chunk, n - start) for start in range(0, n, chunk)]
+    args = [(seed, i, count, two_object_prob, size) for i, count in enumerate(counts)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(
@@ -353,7 +358,7 @@ def save_with_ema(
         logger.info("saved pipeline (%s) to %s", tag, cfg.out)
         if cfg.preview:
             preview = cfg.cache_dir / f"preview_{tag}.png"
-            save_preview(pipe, preview, seed=cfg.seed)
+            save_preview(pipe, preview, seed=cfg.seed, size=cfg.image_size)
             logger.info("preview grid written to %s", preview)
     finally:
         pipe.to(cfg.device)
@@ -370,10 +375,17 @@ def save_preview(
     *,
     seed: int = 0,
     prompts: tuple[str, ...] = PREVIEW_PROMPTS,
+    size: int = shapes.IMAGE_SIZE,
 ) -> None:
-    """One row of samples (default pipeline arguments) for ``prompts``, saved as a PNG."""
+    """One row of samples (default pipeline arguments, ``size`` px) for ``prompts``, saved as a
+    PNG."""
     images = pipe(
-        list(prompts), generator=torch.Generator().manual_seed(seed), output_type="np"
+        list(prompts),
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        height=size,
+        width=size,
+        use_resolution_binning=size == shapes.IMAGE_SIZE,
     ).images
     row = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,6 +409,17 @@ def train(cfg: TrainConfig, pipeline_config: PipelineConfig | None = None) -> Pi
         raise SystemExit(
             f"--vae-from {cfg.vae_from}: not a diffusers AutoencoderKL folder (no config.json); "
             "pass e.g. pipelines/default/model/vae, or leave it out to train the VAE"
+        )
+    if cfg.image_size % 16 or not 64 <= cfg.image_size <= shapes.IMAGE_SIZE:
+        raise SystemExit(
+            f"--image-size {cfg.image_size}: must be a multiple of 16 from 64 to "
+            f"{shapes.IMAGE_SIZE} (the VAE's factor 8 times the patch size 2); use 128 for a "
+            "cheaper first stage"
+        )
+    if cfg.image_size != shapes.IMAGE_SIZE and not cfg.vae_from:
+        raise SystemExit(
+            f"--image-size {cfg.image_size} needs --vae-from (a VAE trained at the pipeline's "
+            f"{shapes.IMAGE_SIZE} px, e.g. pipelines/default/model/vae)"
         )
     if cfg.timestep_power <= 0:
         raise SystemExit(
@@ -469,7 +492,9 @@ def make_latents(
     """Render the dataset, train the VAE (unless --vae-from loaded one), encode every image
     once; the scaled latents and captions are also saved to the cache folder for
     ``--latents-from``."""
-    images, captions = render_dataset(cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers)
+    images, captions = render_dataset(
+        cfg.num_images, cfg.seed, cfg.two_object_prob, cfg.workers, cfg.image_size
+    )
     if cfg.vae_from:
         pipe.vae.to(cfg.device).register_to_config(scaling_factor=1.0)  # re-measured below
     else:
