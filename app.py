@@ -130,6 +130,12 @@ def load_sides(
     if quantized is not None:
         q_pipe = dq.load(quantized, device=device)
         q_name = f"dq {_recipe_name(q_pipe) or 'quantized'} ({Path(quantized).name})"
+        if _architecture(full) != _architecture(q_pipe):
+            raise DQError(
+                f"--quantized {quantized} was made from another model than "
+                f"{model or 'the embedded default'}; pass the full-precision model it was "
+                "quantized from as MODEL"
+            )
     else:
         chosen = dq.Recipe.from_any(recipe)
         if num_prompts is not None:
@@ -147,6 +153,15 @@ def load_sides(
         Side(q_name, q_pipe, weight_nbytes(find_denoiser(q_pipe)[1])),
         default_steps=steps,
     )
+
+
+def _architecture(pipe) -> tuple[str, dict]:
+    """The denoiser's class and config, without what quantization adds."""
+    model = find_denoiser(pipe)[1]
+    config = dict(getattr(model, "config", {}) or {})
+    return type(model).__name__, {
+        k: v for k, v in config.items() if k != "quantization_config" and not k.startswith("_")
+    }
 
 
 def _recipe_name(pipe) -> str | None:

@@ -63,6 +63,17 @@ def test_a_saved_dq_folder_is_compared_as_is(sides, tmp_path) -> None:
         app.load_sides(str(folder))
     with pytest.raises(DQError, match="not a folder written by"):
         app.load_sides(None, quantized=str(tmp_path))
+    from dq.testing.tiny import default_call_kwargs, tiny_pipeline
+
+    tiny = tiny_pipeline("pixart")
+    dq.quantize(
+        tiny,
+        "w8a8-rtn",
+        calib_prompts=["a cat"],
+        **default_call_kwargs("pixart"),
+    )
+    with pytest.raises(DQError, match="made from another model"):
+        app.load_sides(None, quantized=str(dq.save(tiny, tmp_path / "tiny")))
     with pytest.raises(DQError, match="num-prompts must be at least 1"):
         app.load_sides(None, num_prompts=0)
 
