@@ -2,7 +2,8 @@
 # What one GPU lease runs (device tool; see benchmarks/results/ for what it measured).
 # Usage: bash benchmarks/gpu_session.sh train|tests|speed-quick|speed [extra speed.py args]
 # Needs the wheels in .whl (diffusers, transformers, open_clip, torchao: see README) and $OUT.
-# The default pipeline's next retraining (pipelines/default/README.md), then its score:
+# Retraining the default pipeline in one 256 px stage on the GPU with the shipped model's
+# settings (pipelines/default/README.md; the shipped one was trained in two stages on a CPU):
 #   bash benchmarks/gpu_session.sh train --text-steps 600 --timestep-power 2 && bash benchmarks/gpu_session.sh eval
 set -uo pipefail
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
