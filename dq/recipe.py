@@ -421,9 +421,10 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 # search. Activations: int8 static per tensor, a range per timestep group chosen by
 # MSE on the calibration histogram; 4-bit activations dynamic per token.
 #
-# Outlier handling, chosen by measurement on the embedded default pipeline (trained;
-# pooled denoiser-output SQNR over 10 steps of 4 unseen prompts, 16 calibration prompts;
-# benchmarks/ablation.py measures images): rtn -> preset
+# Outlier handling, chosen by measurement on the embedded default pipeline (its previous
+# training, 2026-11-22, before the 2026-11-23 retraining; pooled denoiser-output SQNR over 10
+# steps of 4 unseen prompts, 16 calibration prompts; benchmarks/ablation.py measures images,
+# BENCHMARKS.md has the re-run on the current model): rtn -> preset
 #   W8A8 36.1 -> 42.6 dB (no outlier handling 40.3; + smoothing 42.2; + GPTQ 42.6)
 #   W4A8 27.6 -> 33.9 dB (no outlier handling 28.0; + GPTQ 33.6; + smoothing 33.9)
 #   W4A4  9.1 -> 31.4 dB (per-token, no outlier handling 21.5; + low-rank 28.6; + smoothing
@@ -438,7 +439,8 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   search, the fastest int8 path (benchmarks/speed.py). Per-token dynamic ranges cost a
 #   reduction per token but are more accurate: on 256 prompts of the embedded pipeline
 #   (benchmarks/quality.py, 2026-11-22) PSNR 33.2 (static) vs 36.3 dB (w8a8-dynamic), where
-#   torchao's int8 dynamic (no smoothing) gets 34.6.
+#   torchao's int8 dynamic (no smoothing) gets 34.6; on the retrained model (2026-11-23)
+#   34.4 vs 40.2, torchao 36.5.
 # - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
 #   comes almost free once H is collected for the smoothing search.
 # - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add
