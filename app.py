@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import dq
+from dq.cli import recipe_with_overrides
 from dq.engine import find_denoiser
 from dq.errors import DQError
 from dq.eval.metrics import psnr, ssim
@@ -137,11 +138,7 @@ def load_sides(
                 "quantized from as MODEL"
             )
     else:
-        chosen = dq.Recipe.from_any(recipe)
-        if num_prompts is not None:
-            if num_prompts < 1:
-                raise DQError(f"--num-prompts must be at least 1, got {num_prompts}")
-            chosen = dq.Recipe.from_dict({**chosen.to_dict(), "calib_num_prompts": num_prompts})
+        chosen = recipe_with_overrides(recipe, num_prompts=num_prompts)
         q_pipe = dq.open_pipeline(model, device=device)
         dq.quantize(q_pipe, chosen, num_inference_steps=steps)
         q_name = f"dq {chosen.name}"

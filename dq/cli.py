@@ -45,14 +45,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _recipe_with_overrides(args: argparse.Namespace):
+    return recipe_with_overrides(args.recipe, num_prompts=args.num_prompts)
+
+
+def recipe_with_overrides(recipe, *, num_prompts: int | None = None):
+    """``Recipe.from_any(recipe)`` with ``--num-prompts`` (the calibration prompt count) applied;
+    shared by the CLI and app.py."""
     from .recipe import Recipe
 
-    recipe = Recipe.from_any(args.recipe)
-    if args.num_prompts is not None:
-        data = recipe.to_dict()
-        data["calib_num_prompts"] = args.num_prompts
-        recipe = Recipe.from_dict(data)
-    return recipe
+    chosen = Recipe.from_any(recipe)
+    if num_prompts is None:
+        return chosen
+    if num_prompts < 1:
+        raise DQError(f"--num-prompts must be at least 1, got {num_prompts}")
+    return Recipe.from_dict({**chosen.to_dict(), "calib_num_prompts": num_prompts})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

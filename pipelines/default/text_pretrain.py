@@ -3,8 +3,9 @@
 A randomly initialised T5 has a near-zero relative position bias: its outputs are close to a
 bag of words, so "a red circle above a blue square" and "a blue circle above a red square" give
 almost the same set of vectors and the transformer cannot tell which colour goes on top (the
-shipped model drew both objects in one colour). Real pipelines freeze a *pretrained* T5; this
-stage is our small equivalent, run once before the transformer stage:
+previous default model, trained without this stage, drew both objects in one colour). Real
+pipelines freeze a *pretrained* T5; this stage is our small equivalent, run once before the
+transformer stage:
 
 - every token's output, through one linear head, must classify the scene's **layout**: for each
   canvas slot (centre, top, bottom, left, right) the colour and the shape drawn there, or

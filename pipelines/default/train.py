@@ -1,7 +1,7 @@
 """Train the embedded default pipeline on procedural shapes.
 
 Three stages, all seeded:
-1. optionally (``--text-steps``; the shipped model did not use it) the T5 text encoder,
+1. optionally (``--text-steps``; the shipped model used 600) the T5 text encoder,
    pretrained on the captions alone so that every token's output carries the scene's layout
    (which colour and shape goes where; ``text_pretrain.py``), then frozen;
 2. the VAE, on freshly rendered scenes (random crops, so the 2-core CPU can afford it);
@@ -15,7 +15,10 @@ The whole pipeline is saved with ``save_pretrained`` (safetensors) at every tran
 checkpoint, so an interrupted run still leaves a loadable model behind.
 
     python -m pipelines.default.train                   # about an hour on a 2-core CPU
-    python -m pipelines.default.train --device cuda ... # see README.md for the shipped model
+    python -m pipelines.default.train --device cuda ... # one 256 px stage on a GPU
+
+README.md has the two-stage CPU commands (``--image-size 128`` then ``--init-from``) that
+trained the shipped model.
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ class TrainConfig:
     # learning rate (then it is frozen in the saved pipeline). See README.md for why.
     text_lr: float = 0.0
     # text encoder pretraining (text_pretrain.py): steps of the layout objective before the
-    # transformer stage (0 keeps the random init, as in the shipped model; 600 is the tried
-    # setting, see README.md), its learning rate and the weight of the term that keeps the
+    # transformer stage (0 keeps the random init, as in the previous model; the shipped model
+    # used 600, see README.md), its learning rate and the weight of the term that keeps the
     # outputs near the random init's
     text_steps: int = 0
     text_pretrain_lr: float = 3e-3
