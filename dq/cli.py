@@ -95,6 +95,30 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .kernels import doctor
+
+    widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    if not widths or min(widths) < 1 or args.rows < 1:
+        raise DQError(f"--widths needs positive integers (got {args.widths!r}) and --rows at least 1 (got {args.rows})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DQError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    rows = doctor.measure_table(widths, args.rows)
+    print(doctor.render(rows))
+    if args.json:
+        from .kernels import choice
+
+        body = {"machine": choice.machine(), "rows": [r.__dict__ | {"speedup": r.speedup} for r in rows]}
+        Path(args.json).write_text(json.dumps(body, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dq", description="Timestep-aware quantization of diffusers pipelines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -121,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=cmd_recipes)
+
+    d = sub.add_parser("doctor", help="this machine's kernel table: each path's time per layer shape and the choice")
+    d.add_argument("--widths", default="128,512,1152", help="comma-separated layer widths (square linear layers)")
+    d.add_argument("--rows", type=int, default=256, help="rows (tokens x batch) per call")
+    d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    d.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    d.set_defaults(func=cmd_doctor)
 
     try:
         from .eval.cli import add_eval_parser, run_eval

@@ -1,9 +1,14 @@
 import copy
+import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; CI has 2 cores
+# Kernel choices are measured into a cache (dq.kernels.choice): keep the tests' out of the
+# user's cache folder, and shared by every process the tests start (CLI subprocesses).
+os.environ.setdefault("DQ_CACHE_DIR", tempfile.mkdtemp(prefix="dq-test-cache-"))
 
 
 class DenoiserRecorder:

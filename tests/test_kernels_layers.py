@@ -57,11 +57,15 @@ def test_linear_real_matches_sim(name):
     router = TimestepRouter(torch.tensor([500.0]))
     q = quantized(torch.nn.Linear(128, 96), weight, act, router)
     x = torch.randn(3, 7, 128)
-    for group in (0, 1):
-        router.index.fill_(group)
-        real, sim = real_and_sim(q, x)
-        assert q.kernel == ("dequant" if act is None else "int8")
-        assert close(real, sim), f"{name} group {group}: {(real - sim).abs().max()}"
+    set_execution(q, "real")
+    paths = dispatch.candidate_paths(q, x.device, x.dtype)
+    assert ("int_mm" in paths) == (act is not None) and "dequant" in paths
+    for path in paths:
+        for group in (0, 1):
+            router.index.fill_(group)
+            real, sim = real_and_sim(q, x, path=path)
+            assert q.kernel == ("dequant" if act is None else "int8")
+            assert close(real, sim), f"{name} {path} group {group}: {(real - sim).abs().max()}"
 
 
 @pytest.mark.parametrize("prepack", [True, False])
@@ -69,7 +73,7 @@ def test_cpu_prepacked_and_int_mm_paths_agree(prepack):
     torch.manual_seed(0)
     q = quantized(torch.nn.Linear(64, 48), W8, A8)
     x = torch.randn(5, 64)
-    real, sim = real_and_sim(q, x, cpu_prepack=prepack)
+    real, sim = real_and_sim(q, x, cpu_prepack=prepack, path="onednn")
     assert (getattr(q, "_dq_prepacked", None) is not None) == prepack
     assert close(real, sim)
 
@@ -93,7 +97,7 @@ def test_conv_real_matches_sim(geometry, fmt):
     weight, act = FORMATS[fmt]
     q = quantized(torch.nn.Conv2d(32, 24, **CONVS[geometry]), weight, act)
     x = torch.randn(2, 32, 11, 9)
-    real, sim = real_and_sim(q, x) if choose_kernel(q)[0] else (None, None)
+    real, sim = real_and_sim(q, x, path="int_mm") if choose_kernel(q)[0] else (None, None)
     if real is None:  # dynamic activations of k x k convs: no kernel
         assert act.dynamic and geometry not in ("1x1", "1x1-stride2")
         return
@@ -118,7 +122,7 @@ def test_grouped_conv_and_formats_without_kernels_run_simulated_in_auto_and_refu
 def test_shapes_a_kernel_cannot_take_fall_back_with_one_debug_line(monkeypatch, caplog):
     torch.manual_seed(0)
     q = quantized(torch.nn.Linear(40, 24), W8, A8)
-    set_execution(q, "real", cpu_prepack=False)
+    set_execution(q, "real", path="int_mm")
     monkeypatch.setattr(int8, "int_mm_unsupported", lambda m, k, n, device: f"{m} rows (test)")
     with caplog.at_level(logging.DEBUG, logger="dq.kernels"):
         out = [q(torch.randn(3, 40)) for _ in range(3)]
@@ -214,8 +218,9 @@ def test_real_layers_deepcopy_and_pickle():
 
     torch.manual_seed(0)
     q = quantized(torch.nn.Linear(64, 32), W8, A8)
-    set_execution(q, "real")
+    set_execution(q, "real", path="onednn")
     x = torch.randn(4, 64)
+    q(x)
     clone = copy.deepcopy(q)
     assert clone._dq_prepacked is not q._dq_prepacked and torch.equal(clone(x), q(x))
     buffer = io.BytesIO()

@@ -16,6 +16,7 @@ Kernels:
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DQError
-from . import fp8, int8, onednn
+from . import choice, fp8, int8, onednn
 
 if TYPE_CHECKING:
     from ..nn.layers import QuantModule
@@ -86,11 +87,7 @@ def _fallback(layer: QuantModule, x: torch.Tensor, reason: str, level: int = log
 
 
 def real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """The layer's quantized op (`QuantModule.compute`) through its kernel."""
-    if layer.kernel == "int8":
-        if _conv_geometry(layer) is None:
-            return _int8_linear(layer, x)
-        return _int8_conv(layer, x)
+    """The layer's quantized op (`QuantModule.compute`) through the path chosen for it."""
     if layer.kernel == "fp8":
         reason = fp8.device_unsupported(x.device)
         if reason is not None:
@@ -98,7 +95,104 @@ def real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
                 raise DQError(f"fp8 execution: {reason}; {fp8.FP8_ALTERNATIVES}")
             return _fallback(layer, x, reason, logging.INFO)
         return _fp8_forward(layer, x)
-    return layer.simulated(x)
+    if layer.kernel is None:
+        return layer.simulated(x)
+    return _RUN[_path(layer, x)](layer, x)
+
+
+# -- paths (dq.kernels.choice) ---------------------------------------------------------
+def _rows(layer: QuantModule, x: torch.Tensor) -> int:
+    """Rows of the layer's matmul for input `x` (b * ho * wo for a convolution)."""
+    if _conv_geometry(layer) is None:
+        return x.numel() // layer.weight_layout.cols
+    kernel = tuple(layer.weight_shape[2:])
+    pads = int8.conv_padding(layer.padding, kernel, layer.dilation)
+    ho = int8.conv_output_size(x.shape[2], pads[2] + pads[3], kernel[0], layer.stride[0], layer.dilation[0])
+    wo = int8.conv_output_size(x.shape[3], pads[0] + pads[1], kernel[1], layer.stride[1], layer.dilation[1])
+    return x.shape[0] * ho * wo
+
+
+def _probe(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """A few rows of `x` for screening paths cheaply."""
+    if _conv_geometry(layer) is None:
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[: choice.SCREEN_ROWS]
+    return x[:1, :, :4, :4] if x.shape[2] >= 4 and x.shape[3] >= 4 else x[:1]
+
+
+def _float_copy_nbytes(layer: QuantModule, dtype: torch.dtype) -> int:
+    return math.prod(layer.weight_shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The paths (`dq.kernels.choice.PATHS`) this layer's formats allow on `device`."""
+    paths = []
+    layout, act = layer.weight_layout, layer.act_spec
+    if layer.kernel == "int8":
+        if (device.type == "cpu" and layer.__dict__.get("_dq_allow_prepack", True) and not layout.packed
+                and not act.dynamic and onednn.available()):
+            paths.append("onednn")
+        paths.append("int_mm")
+    if _float_copy_nbytes(layer, dtype) <= layer.__dict__.get("_dq_float_copy_max_bytes", choice.FLOAT_COPY_MAX_BYTES):
+        paths.append("float_copy")
+    paths.append("dequant")
+    return paths
+
+
+def _default_path(layer: QuantModule) -> str:
+    return "int_mm" if layer.kernel == "int8" else "dequant"
+
+
+def _path(layer: QuantModule, x: torch.Tensor) -> str:
+    """The path for this call: the layer's choice for its row bucket, measured on the
+    first eager call (never inside torch.compile, which takes the nearest known choice)."""
+    forced = layer.__dict__.get("_dq_forced_path")
+    if forced is not None:
+        return forced
+    chosen: dict[int, str] = layer.__dict__.setdefault("_dq_paths", {})
+    rows = choice.bucket(_rows(layer, x))
+    path = chosen.get(rows)
+    if path is not None:
+        return path
+    if torch.compiler.is_compiling():
+        if not chosen:
+            return _default_path(layer)
+        nearest = min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))
+        path = chosen[nearest]
+        return path if path != "onednn" or "_dq_prepacked" in layer.__dict__ else "int_mm"
+    key = f"{choice.describe(layer)}|m{rows}|{x.dtype}|{x.device.type}"
+    store = choice.cache()
+    found = store.get(key)
+    allowed = candidate_paths(layer, x.device, x.dtype)
+    if found is None or found.choice not in allowed:
+        found = choice.measure(
+            {p: (lambda t, p=p: _RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x)
+        )
+        store.put(key, found)
+        choice.log_choice(key, found)
+    chosen[rows] = found.choice
+    _release_unused(layer)
+    return found.choice
+
+
+def _release_unused(layer: QuantModule) -> None:
+    """Drop runtime weight copies that no chosen path of this layer reads."""
+    used = set(layer.__dict__.get("_dq_paths", {}).values()) | {layer.__dict__.get("_dq_forced_path")}
+    if "onednn" not in used:
+        layer.__dict__.pop("_dq_prepacked", None)
+    if "float_copy" not in used:
+        layer.__dict__.pop("_dq_float_weight", None)
+
+
+def runtime_nbytes(module: nn.Module) -> int:
+    """Bytes of the runtime weight copies (oneDNN layout, float copies) the chosen paths keep."""
+    total = 0
+    for m in module.modules():
+        packed = m.__dict__.get("_dq_prepacked")
+        copy = m.__dict__.get("_dq_float_weight")
+        total += packed.nbytes if packed is not None else 0
+        total += copy.numel() * copy.element_size() if copy is not None else 0
+    return total
 
 
 def _integer_weight(layer: QuantModule) -> torch.Tensor:
@@ -107,17 +201,43 @@ def _integer_weight(layer: QuantModule) -> torch.Tensor:
     return weight if _conv_geometry(layer) is None else int8.patch_order(weight, layer.weight_shape)
 
 
-def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero) -> torch.Tensor:
-    prepacked = getattr(layer, "_dq_prepacked", None)
-    if prepacked is not None and codes.device.type == "cpu" and a_scale.numel() == 1:
-        return prepacked(codes, a_scale, a_zero, layer.bias)
+def _prepacked(layer: QuantModule) -> onednn.Prepacked:
+    packed = layer.__dict__.get("_dq_prepacked")
+    if packed is None:
+        packed = onednn.Prepacked(_integer_weight(layer), layer.weight_layout.channel_scale(layer.wscale))
+        layer.__dict__["_dq_prepacked"] = packed
+    return packed
+
+
+def _float_weight(layer: QuantModule, dtype: torch.dtype) -> torch.Tensor:
+    copy = layer.__dict__.get("_dq_float_weight")
+    if copy is None or copy.dtype != dtype:
+        copy = layer.dequantized_weight(dtype)
+        layer.__dict__["_dq_float_weight"] = copy
+    return copy
+
+
+def _float_copy_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return layer.float_op(layer.quantize_input(x), _float_weight(layer, x.dtype), bias)
+
+
+def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero, fused: bool) -> torch.Tensor:
+    if fused and codes.device.type == "cpu" and a_scale.numel() == 1:
+        return _prepacked(layer)(codes, a_scale, a_zero, layer.bias)
     return int8.int_linear(
         codes, a_scale, a_zero, _integer_weight(layer), layer.weight_layout.channel_scale(layer.wscale),
         getattr(layer, "wsum", None), layer.bias,
     )
 
 
-def _int8_linear(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+def _int8_forward(layer: QuantModule, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    if _conv_geometry(layer) is None:
+        return _int8_linear(layer, x, fused)
+    return _int8_conv(layer, x, fused)
+
+
+def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tensor:
     spec, layout = layer.act_spec, layer.weight_layout
     k, n = layout.cols, layout.out_features
     reason = int8.int_mm_unsupported(x.numel() // k, k, n, x.device)
@@ -128,8 +248,16 @@ def _int8_linear(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     else:
         a_scale, a_zero = layer.static_act_params()
         codes = int8.quantize_static(x, a_scale, a_zero, spec).reshape(-1, k)
-    y = _int8_matmul(layer, codes, a_scale, a_zero)
+    y = _int8_matmul(layer, codes, a_scale, a_zero, fused)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+_RUN = {
+    "onednn": lambda layer, x: _int8_forward(layer, x, fused=True),
+    "int_mm": _int8_forward,
+    "float_copy": _float_copy_forward,
+    "dequant": lambda layer, x: layer.simulated(x),
+}
 
 
 def _channels_last_input(layer: QuantModule, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
@@ -148,7 +276,7 @@ def _channels_last_input(layer: QuantModule, x: torch.Tensor) -> tuple[torch.Ten
     return x, (x.shape[2], x.shape[3])
 
 
-def _int8_conv(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+def _int8_conv(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tensor:
     spec, layout = layer.act_spec, layer.weight_layout
     kernel = tuple(layer.weight_shape[2:])
     pads = int8.conv_padding(layer.padding, kernel, layer.dilation)
@@ -169,7 +297,7 @@ def _int8_conv(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
             codes = nhwc.reshape(-1, nhwc.shape[3])
         else:
             codes, ho, wo = int8.im2col_int8(nhwc, kernel, layer.stride, layer.dilation)
-    y = _int8_matmul(layer, codes, a_scale, a_zero)
+    y = _int8_matmul(layer, codes, a_scale, a_zero, fused)
     return y.reshape(b, ho, wo, n).permute(0, 3, 1, 2).to(x.dtype)
 
 
@@ -194,20 +322,43 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- setting the mode -----------------------------------------------------------------
-def _prepare(layer: QuantModule, cpu_prepack: bool) -> None:
-    """Runtime tensors a kernel needs (not saved): weight row sums, oneDNN's weight copy."""
+RUNTIME_STATE = ("_dq_prepacked", "_dq_float_weight", "_dq_paths", "_dq_forced_path", "_dq_fallbacks")
+
+
+def release_runtime(layer: nn.Module) -> None:
+    """Forget the runtime copies and path choices (they are remade on the next call); called
+    when a layer moves to another device or dtype."""
+    for name in RUNTIME_STATE:
+        layer.__dict__.pop(name, None)
+
+
+def _prepare(layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int) -> None:
+    """Runtime state of a layer's kernel (never saved): weight row sums, the path options, the
+    choices this machine's cache already holds for the layer's shape class."""
     layer._buffers.pop("wsum", None)
     layer._non_persistent_buffers_set.discard("wsum")
-    layer.__dict__.pop("_dq_prepacked", None)
-    if layer.kernel != "int8" or layer.qweight.is_meta:
+    release_runtime(layer)
+    layer.__dict__["_dq_allow_prepack"] = cpu_prepack
+    layer.__dict__["_dq_float_copy_max_bytes"] = float_copy_max_bytes
+    if layer.kernel is None or layer.kernel == "fp8" or layer.qweight.is_meta:
         return
-    layout = layer.weight_layout
-    weight = _integer_weight(layer)
-    if not layer.act_spec.symmetric:
+    if layer.kernel == "int8" and not layer.act_spec.symmetric:
+        weight = _integer_weight(layer)
         layer.register_buffer("wsum", weight.sum(dim=1, dtype=torch.int32).float(), persistent=False)
-    # Packed 4-bit weights stay packed (unpacked per call): a prepacked copy would undo the saving.
-    if cpu_prepack and not layout.packed and layer.qweight.device.type == "cpu" and onednn.available():
-        layer._dq_prepacked = onednn.Prepacked(weight, layout.channel_scale(layer.wscale))
+    device = layer.qweight.device
+    dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+    allowed = candidate_paths(layer, device, dtype)
+    if path in allowed:
+        layer.__dict__["_dq_forced_path"] = path
+    else:
+        prefix, suffix = choice.describe(layer) + "|m", f"|{dtype}|{device.type}"
+        known = {}
+        for key, found in choice.cache().entries.items():
+            if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
+                known[int(key[len(prefix):-len(suffix)])] = found.choice
+        layer.__dict__["_dq_paths"] = known
+    if device.type == "cpu" and "onednn" in {path, *layer.__dict__.get("_dq_paths", {}).values()}:
+        _prepacked(layer)  # made now, eagerly: a compiled graph cannot make it
 
 
 def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tuple[str | None, str]]:
@@ -230,21 +381,31 @@ def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tupl
     return choices
 
 
-def set_execution(model: nn.Module, mode: str, *, cpu_prepack: bool = True) -> nn.Module:
+def set_execution(
+    model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
+    float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES,
+) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
     mode "real": every layer must have a kernel (else DQError, nothing changed);
     "auto": real where a layer has one, simulated otherwise, one log line per reason;
     "sim": fake quantization in float everywhere (research). Shapes a kernel cannot
     take at call time (see `real_forward`) run simulated in every mode.
-    cpu_prepack: int8 layers on CPU (8-bit weights) keep a oneDNN-layout copy of
-    their weight for the fused kernel (`dq.kernels.onednn`): faster, one more byte
-    per weight in memory; False keeps one copy and uses `torch._int_mm`.
+    Which code path computes each real layer is chosen by measurement on its first call
+    (`dq.kernels.choice`): the fastest correct one on this machine.
+    cpu_prepack: False removes oneDNN's fused int8 linear (a prepacked weight copy, one
+    more byte per weight) from the choice.
+    path: force one path (`choice.PATHS`) on every real layer whose formats allow it
+    (tests, benchmarks); the others are measured as usual.
+    float_copy_max_bytes: the largest dequantized float weight copy a layer may keep for
+    the "float_copy" path (small layers, where integer matmuls do not pay).
     Runtime tensors derived from the weights are made here: call it again after
     changing a layer's stored weights in place.
     """
     from ..nn.layers import QuantModule
 
+    if path is not None and path not in choice.PATHS:
+        raise DQError(f"unknown kernel path {path!r}; choose one of {list(choice.PATHS)} or None (measure)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     choices = check_execution(layers, mode)
     why_sim: dict[str, list[str]] = defaultdict(list)
@@ -259,7 +420,7 @@ def set_execution(model: nn.Module, mode: str, *, cpu_prepack: bool = True) -> n
                 why_sim[why].append(name)
         else:
             m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
-        _prepare(m, cpu_prepack)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes)
         counts[m.kernel or "sim"] += 1
     for why, names in why_sim.items():
         logger.info("execution %s: %d layer(s) run simulated: %s (e.g. %s)", mode, len(names), why, names[0])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.dispatch import real_forward
+from ..kernels.dispatch import real_forward, release_runtime
 from ..quant import primitives as P
 from ..quant.packing import WeightLayout
 from ..quant.spec import QuantSpec
@@ -145,8 +145,7 @@ class QuantModule(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        if self.weight_spec is not None and self.qweight.device.type != "cpu":
-            self.__dict__.pop("_dq_prepacked", None)  # dq.kernels' CPU-only weight copy
+        release_runtime(self)  # dq.kernels' weight copies and path choices are per device and dtype
         return self
 
     # -- computation --------------------------------------------------------------

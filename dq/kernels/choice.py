@@ -1,0 +1,325 @@
+"""Which code path runs a quantized layer on this machine: chosen by measurement.
+
+A kernel family (`dispatch.choose_kernel`: "int8", "dequant") says what the layer's
+formats allow; a *path* is one concrete way to compute it, and the fastest one differs
+between machines by orders of magnitude (oneDNN's fused int8 linear is 20% faster than
+`torch._int_mm` on an Intel Xeon with VNNI, and runs its reference kernel, 1000x slower,
+on an AMD EPYC). So nothing is chosen by availability:
+
+- "onednn": the fused oneDNN int8 linear on a prepacked weight copy (CPU, static
+  per-tensor activations, 8-bit weights; one more byte per weight);
+- "int_mm": `torch._int_mm` and a fused epilogue (4-bit weights unpacked per call);
+- "float_copy": a dequantized weight kept in the input's dtype and the float op on the
+  (fake-)quantized input: the same function in float, fastest where a layer is too small
+  for integer matmuls to pay; only for layers whose copy is at most `FLOAT_COPY_MAX_BYTES`
+  (large layers would lose the memory saving quantization is for);
+- "dequant": the weight dequantized on every call (the simulated path; no extra memory).
+
+On a layer's first eager call for a row count (bucketed to a power of two), each path its
+formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than
+the best there is dropped: the reference kernels never get a full-size run), checked
+against the simulated result (`MAX_REL_ERROR`), then timed on the real input; the fastest
+correct one is kept for every layer of that shape class. Choices are cached per machine
+(CPU model and ISA flags, threads, torch version) in `cache_dir()`, written atomically,
+so a second process measures nothing. Inside torch.compile nothing is measured: a compiled
+graph uses the cached choice (or the layer's last one, or "int_mm").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..nn.layers import QuantModule
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("onednn", "int_mm", "float_copy", "dequant")
+CACHE_VERSION = 1
+FLOAT_COPY_MAX_BYTES = 1 << 20
+SCREEN_ROWS = 8
+SCREEN_FACTOR = 20.0
+SCREEN_MIN_S = 2e-3
+MAX_REL_ERROR = 1e-3
+TIME_BUDGET_S = 0.05
+MAX_REPS = 7
+# CPU flags that change which kernels oneDNN and ATen run.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx512_fp16")
+
+
+# -- the machine -------------------------------------------------------------------
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def machine() -> dict[str, object]:
+    """What decides kernel speed here: CPU model, family/model/stepping, ISA flags, threads, torch."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "vendor": info.get("vendor_id", ""),
+        "family_model_stepping": "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def fingerprint(info: Mapping[str, object] | None = None) -> str:
+    blob = json.dumps(info if info is not None else machine(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """$DQ_CACHE_DIR, else $XDG_CACHE_HOME/dq, else ~/.cache/dq."""
+    if os.environ.get("DQ_CACHE_DIR"):
+        return Path(os.environ["DQ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dq"
+
+
+# -- the cache -----------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """One shape class: each path's median time (s), the paths dropped and why, the choice."""
+
+    choice: str
+    times: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"choice": self.choice, "times": self.times, "dropped": self.dropped}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Measurement:
+        if not isinstance(data, dict) or data.get("choice") not in PATHS:
+            raise ValueError("not a measurement")
+        times, dropped = data.get("times", {}), data.get("dropped", {})
+        if not all(p in PATHS and isinstance(t, (int, float)) and math.isfinite(t) for p, t in times.items()):
+            raise ValueError("bad times")
+        if not all(p in PATHS and isinstance(r, str) for p, r in dropped.items()):
+            raise ValueError("bad dropped")
+        return cls(data["choice"], dict(times), dict(dropped))
+
+
+def _load_entries(path: Path, key: str) -> dict[str, Measurement]:
+    """The measurements in a cache file ({} if there is none); ValueError & co. if it is
+    corrupted or was written for another machine or format."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("version") != CACHE_VERSION or data.get("fingerprint") != key:
+        raise ValueError("written for another machine or cache version")
+    return {str(k): Measurement.from_dict(v) for k, v in data["entries"].items()}
+
+
+class ChoiceCache:
+    """Measurements of this machine, in memory and in one JSON file per machine fingerprint."""
+
+    def __init__(self, folder: Path | None = None):
+        self.info = machine()
+        self.key = fingerprint(self.info)
+        self.path = (folder or cache_dir()) / f"kernels-{self.key}.json"
+        self.entries: dict[str, Measurement] = {}
+        self._lock = threading.Lock()
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            self.entries = _load_entries(self.path, self.key)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("ignoring the kernel choice cache %s (%s); it will be measured again and rewritten", self.path, exc)
+            self.entries = {}
+
+    def get(self, key: str) -> Measurement | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, measurement: Measurement) -> None:
+        with self._lock:
+            self.entries[key] = measurement
+            self._write()
+
+    def _write(self) -> None:
+        """Atomically: merge with what another process wrote meanwhile, write a temporary
+        file beside the cache, rename it over. A cache that cannot be written is not an error."""
+        try:
+            try:
+                merged = {**_load_entries(self.path, self.key), **self.entries}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                merged = dict(self.entries)  # unreadable: rewritten whole
+            body = {
+                "version": CACHE_VERSION, "fingerprint": self.key, "machine": self.info,
+                "entries": {k: v.to_dict() for k, v in sorted(merged.items())},
+            }
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(body, f, indent=1)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            logger.debug("kernel choice cache %s not written: %s", self.path, exc)
+
+
+_CACHE: ChoiceCache | None = None
+
+
+def cache() -> ChoiceCache:
+    """This process's cache (re-read when DQ_CACHE_DIR or the thread count changes)."""
+    global _CACHE
+    folder = cache_dir()
+    if _CACHE is None or _CACHE.path.parent != folder or _CACHE.info["threads"] != torch.get_num_threads():
+        _CACHE = ChoiceCache(folder)
+    return _CACHE
+
+
+# -- deciding --------------------------------------------------------------------------
+def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
+    """The fastest path that was not dropped ("dequant", the simulated path, if none is left).
+    Paths within 3% of the fastest count as tied; a tie goes to one that keeps no float
+    copy of the weight, then to the first in `PATHS` order."""
+    usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
+    if not usable:
+        return "dequant"
+    best = min(usable.values())
+    near = [p for p in PATHS if p in usable and usable[p] <= best * 1.03]
+    lean = [p for p in near if p != "float_copy"]
+    return lean[0] if lean else near[0]
+
+
+def _time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _median_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> float:
+    """Median of a few timed calls after one warm-up call (that call alone if it overran
+    the budget: a reference kernel is not run twice)."""
+    first = _time_once(fn, sync)
+    if first > budget:
+        return first
+    reps = max(1, min(MAX_REPS, int(budget / max(first, 1e-9))))
+    return statistics.median(_time_once(fn, sync) for _ in range(reps))
+
+
+def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> dict[str, float]:
+    """The best time of each function over rounds that run them in turn (interleaved, so a
+    busy spell of the machine hits all alike; the minimum is the least disturbed run)."""
+    best = {name: _time_once(fn, sync) for name, fn in fns.items()}  # warm-up round
+    if not best:
+        return best
+    rounds = max(1, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _time_once(fn, sync))
+    return best
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return float((out.float() - ref).norm() / ref.norm().clamp(min=1e-12))
+
+
+def measure(
+    candidates: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    probe: torch.Tensor,
+    *,
+    tolerance: float = MAX_REL_ERROR,
+) -> Measurement:
+    """Screen each candidate on `probe`, check it against `reference`, time the survivors on `x`."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    dropped: dict[str, str] = {}
+    screen: dict[str, float] = {}
+    with torch.no_grad():
+        ref = reference(probe)
+        for path, fn in candidates.items():
+            try:
+                sync()
+                start = time.perf_counter()
+                out = fn(probe)
+                sync()
+                first = time.perf_counter() - start  # with one-time costs (weight copies, JIT)
+                error = _rel_error(out, ref)
+                if not error <= tolerance:
+                    dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
+                    continue
+                budget = TIME_BUDGET_S / 5
+                screen[path] = first if first > budget else _median_time(lambda fn=fn: fn(probe), sync, budget)
+            except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
+                dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
+        if screen:
+            best = min(screen.values())
+            for path, t in screen.items():
+                if t > SCREEN_FACTOR * best and t > SCREEN_MIN_S:
+                    dropped[path] = f"{t / best:.0f}x slower than the best path on {probe.shape[0]} rows"
+        survivors = {p: (lambda fn=fn: fn(x)) for p, fn in candidates.items() if p not in dropped}
+        try:
+            times = _race(survivors, sync)
+        except Exception:  # one raised on the full shape: find which, time the rest alone
+            times = {}
+            for path, fn in survivors.items():
+                try:
+                    times[path] = _median_time(fn, sync)
+                except Exception as exc:
+                    dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
+    return Measurement(decide(times, dropped), times, dropped)
+
+
+def bucket(rows: int) -> int:
+    """Row counts are measured per power of two."""
+    return 1 << max(0, int(rows - 1).bit_length())
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def describe(layer: QuantModule) -> str:
+    """A layer's shape class without its row count: what makes two layers time alike."""
+    w, a, layout = layer.weight_spec, layer.act_spec, layer.weight_layout
+    act = "none" if a is None else f"{a.kind}{a.bits}-{'dyn-' + a.granularity if a.dynamic else 'static'}-{'sym' if a.symmetric else 'asym'}"
+    weight = f"{w.kind}{w.bits}{'-packed' if layout.packed else ''}{'-2lvl' if layout.two_level else ''}"
+    geometry = "linear"
+    if getattr(layer, "conv_groups", None) is not None:
+        geometry = f"conv{'x'.join(map(str, layer.weight_shape[2:]))}-s{'x'.join(map(str, layer.stride))}"
+    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}"
+
+
+def log_choice(key: str, m: Measurement) -> None:
+    times = ", ".join(f"{p} {t * 1e3:.3g} ms" for p, t in sorted(m.times.items(), key=lambda kv: kv[1]))
+    drops = "".join(f"; {p} dropped: {why}" for p, why in m.dropped.items())
+    logger.info("kernel choice %s -> %s (%s%s)", key, m.choice, times, drops)

@@ -1,0 +1,100 @@
+"""`dq doctor`: this machine's kernel table (each path's time per shape class, and the choice).
+
+Layers of the given widths are built with random weights in each format, run once in
+real execution (which measures and caches the choice, `dq.kernels.choice`), and every
+allowed path is then timed again beside the float layer they replace, so the table
+shows what the choice gained or where no path beats float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.spec import QuantSpec
+from . import choice, dispatch
+
+FORMATS: dict[str, tuple[QuantSpec, QuantSpec | None]] = {
+    "w8a8": (QuantSpec(bits=8), QuantSpec(bits=8, granularity="tensor", symmetric=False)),
+    "w8a8-dynamic": (QuantSpec(bits=8), QuantSpec(bits=8, granularity="token", symmetric=False, dynamic=True)),
+    "w4a8": (QuantSpec(bits=4, granularity="group", group_size=64), QuantSpec(bits=8, granularity="tensor", symmetric=False)),
+    "w4a16": (QuantSpec(bits=4, granularity="group", group_size=64), None),
+}
+
+
+@dataclass
+class Row:
+    fmt: str
+    width: int
+    rows: int
+    key: str
+    float_s: float
+    times: dict[str, float]
+    dropped: dict[str, str]
+    choice: str
+
+    @property
+    def speedup(self) -> float:
+        """Float layer time over the chosen path's time (above 1: faster than float)."""
+        t = self.times.get(self.choice)
+        return self.float_s / t if t else float("nan")
+
+
+def measure_table(
+    widths: Sequence[int] = (128, 512, 1152), rows: int = 256, formats: Sequence[str] = tuple(FORMATS),
+    dtype: torch.dtype = torch.float32, device: str = "cpu",
+) -> list[Row]:
+    from ..nn.layers import QuantLinear
+
+    out = []
+    for fmt in formats:
+        for width in widths:
+            weight, act = FORMATS[fmt]
+            if weight.granularity == "group" and width % weight.group_size:
+                weight = weight.replace(granularity="channel")  # as dq.engine does for such layers
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(width, width).to(device)
+            q = QuantLinear.from_float(layer, weight, act, None if act is None or act.dynamic else [(-4.0, 4.0)])
+            q = q.to(device=device, dtype=dtype)
+            layer = layer.to(dtype)
+            dispatch.set_execution(q, "real")
+            x = torch.randn(rows, width, device=device, dtype=dtype)
+            key = f"{choice.describe(q)}|m{choice.bucket(rows)}|{dtype}|{x.device.type}"
+            with torch.no_grad():
+                q(x)  # measures (or reads the cache) and keeps the choice
+                found = choice.cache().get(key)
+                sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+                fns = {p: (lambda p=p: dispatch._RUN[p](q, x)) for p in dispatch.candidate_paths(q, x.device, dtype)
+                       if p not in found.dropped}
+                times = choice._race({"float": lambda: layer(x), **fns}, sync)
+                float_s = times.pop("float")
+            out.append(Row(fmt, width, rows, key, float_s, times, dict(found.dropped), found.choice))
+    return out
+
+
+def render(rows: Sequence[Row]) -> str:
+    info = choice.machine()
+    lines = [
+        f"machine: {info['cpu']} ({info['vendor']} {info['family_model_stepping']}); ISA: {', '.join(info['isa']) or 'none'}; "
+        f"{info['threads']} torch thread(s); torch {info['torch']}" + (f"; GPU: {info['cuda']}" if info["cuda"] else ""),
+        f"cache: {choice.cache().path}",
+        "",
+        f"{'format':<13} {'width':>5} {'rows':>5} {'float':>9} " + " ".join(f"{p:>10}" for p in choice.PATHS) + "  choice      vs float",
+    ]
+    for r in rows:
+        cells = []
+        for p in choice.PATHS:
+            if p in r.times:
+                cells.append(f"{r.times[p] * 1e3:>8.3f}ms")
+            elif p in r.dropped:
+                cells.append(f"{'dropped':>10}")
+            else:
+                cells.append(f"{'-':>10}")
+        lines.append(f"{r.fmt:<13} {r.width:>5} {r.rows:>5} {r.float_s * 1e3:>7.3f}ms " + " ".join(cells)
+                     + f"  {r.choice:<11} {r.speedup:.2f}x")
+    notes = sorted({f"  {p}: {why}" for r in rows for p, why in r.dropped.items()})
+    if notes:
+        lines += ["", "dropped paths:"] + notes
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Kernel paths chosen by measurement (dq.kernels.choice): the decision, the cache, the guard."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from dq.kernels import choice, dispatch, set_execution
+from dq.nn import QuantLinear
+from dq.quant.spec import QuantSpec
+
+W8 = QuantSpec(bits=8)
+A8 = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+
+
+@pytest.fixture
+def cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def linear(width=64, out=48, act=A8):
+    torch.manual_seed(0)
+    return QuantLinear.from_float(torch.nn.Linear(width, out), W8, act, None if act is None else [(-3.0, 3.0)])
+
+
+# -- the decision --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "times, dropped, expected",
+    [
+        ({"onednn": 1.0, "int_mm": 2.0, "dequant": 5.0}, {}, "onednn"),
+        ({"onednn": 1.0, "int_mm": 2.0, "dequant": 5.0}, {"onednn": "wrong result"}, "int_mm"),
+        ({"int_mm": 3.0, "float_copy": 1.0, "dequant": 2.0}, {}, "float_copy"),
+        ({"int_mm": 1.02, "float_copy": 1.0}, {}, "int_mm"),  # a tie goes to the path without a float copy
+        ({"int_mm": 1.2, "float_copy": 1.0}, {}, "float_copy"),
+        ({"int_mm": float("inf"), "dequant": 9.0}, {}, "dequant"),
+        ({}, {"int_mm": "raised"}, "dequant"),
+    ],
+)
+def test_decide_takes_the_fastest_path_left(times, dropped, expected):
+    assert choice.decide(times, dropped) == expected
+
+
+def test_measure_drops_wrong_raising_and_pathologically_slow_paths():
+    x, probe = torch.randn(64, 16), torch.randn(8, 16)
+
+    def slow(t):
+        time.sleep(0.05)
+        return t * 2
+
+    def broken(t):
+        raise RuntimeError("no kernel for this shape")
+
+    found = choice.measure(
+        {"onednn": slow, "int_mm": lambda t: t * 2, "float_copy": lambda t: t * 3, "dequant": broken},
+        lambda t: t * 2, x, probe,
+    )
+    assert found.choice == "int_mm" and set(found.times) == {"int_mm"}
+    assert "slower than the best path on 8 rows" in found.dropped["onednn"]
+    assert "wrong result" in found.dropped["float_copy"]
+    assert "RuntimeError" in found.dropped["dequant"]
+
+
+# -- layers ----------------------------------------------------------------------------
+def test_a_layer_runs_the_measured_choice_and_keeps_only_that_copy(cache_folder, monkeypatch):
+    q = linear()
+    set_execution(q, "real")
+    monkeypatch.setattr(choice, "measure", lambda *a, **k: choice.Measurement("float_copy", {"float_copy": 1e-4}))
+    x = torch.randn(5, 64)
+    y = q(x)
+    assert q._dq_paths == {8: "float_copy"} and "_dq_float_weight" in q.__dict__ and "_dq_prepacked" not in q.__dict__
+    set_execution(q, "sim")
+    assert torch.allclose(y, q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_every_allowed_path_matches_the_simulated_layer(cache_folder):
+    q = linear()
+    x = torch.randn(7, 64)
+    set_execution(q, "sim")
+    sim = q(x)
+    set_execution(q, "real")
+    paths = dispatch.candidate_paths(q, x.device, x.dtype)
+    assert {"int_mm", "float_copy", "dequant"} <= set(paths)
+    for path in paths:
+        set_execution(q, "real", path=path)
+        assert torch.allclose(q(x), sim, rtol=1e-4, atol=1e-4 * float(sim.abs().max())), path
+
+
+def test_float_copies_only_for_small_layers(cache_folder):
+    q = linear(64, 48)
+    set_execution(q, "real", float_copy_max_bytes=64 * 48 * 4 - 1)
+    assert "float_copy" not in dispatch.candidate_paths(q, torch.device("cpu"), torch.float32)
+    assert "float_copy" in dispatch.candidate_paths(q, torch.device("cpu"), torch.bfloat16)  # half the bytes
+
+
+def test_unknown_path_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown kernel path 'fast'.*choose one of"):
+        set_execution(linear(), "real", path="fast")
+
+
+def test_choices_are_cached_per_shape_class_and_reused(cache_folder, monkeypatch, caplog):
+    calls = []
+    real_measure = choice.measure
+    monkeypatch.setattr(choice, "measure", lambda *a, **k: calls.append(1) or real_measure(*a, **k))
+    layers = [linear(), linear()]
+    x = torch.randn(20, 64)
+    with caplog.at_level(logging.INFO, logger="dq.kernels"):
+        for q in layers:
+            set_execution(q, "real")
+            q(x)
+            q(x)
+    assert len(calls) == 1, "a second layer of the same shape class must not be measured again"
+    assert sum("kernel choice" in r.message for r in caplog.records) == 1, "the choice is logged once"
+    (path,) = cache_folder.glob("kernels-*.json")
+    data = json.loads(path.read_text())
+    assert data["fingerprint"] == choice.fingerprint() and data["machine"]["cpu"]
+    (key,) = data["entries"]
+    assert key.endswith("|m32|torch.float32|cpu") and data["entries"][key]["choice"] in choice.PATHS
+    assert not [p for p in cache_folder.iterdir() if p.name.startswith(".")], "no temporary file is left"
+
+
+def test_a_second_process_measures_nothing(cache_folder):
+    q = linear()
+    set_execution(q, "real")
+    q(torch.randn(20, 64))
+    script = textwrap.dedent("""
+        import torch
+        from dq.kernels import choice, set_execution
+        from dq.nn import QuantLinear
+        from dq.quant.spec import QuantSpec
+        torch.set_num_threads(1)
+        def refuse(*a, **k):
+            raise SystemExit("measured again")
+        choice.measure = refuse
+        torch.manual_seed(0)
+        q = QuantLinear.from_float(torch.nn.Linear(64, 48), QuantSpec(bits=8),
+                                   QuantSpec(bits=8, granularity="tensor", symmetric=False), [(-3.0, 3.0)])
+        set_execution(q, "real")
+        q(torch.randn(20, 64))
+        print(q._dq_paths)
+    """)
+    env = {**os.environ, "DQ_CACHE_DIR": str(cache_folder)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(q._dq_paths)
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "fingerprint": "someone-else", "entries": {}}),
+                                     json.dumps({"version": 1, "fingerprint": "FP", "entries": {"k": {"choice": "rm -rf"}}})])
+def test_a_corrupted_or_foreign_cache_is_ignored_and_rewritten(cache_folder, content, caplog):
+    path = cache_folder / f"kernels-{choice.fingerprint()}.json"
+    path.write_text(content.replace("FP", choice.fingerprint()))
+    with caplog.at_level(logging.WARNING, logger="dq.kernels"):
+        q = linear()
+        set_execution(q, "real")
+        q(torch.randn(3, 64))
+    assert any("ignoring the kernel choice cache" in r.message for r in caplog.records)
+    data = json.loads(path.read_text())
+    assert data["fingerprint"] == choice.fingerprint() and len(data["entries"]) == 1
+
+
+def test_compiled_layers_use_the_cached_choice_without_measuring(cache_folder, monkeypatch):
+    q = linear()
+    set_execution(q, "real")
+    x = torch.randn(20, 64)
+    eager = q(x)
+    monkeypatch.setattr(choice, "measure", lambda *a, **k: pytest.fail("measured inside torch.compile"))
+    compiled = torch.compile(q, fullgraph=True)
+    assert torch.allclose(compiled(x), eager, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(compiled(torch.randn(3, 64)).float().sum().isfinite(), torch.tensor(True))
+
+
+# -- the guard ----------------------------------------------------------------------------
+def test_the_chosen_int8_path_is_never_far_slower_than_float_at_dit_width(cache_folder):
+    """Not a speed target (benchmarks/speed.py has those): a guard against a kernel that runs
+    100x slower than float on this machine (oneDNN's reference int8 kernel did)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1152, 1152)
+    q = QuantLinear.from_float(layer, W8, A8, [(-4.0, 4.0)])
+    set_execution(q, "real")
+    x = torch.randn(256, 1152)
+    with torch.no_grad():
+        q(x)  # measures and chooses
+        times = choice._race({"float": lambda: layer(x), "dq": lambda: q(x)}, lambda: None, budget=0.5)
+    chosen = q._dq_paths[256]
+    assert times["dq"] <= 2 * times["float"], f"{chosen}: {times['dq'] * 1e3:.1f} ms vs float {times['float'] * 1e3:.1f} ms"
+
+
+def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
+    from dq.cli import main
+
+    assert main(["doctor", "--widths", "32", "--rows", "16", "--json", str(cache_folder / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "w8a8" in out and "w4a16" in out and "vs float" in out
+    body = json.loads((cache_folder / "d.json").read_text())
+    assert body["machine"]["cpu"] and {r["fmt"] for r in body["rows"]} == {"w8a8", "w8a8-dynamic", "w4a8", "w4a16"}
+    assert main(["doctor", "--widths", "0"]) == 2
