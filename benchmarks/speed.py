@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dq  # noqa: E402
 from dq.engine import find_denoiser, plan_layers, swap_modules  # noqa: E402
 from dq.errors import DQError  # noqa: E402
-from dq.kernels import set_execution  # noqa: E402
+from dq.kernels import choice, set_execution  # noqa: E402
+from dq.kernels.dispatch import runtime_nbytes  # noqa: E402
 from dq.nn import QuantConv2d, QuantLinear, TimestepRouter  # noqa: E402
 from dq.nn.router import attach_router  # noqa: E402
 from dq.quant.packing import weight_nbytes  # noqa: E402
@@ -57,7 +58,7 @@ from dq.recipe import Recipe, preset  # noqa: E402
 
 logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU_RECIPES = ("w8a8", "w4a8", "w4a16")
+CPU_RECIPES = ("w8a8", "w8a8-dynamic", "w4a8", "w4a16", "w4a4")
 GPU_RECIPES = ("fp8", "w8a8")
 CALIB_TIMESTEPS = (999, 800, 600, 400, 200, 1)
 
@@ -156,8 +157,8 @@ def warm_up(fns: dict[str, Callable[[], Any]], device: str = "cpu") -> dict[str,
 
 
 def module_bytes(model: nn.Module) -> int:
-    """Stored bytes plus runtime copies (oneDNN prepacked int8 weights on CPU)."""
-    extra = sum(m._dq_prepacked.nbytes for m in model.modules() if getattr(m, "_dq_prepacked", None) is not None)
+    """Stored bytes plus runtime copies (oneDNN prepacked int8 weights, float copies of small layers)."""
+    extra = runtime_nbytes(model)
     return _tensor_bytes(model) + extra
 
 
@@ -226,7 +227,9 @@ def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, dev
     out: dict[str, Any] = {"bytes": {k: module_bytes(m) for k, m in variants.items()}}
     with torch.no_grad():
         eager = {k: (lambda m=m: m(**call)) for k, m in variants.items()}
-        warm_up(eager, device)
+        warm_up(eager, device)  # the first eager call also measures and fixes each layer's kernel path
+        out["bytes"] = {k: module_bytes(m) for k, m in variants.items()}  # runtime copies made by then
+        out["paths"] = {k: kernel_paths(m) for k, m in variants.items()}
         out["eager"] = time_interleaved(eager, args.rounds, args.inner, device)
         log_ratios("eager", out["eager"])
         if not args.no_compile:
@@ -236,6 +239,17 @@ def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, dev
             out["compiled"] = time_interleaved(compiled, args.rounds, args.inner, device)
             log_ratios("compiled", out["compiled"])
     return out
+
+
+def kernel_paths(model: nn.Module) -> dict[str, int]:
+    """How many quantized layers run each kernel path (`dq.kernels.choice`), "sim" for simulated."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            paths = set(m.__dict__.get("_dq_paths", {}).values()) or {m.__dict__.get("_dq_forced_path") or m.kernel or "sim"}
+            for p in paths:
+                counts[p] = counts.get(p, 0) + 1
+    return counts
 
 
 def log_ratios(mode: str, timing: dict[str, dict]) -> None:
@@ -575,10 +589,12 @@ def contention() -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Machine: {report['machine']} ({report['date']}); torch {report['torch']}, threads {report['threads']}; "
+    cpu = report.get("cpu", {})
+    lines = [f"Machine: {report['machine']} ({report['date']}); CPU {cpu.get('cpu')} ({cpu.get('vendor')} "
+             f"{cpu.get('family_model_stepping')}), ISA {', '.join(cpu.get('isa', [])) or 'none'}; torch {report['torch']}, threads {report['threads']}; "
              f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report.get('load_after', report['load_before'])['loadavg_1m']:.1f}",
-             "", "| model | tokens | variant | eager ms | eager x | compiled ms | compiled x | weight MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| model | tokens | variant | eager ms | eager x | compiled ms | compiled x | weight MB | kernel paths |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sections = [*report.get("cpu_slice", []), report.get("cpu_default", {})]
     for gpu in report.get("gpu", {}).get("results", []):
         sections += [{"model": f"{gpu['model']} (GPU)", **pair} for pair in gpu["pairs"].values()]
@@ -595,7 +611,8 @@ def markdown(report: dict[str, Any]) -> str:
             c0 = sec.get("compiled", {}).get("fp")
             comp = f"{c['min_ms']:.1f} | {c0['min_ms'] / c['min_ms']:.2f}" if c else "- | -"
             lines.append(f"| {sec['model']} | {sec.get('tokens', '')} | {variant} | {t['min_ms']:.1f} | "
-                         f"{e0 / t['min_ms']:.2f} | {comp} | {sec['bytes'][variant] / 2**20:.1f} |")
+                         f"{e0 / t['min_ms']:.2f} | {comp} | {sec['bytes'][variant] / 2**20:.1f} | "
+                         f"{', '.join(f'{p} {n}' for p, n in sorted(sec.get('paths', {}).get(variant, {}).items()))} |")
     default = report.get("cpu_default", {})
     if "pipeline_eager" in default:
         lines += ["", f"Whole pipeline ({default['model']}, {default['pipeline_steps']} steps):", "",
@@ -660,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("dq").setLevel(logging.WARNING)
 
     report: dict[str, Any] = {
-        "date": dt.date.today().isoformat(), "machine": machine_name(), "torch": torch.__version__,
+        "date": dt.date.today().isoformat(), "machine": machine_name(), "cpu": choice.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "quick": args.quick, "args": {k: str(v) for k, v in vars(args).items()},
         "load_before": contention(),
     }

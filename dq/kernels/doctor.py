@@ -65,13 +65,19 @@ def measure_table(
             with torch.no_grad():
                 q(x)  # measures (or reads the cache) and keeps the choice
                 found = choice.cache().get(key)
-                sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-                fns = {p: (lambda p=p: dispatch._RUN[p](q, x)) for p in dispatch.candidate_paths(q, x.device, dtype)
-                       if p not in found.dropped}
-                times = choice._race({"float": lambda: layer(x), **fns}, sync)
+                times = _race_paths(q, layer, x, found.dropped)
                 float_s = times.pop("float")
             out.append(Row(fmt, width, rows, key, float_s, times, dict(found.dropped), found.choice))
     return out
+
+
+def _race_paths(q, layer: torch.nn.Module, x: torch.Tensor, dropped: dict[str, str]) -> dict[str, float]:
+    """Best time of the float layer ("float") and of each path not dropped, interleaved."""
+    fns = {"float": lambda: layer(x)}
+    for p in dispatch.candidate_paths(q, x.device, x.dtype):
+        if p not in dropped:
+            fns[p] = lambda p=p: dispatch._RUN[p](q, x)
+    return choice._race(fns, torch.cuda.synchronize if x.is_cuda else (lambda: None))
 
 
 def render(rows: Sequence[Row]) -> str:
