@@ -19,6 +19,7 @@ from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
 from .kernels import check_execution, set_execution
 from .nn.attention import quantize_attention
+from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .outliers import (
@@ -264,6 +265,8 @@ def quantize(
         quantize_attention(model, recipe.attention)
     set_execution(model, recipe.execution)
     model._dq_recipe = recipe
+    install_dtype_guard(model)  # its float dtype is the one it was quantized in
+    install_pipeline_guard(pipe)
     summary = summarize(prepared)
     if summary:
         logger.info("outlier handling: %s", summary)

@@ -27,6 +27,7 @@ from .engine import find_denoiser, is_quantized
 from .errors import DQError
 from .kernels import set_execution
 from .nn.attention import quantize_attention
+from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantModule, shell_from_plan
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .paths import default_model_dir
@@ -114,7 +115,11 @@ def is_dq_folder(path: str | Path) -> bool:
     return path.is_dir() and _dq_component(path) is not None
 
 
-def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = None) -> nn.Module:
+def load_denoiser(
+    folder: Path, config: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The quantized denoiser of a dq folder; ``torch_dtype``: the dtype of its float parts (bias,
+    kept layers, transforms, branches; the quantized storage keeps its own dtypes)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -148,6 +153,8 @@ def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = 
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
+    if torch_dtype is not None:
+        cast_float_parts(model, torch_dtype)
     recipe = qc.get("recipe")
     model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
     if model._dq_recipe is not None and model._dq_recipe.attention is not None:
@@ -157,7 +164,20 @@ def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = 
     if execution is None:
         execution = model._dq_recipe.execution if model._dq_recipe is not None else "auto"
     set_execution(model, execution)
+    install_dtype_guard(model, torch_dtype)  # later casts are refused: the dtype is chosen here
     return model.eval()
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a freshly loaded quantized denoiser's float parts to ``dtype``, as diffusers'
+    ``from_pretrained(torch_dtype=...)`` does: QuantModule keeps its storage buffers' dtypes,
+    the router its float32 boundaries, and float16 spares the class's `_keep_in_fp32_modules`."""
+    nn.Module.to(model, dtype)  # nn.Module's: ModelMixin.to warns about casting after loading
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if dtype == torch.float16 and keep:
+        for name, module in model.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(module, torch.float32)
 
 
 def load(
@@ -169,21 +189,28 @@ def load(
 ):
     """Load a pipeline saved by `dq.save` / `dq quantize --out`.
 
+    torch_dtype: the dtype of every float part, the quantized denoiser's included (its bias,
+    kept layers, transforms, branches; codes and scales keep their storage dtypes). Choose it
+    here: a quantized denoiser refuses later dtype casts (`model.half()`, `pipe.to(dtype)`).
+
     execution: "real", "auto" or "sim" (see `dq.kernels.set_execution`); default: the
     saved recipe's.
     """
     from diffusers import DiffusionPipeline
 
     path = Path(path)
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise DQError(f"torch_dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16...), got {torch_dtype!r}")
     found = _dq_component(path) if path.is_dir() else None
     if found is None:
         raise DQError(f"{path} is not a dq-quantized pipeline folder (no component with quant_method 'dq')")
     name, config = found
-    model = load_denoiser(path / name, config, execution)
+    model = load_denoiser(path / name, config, execution, torch_dtype)
     kwargs = {name: model}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    install_pipeline_guard(pipe)
     if device is not None:
         pipe.to(device)
     return pipe
