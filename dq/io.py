@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,21 +58,132 @@ def save_denoiser(model: nn.Module, folder: Path) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = quantization_config(model)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    _write_json(config_path, config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "dq_format_version": str(FORMAT_VERSION)})
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- transactional saves ----------------------------------------------------------------------
+# A save writes `.NAME.tmp-PID-XXXX` beside the target; replacing a folder first moves it to
+# `.NAME.old-PID-XXXX`. The PID tells a live save's folders from a killed one's: the next
+# save cleans up the dead ones, and any dq.load/dq.save/open_pipeline of a target that is
+# missing while a dead save's `old` copy is there moves it back (one log line).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^./]+$")
+_LEGACY_OLD = re.compile(r"^\.(?P<name>.+)\.old\.[^./]+$")  # dq < 0.2: `.NAME.old.XXXX/x`
+_ACTIVE: set[Path] = set()  # this process's live scratch folders
+PIPELINE_EXTRAS = ("README.md", ".gitattributes")
+
+
+def _scratch(out_dir: Path, kind: str, *, create: bool) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-{os.getpid()}-", dir=out_dir.parent))
+    if not create:
+        path.rmdir()  # a fresh name to rename the old folder to
+    _ACTIVE.add(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _dead_scratch(out_dir: Path) -> list[tuple[Path, str]]:
+    """(folder, "tmp"/"old") of the saves to `out_dir` that are no longer running."""
+    found = []
+    if not out_dir.parent.is_dir():
+        return found
+    for path in out_dir.parent.iterdir():
+        match = _SCRATCH.match(path.name)
+        if match and match["name"] == out_dir.name and path.is_dir():
+            pid = int(match["pid"])
+            live = path in _ACTIVE if pid == os.getpid() else _pid_alive(pid)
+            if not live:
+                found.append((path, match["kind"]))
+        legacy = _LEGACY_OLD.match(path.name)
+        if legacy and legacy["name"] == out_dir.name and (path / "x").is_dir():
+            found.append((path / "x", "old"))
+    return found
+
+
+def recover(out_dir: str | Path) -> bool:
+    """Put back the folder an interrupted save to `out_dir` had moved aside (the target is
+    missing and a dead save's old copy is beside it). True if it did."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        return False
+    olds = [p for p, kind in _dead_scratch(out_dir) if kind == "old"]
+    if not olds:
+        return False
+    stranded = max(olds, key=lambda p: p.stat().st_mtime)
+    os.replace(stranded, out_dir)
+    if stranded.name == "x":  # legacy layout: remove the emptied wrapper
+        shutil.rmtree(stranded.parent, ignore_errors=True)
+    logger.warning("restored %s from %s, left there by an interrupted dq save", out_dir, stranded.name)
+    return True
+
+
+def _clean_dead_scratch(out_dir: Path) -> None:
+    for path, _kind in _dead_scratch(out_dir):
+        target = path.parent if path.name == "x" else path
+        logger.info("removing %s, left by an interrupted dq save", target)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that holds anything but a pipeline folder's files."""
+    names = {p.name for p in out_dir.iterdir()}
+    allowed = set(PIPELINE_EXTRAS)
+    index_path = out_dir / "model_index.json"
+    if index_path.is_file():
+        allowed.add(index_path.name)
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        allowed.update(k for k in index if not k.startswith("_") and (out_dir / k).is_dir())
+    unexpected = sorted(names - allowed)
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise DQError(
+            f"{out_dir} holds files that are not part of a pipeline folder ({shown}); overwrite=True "
+            "(--overwrite) only replaces a pipeline folder: move those files away or choose another folder"
+        )
+
+
 def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a quantized pipeline to `out_dir` (a diffusers folder; safetensors only)."""
+    """Write a quantized pipeline to `out_dir` (a diffusers folder; safetensors only).
+
+    Transactional: everything is written to a temporary folder beside the target and moved
+    into place at the end; whatever fails (or wherever the process is killed), `out_dir` holds
+    the old or the new complete folder, or one that the next dq call on it restores.
+    overwrite=True replaces an existing pipeline folder only (never other files).
+    """
     out_dir = Path(out_dir)
     name, model = find_denoiser(pipe)
     if not is_quantized(model):
         raise DQError("the pipeline is not quantized; call dq.quantize(pipe, recipe) first")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DQError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    recover(out_dir)
+    _clean_dead_scratch(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DQError(f"{out_dir} exists and is not a folder; choose another folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DQError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+        _check_replaceable(out_dir)
+    tmp = _scratch(out_dir, "tmp", create=True)
+    old: Path | None = None
     try:
         pipe.register_modules(**{name: None})
         try:
@@ -81,20 +193,37 @@ def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         index_path = tmp / "model_index.json"
         index = json.loads(index_path.read_text())
         index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+        _write_json(index_path, index)
         save_denoiser(model, tmp / name)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
+            old = _scratch(out_dir, "old", create=False)
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                _put_back(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(tmp)
+        if old is not None:
+            _ACTIVE.discard(old)
     logger.info("saved quantized pipeline to %s", out_dir)
     return out_dir
+
+
+def _put_back(old: Path, out_dir: Path) -> None:
+    try:
+        os.replace(old, out_dir)
+    except OSError as exc:
+        logger.error(
+            "could not move %s back to %s (%s); the next dq.load/dq.save of %s restores it", old, out_dir, exc, out_dir
+        )
 
 
 def _dq_component(path: Path) -> tuple[str, dict[str, Any]] | None:
@@ -199,6 +328,7 @@ def load(
     from diffusers import DiffusionPipeline
 
     path = Path(path)
+    recover(path)
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise DQError(f"torch_dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16...), got {torch_dtype!r}")
     found = _dq_component(path) if path.is_dir() else None
@@ -227,6 +357,8 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
                 f"the embedded default pipeline is missing at {model}; retrain it with "
                 "`python -m dq_pipelines.default.train` (see pipelines/default/README.md)"
             )
+    if isinstance(model, (str, Path)) and not Path(model).exists() and Path(model).parent.is_dir():
+        recover(model)  # a dq folder whose save was interrupted
     if is_dq_folder(model):
         return load(model, torch_dtype=torch_dtype, device=device)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}

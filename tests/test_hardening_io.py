@@ -189,3 +189,154 @@ def test_cuda_move_gives_the_same_images(saved, reference_images):
     np.testing.assert_array_equal(draw(pipe), reference_images)
     assert images.shape == reference_images.shape and np.isfinite(images).all()
 
+
+# -- transactional saves -------------------------------------------------------------------
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+@pytest.fixture
+def target(saved, tmp_path):
+    """An existing, complete dq folder (a copy of `saved`) to overwrite."""
+    import shutil
+
+    out = tmp_path / "out" / "model"
+    shutil.copytree(saved, out)
+    return out
+
+
+class Boom(OSError):
+    pass
+
+
+def _fail_at(monkeypatch, module, name, at, *, always=False):
+    """Make `module.name` raise Boom on its `at`-th call (and later calls when `always`)."""
+    real = getattr(module, name)
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at or (always and len(calls) > at):
+            raise Boom(f"injected failure of {name} (call {len(calls)})")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+    return calls
+
+
+STEPS_TO_FAIL = [
+    ("json", 1), ("json", 2), ("save_file", 1), ("replace", 1), ("replace", 2),
+]
+
+
+@pytest.mark.parametrize(("step", "at"), STEPS_TO_FAIL)
+@pytest.mark.parametrize("always", [False, True], ids=["once", "from-then-on"])
+def test_failed_overwrite_leaves_the_old_folder(quantized, target, monkeypatch, step, at, always):
+    import os
+
+    import dq.io as io
+
+    before = _tree(target)
+    if step == "json":
+        _fail_at(monkeypatch, io, "_write_json", at, always=always)
+    elif step == "save_file":
+        _fail_at(monkeypatch, io, "save_file", at, always=always)
+    else:
+        _fail_at(monkeypatch, os, "replace", at, always=always)
+    with pytest.raises(Boom):
+        dq.save(quantized, target, overwrite=True)
+    monkeypatch.undo()
+    # the old folder is in place, or the next dq call puts it back
+    loaded = dq.load(target)
+    assert _tree(target) == before and loaded.unet.dq_router.groups == 2
+    dq.save(quantized, target, overwrite=True)  # cleans the failed save's leftovers
+    assert _siblings(target) == []
+
+
+def test_failed_first_save_leaves_nothing(quantized, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "fresh"
+    _fail_at(monkeypatch, os, "replace", 1)
+    with pytest.raises(Boom):
+        dq.save(quantized, out)
+    monkeypatch.undo()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_interrupted_rename_is_restored_by_the_next_load(target, caplog):
+    """Killed between the two renames: the target is missing, the old copy is beside it."""
+    before = _tree(target)
+    stranded = target.parent / f".{target.name}.old-{_dead_pid()}-abcd1234"
+    target.rename(stranded)
+    (target.parent / f".{target.name}.tmp-{_dead_pid()}-efgh5678").mkdir()  # the dead save's new copy
+    with caplog.at_level("INFO", logger="dq.io"):
+        dq.load(target)
+    assert [r for r in caplog.records if "restored" in r.getMessage()].__len__() == 1
+    assert _tree(target) == before and not stranded.exists()
+
+
+def test_interrupted_rename_is_restored_by_open_pipeline_and_legacy_layout(target):
+    before = _tree(target)
+    legacy = target.parent / f".{target.name}.old.k2j4h5"  # dq before this change: `.NAME.old.XXXX/x`
+    legacy.mkdir()
+    target.rename(legacy / "x")
+    dq.open_pipeline(target)
+    assert _tree(target) == before and not legacy.exists()
+
+
+def test_next_save_cleans_dead_leftovers_but_not_a_live_saves(quantized, target):
+    import subprocess
+    import sys
+
+    dead_tmp = target.parent / f".{target.name}.tmp-{_dead_pid()}-aaaa1111"
+    dead_old = target.parent / f".{target.name}.old-{_dead_pid()}-bbbb2222"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_tmp = target.parent / f".{target.name}.tmp-{live.pid}-cccc3333"
+        other = target.parent / f".other.tmp-{_dead_pid()}-dddd4444"  # another target's
+        for folder in (dead_tmp, dead_old, live_tmp, other):
+            folder.mkdir()
+            (folder / "f").write_text("x")
+        dq.save(quantized, target, overwrite=True)
+        assert not dead_tmp.exists() and not dead_old.exists()
+        assert live_tmp.exists() and other.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_overwrite_refuses_a_folder_with_other_files(quantized, target, tmp_path):
+    (target / "notes.txt").write_text("mine")
+    (target / "data").mkdir()
+    with pytest.raises(DQError, match=r"notes\.txt") as err:
+        dq.save(quantized, target, overwrite=True)
+    assert "data" in str(err.value)
+    assert (target / "notes.txt").read_text() == "mine"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "photo.png").write_bytes(b"png")
+    with pytest.raises(DQError, match=r"photo\.png"):
+        dq.save(quantized, plain, overwrite=True)
+    assert (plain / "photo.png").exists()
+    (target / "notes.txt").unlink()
+    (target / "data").rmdir()
+    (target / "README.md").write_text("model card")
+    dq.save(quantized, target, overwrite=True)  # a pipeline folder (README included) is replaced
+    assert not (target / "README.md").exists()
+
