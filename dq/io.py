@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .engine import find_denoiser, is_quantized
+from .engine import DENOISER_NAMES, find_denoiser, is_quantized
 from .errors import DQError
 from .kernels import set_execution
 from .nn.attention import quantize_attention
@@ -32,6 +32,7 @@ from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantModule, shell_from_plan
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .paths import default_model_dir
+from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR, source_of
 from .recipe import FORMAT_VERSION, Recipe
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "recipe": recipe.to_dict() if recipe else None,
         "timestep_groups": getattr(model, ROUTER_NAME).groups,
+        "source": source_of(model),  # the full-precision model it was made from (dq.provenance)
         "plan": plan,
     }
 
@@ -284,6 +286,7 @@ def load_denoiser(
         raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
     if torch_dtype is not None:
         cast_float_parts(model, torch_dtype)
+    model._dq_source = qc.get("source")
     recipe = qc.get("recipe")
     model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
     if model._dq_recipe is not None and model._dq_recipe.attention is not None:
@@ -350,6 +353,9 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
     """A pipeline from a hub id, a local diffusers folder, a dq folder, or None (the embedded default)."""
     from diffusers import DiffusionPipeline
 
+    source_name = EMBEDDED_DEFAULT if model is None else str(model)
+    if model is not None and Path(model).exists():
+        source_name = str(Path(model).resolve())
     if model is None:
         model = default_model_dir()
         if not (Path(model) / "model_index.json").exists():
@@ -369,6 +375,9 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
             component.eval()
+    denoiser = next((getattr(pipe, n, None) for n in DENOISER_NAMES if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    if denoiser is not None:
+        setattr(denoiser, SOURCE_NAME_ATTR, source_name)  # recorded by dq.quantize (dq.provenance)
     if device is not None:
         pipe.to(device)
     return pipe

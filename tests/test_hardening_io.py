@@ -340,3 +340,65 @@ def test_overwrite_refuses_a_folder_with_other_files(quantized, target, tmp_path
     dq.save(quantized, target, overwrite=True)  # a pipeline folder (README included) is replaced
     assert not (target / "README.md").exists()
 
+
+# -- the source model is recorded, and is the default reference ---------------------------------
+
+
+def test_the_folder_records_its_source(saved, source_dir):
+    import json
+
+    from dq.provenance import weights_sha256
+
+    source = json.loads((saved / "unet" / "config.json").read_text())["quantization_config"]["source"]
+    full = dq.open_pipeline(source_dir)
+    assert source == {
+        "model": str(source_dir.resolve()),
+        "weights_sha256": weights_sha256(full.unet, torch.float32),
+        "weights_dtype": "float32",
+    }
+    assert dq.load(saved).unet._dq_source == source  # kept through a load (and a re-save)
+
+
+def _eval(argv, tmp_path, capsys):
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "r.json"
+    code = main(["eval", *argv, "--prompts", str(prompts), "--steps", "2", "--json", str(out)])
+    err = capsys.readouterr().err
+    return code, (json.loads(out.read_text()) if code == 0 else None), err
+
+
+def test_eval_without_reference_compares_with_the_source(saved, tmp_path, capsys):
+    code, result, err = _eval([str(saved), "--metrics", "psnr"], tmp_path, capsys)
+    assert code == 0, err
+    assert result["metrics"]["psnr"] is not None and result["metrics"]["psnr"] > 10
+
+
+def test_a_reference_with_other_weights_is_refused(saved, source_dir, tmp_path, capsys):
+    from dq.provenance import open_reference
+
+    other = tmp_path / "other"
+    tiny_pipeline(KIND, seed=1).save_pretrained(other)  # same architecture, other weights
+    code, _, err = _eval([str(saved), "--metrics", "psnr", "--reference", str(other)], tmp_path, capsys)
+    assert code == 2 and "made from another model" in err
+    loaded = dq.load(saved)
+    with pytest.raises(DQError, match="made from another model"):
+        open_reference(loaded, other)
+    assert open_reference(loaded, source_dir).unet is not None
+    with pytest.raises(DQError, match="itself quantized"):
+        open_reference(loaded, saved)
+
+
+def test_app_refuses_a_folder_made_from_other_weights(saved, tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    app = importlib.import_module("app")
+    other = tmp_path / "other"
+    tiny_pipeline(KIND, seed=1).save_pretrained(other)
+    with pytest.raises(DQError, match="made from another model"):
+        app.load_sides(str(other), quantized=str(saved))
