@@ -27,6 +27,7 @@ from dq.engine import find_denoiser
 from dq.errors import DQError
 from dq.eval.metrics import psnr, ssim
 from dq.io import is_dq_folder
+from dq.provenance import made_from
 from dq.quant.packing import weight_nbytes
 
 logger = logging.getLogger("dq.app")
@@ -131,7 +132,8 @@ def load_sides(
     if quantized is not None:
         q_pipe = dq.load(quantized, device=device)
         q_name = f"dq {_recipe_name(q_pipe) or 'quantized'} ({Path(quantized).name})"
-        if _architecture(full) != _architecture(q_pipe):
+        # the same weights (hash recorded at quantization; older folders: the same architecture)
+        if _architecture(full) != _architecture(q_pipe) or made_from(find_denoiser(q_pipe)[1], find_denoiser(full)[1]) is False:
             raise DQError(
                 f"--quantized {quantized} was made from another model than "
                 f"{model or 'the embedded default'}; pass the full-precision model it was "

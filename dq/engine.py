@@ -19,6 +19,7 @@ from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
 from .kernels import check_execution, set_execution
 from .nn.attention import quantize_attention
+from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .outliers import (
@@ -30,6 +31,7 @@ from .outliers import (
     summarize,
 )
 from .prompts import resolve_prompts
+from .provenance import describe_source
 from .quant.primitives import range_from_histogram
 from .quant.spec import QuantSpec
 from .recipe import Recipe
@@ -244,6 +246,7 @@ def quantize(
     _, model = find_denoiser(pipe)
     if is_quantized(model):
         raise DQError("this pipeline's denoiser is already quantized; load the full-precision model again")
+    source = describe_source(model)  # hash of the float weights, before any layer is swapped
     plan = plan_layers(model, recipe)
     if not plan:
         raise DQError(
@@ -264,6 +267,9 @@ def quantize(
         quantize_attention(model, recipe.attention)
     set_execution(model, recipe.execution)
     model._dq_recipe = recipe
+    model._dq_source = source
+    install_dtype_guard(model)  # its float dtype is the one it was quantized in
+    install_pipeline_guard(pipe)
     summary = summarize(prepared)
     if summary:
         logger.info("outlier handling: %s", summary)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,13 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .engine import find_denoiser, is_quantized
+from .engine import DENOISER_NAMES, find_denoiser, is_quantized
 from .errors import DQError
 from .kernels import set_execution
 from .nn.attention import quantize_attention
+from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantModule, shell_from_plan
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .paths import default_model_dir
+from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR, source_of
 from .recipe import FORMAT_VERSION, Recipe
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "recipe": recipe.to_dict() if recipe else None,
         "timestep_groups": getattr(model, ROUTER_NAME).groups,
+        "source": source_of(model),  # the full-precision model it was made from (dq.provenance)
         "plan": plan,
     }
 
@@ -56,21 +60,132 @@ def save_denoiser(model: nn.Module, folder: Path) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = quantization_config(model)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    _write_json(config_path, config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "dq_format_version": str(FORMAT_VERSION)})
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- transactional saves ----------------------------------------------------------------------
+# A save writes `.NAME.tmp-PID-XXXX` beside the target; replacing a folder first moves it to
+# `.NAME.old-PID-XXXX`. The PID tells a live save's folders from a killed one's: the next
+# save cleans up the dead ones, and any dq.load/dq.save/open_pipeline of a target that is
+# missing while a dead save's `old` copy is there moves it back (one log line).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^./]+$")
+_LEGACY_OLD = re.compile(r"^\.(?P<name>.+)\.old\.[^./]+$")  # dq < 0.2: `.NAME.old.XXXX/x`
+_ACTIVE: set[Path] = set()  # this process's live scratch folders
+PIPELINE_EXTRAS = ("README.md", ".gitattributes")
+
+
+def _scratch(out_dir: Path, kind: str, *, create: bool) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-{os.getpid()}-", dir=out_dir.parent))
+    if not create:
+        path.rmdir()  # a fresh name to rename the old folder to
+    _ACTIVE.add(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _dead_scratch(out_dir: Path) -> list[tuple[Path, str]]:
+    """(folder, "tmp"/"old") of the saves to `out_dir` that are no longer running."""
+    found = []
+    if not out_dir.parent.is_dir():
+        return found
+    for path in out_dir.parent.iterdir():
+        match = _SCRATCH.match(path.name)
+        if match and match["name"] == out_dir.name and path.is_dir():
+            pid = int(match["pid"])
+            live = path in _ACTIVE if pid == os.getpid() else _pid_alive(pid)
+            if not live:
+                found.append((path, match["kind"]))
+        legacy = _LEGACY_OLD.match(path.name)
+        if legacy and legacy["name"] == out_dir.name and (path / "x").is_dir():
+            found.append((path / "x", "old"))
+    return found
+
+
+def recover(out_dir: str | Path) -> bool:
+    """Put back the folder an interrupted save to `out_dir` had moved aside (the target is
+    missing and a dead save's old copy is beside it). True if it did."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        return False
+    olds = [p for p, kind in _dead_scratch(out_dir) if kind == "old"]
+    if not olds:
+        return False
+    stranded = max(olds, key=lambda p: p.stat().st_mtime)
+    os.replace(stranded, out_dir)
+    if stranded.name == "x":  # legacy layout: remove the emptied wrapper
+        shutil.rmtree(stranded.parent, ignore_errors=True)
+    logger.warning("restored %s from %s, left there by an interrupted dq save", out_dir, stranded.name)
+    return True
+
+
+def _clean_dead_scratch(out_dir: Path) -> None:
+    for path, _kind in _dead_scratch(out_dir):
+        target = path.parent if path.name == "x" else path
+        logger.info("removing %s, left by an interrupted dq save", target)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that holds anything but a pipeline folder's files."""
+    names = {p.name for p in out_dir.iterdir()}
+    allowed = set(PIPELINE_EXTRAS)
+    index_path = out_dir / "model_index.json"
+    if index_path.is_file():
+        allowed.add(index_path.name)
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        allowed.update(k for k in index if not k.startswith("_") and (out_dir / k).is_dir())
+    unexpected = sorted(names - allowed)
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise DQError(
+            f"{out_dir} holds files that are not part of a pipeline folder ({shown}); overwrite=True "
+            "(--overwrite) only replaces a pipeline folder: move those files away or choose another folder"
+        )
+
+
 def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a quantized pipeline to `out_dir` (a diffusers folder; safetensors only)."""
+    """Write a quantized pipeline to `out_dir` (a diffusers folder; safetensors only).
+
+    Transactional: everything is written to a temporary folder beside the target and moved
+    into place at the end; whatever fails (or wherever the process is killed), `out_dir` holds
+    the old or the new complete folder, or one that the next dq call on it restores.
+    overwrite=True replaces an existing pipeline folder only (never other files).
+    """
     out_dir = Path(out_dir)
     name, model = find_denoiser(pipe)
     if not is_quantized(model):
         raise DQError("the pipeline is not quantized; call dq.quantize(pipe, recipe) first")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DQError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    recover(out_dir)
+    _clean_dead_scratch(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DQError(f"{out_dir} exists and is not a folder; choose another folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DQError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+        _check_replaceable(out_dir)
+    tmp = _scratch(out_dir, "tmp", create=True)
+    old: Path | None = None
     try:
         pipe.register_modules(**{name: None})
         try:
@@ -80,20 +195,37 @@ def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         index_path = tmp / "model_index.json"
         index = json.loads(index_path.read_text())
         index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+        _write_json(index_path, index)
         save_denoiser(model, tmp / name)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
+            old = _scratch(out_dir, "old", create=False)
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                _put_back(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(tmp)
+        if old is not None:
+            _ACTIVE.discard(old)
     logger.info("saved quantized pipeline to %s", out_dir)
     return out_dir
+
+
+def _put_back(old: Path, out_dir: Path) -> None:
+    try:
+        os.replace(old, out_dir)
+    except OSError as exc:
+        logger.error(
+            "could not move %s back to %s (%s); the next dq.load/dq.save of %s restores it", old, out_dir, exc, out_dir
+        )
 
 
 def _dq_component(path: Path) -> tuple[str, dict[str, Any]] | None:
@@ -114,7 +246,11 @@ def is_dq_folder(path: str | Path) -> bool:
     return path.is_dir() and _dq_component(path) is not None
 
 
-def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = None) -> nn.Module:
+def load_denoiser(
+    folder: Path, config: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The quantized denoiser of a dq folder; ``torch_dtype``: the dtype of its float parts (bias,
+    kept layers, transforms, branches; the quantized storage keeps its own dtypes)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -148,6 +284,9 @@ def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = 
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
+    if torch_dtype is not None:
+        cast_float_parts(model, torch_dtype)
+    model._dq_source = qc.get("source")
     recipe = qc.get("recipe")
     model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
     if model._dq_recipe is not None and model._dq_recipe.attention is not None:
@@ -157,7 +296,20 @@ def load_denoiser(folder: Path, config: dict[str, Any], execution: str | None = 
     if execution is None:
         execution = model._dq_recipe.execution if model._dq_recipe is not None else "auto"
     set_execution(model, execution)
+    install_dtype_guard(model, torch_dtype)  # later casts are refused: the dtype is chosen here
     return model.eval()
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a freshly loaded quantized denoiser's float parts to ``dtype``, as diffusers'
+    ``from_pretrained(torch_dtype=...)`` does: QuantModule keeps its storage buffers' dtypes,
+    the router its float32 boundaries, and float16 spares the class's `_keep_in_fp32_modules`."""
+    nn.Module.to(model, dtype)  # nn.Module's: ModelMixin.to warns about casting after loading
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if dtype == torch.float16 and keep:
+        for name, module in model.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(module, torch.float32)
 
 
 def load(
@@ -169,21 +321,29 @@ def load(
 ):
     """Load a pipeline saved by `dq.save` / `dq quantize --out`.
 
+    torch_dtype: the dtype of every float part, the quantized denoiser's included (its bias,
+    kept layers, transforms, branches; codes and scales keep their storage dtypes). Choose it
+    here: a quantized denoiser refuses later dtype casts (`model.half()`, `pipe.to(dtype)`).
+
     execution: "real", "auto" or "sim" (see `dq.kernels.set_execution`); default: the
     saved recipe's.
     """
     from diffusers import DiffusionPipeline
 
     path = Path(path)
+    recover(path)
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise DQError(f"torch_dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16...), got {torch_dtype!r}")
     found = _dq_component(path) if path.is_dir() else None
     if found is None:
         raise DQError(f"{path} is not a dq-quantized pipeline folder (no component with quant_method 'dq')")
     name, config = found
-    model = load_denoiser(path / name, config, execution)
+    model = load_denoiser(path / name, config, execution, torch_dtype)
     kwargs = {name: model}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    install_pipeline_guard(pipe)
     if device is not None:
         pipe.to(device)
     return pipe
@@ -193,6 +353,9 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
     """A pipeline from a hub id, a local diffusers folder, a dq folder, or None (the embedded default)."""
     from diffusers import DiffusionPipeline
 
+    source_name = EMBEDDED_DEFAULT if model is None else str(model)
+    if model is not None and Path(model).exists():
+        source_name = str(Path(model).resolve())
     if model is None:
         model = default_model_dir()
         if not (Path(model) / "model_index.json").exists():
@@ -200,6 +363,8 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
                 f"the embedded default pipeline is missing at {model}; retrain it with "
                 "`python -m dq_pipelines.default.train` (see pipelines/default/README.md)"
             )
+    if isinstance(model, (str, Path)) and not Path(model).exists() and Path(model).parent.is_dir():
+        recover(model)  # a dq folder whose save was interrupted
     if is_dq_folder(model):
         return load(model, torch_dtype=torch_dtype, device=device)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -210,6 +375,9 @@ def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype |
     for component in pipe.components.values():
         if isinstance(component, nn.Module):
             component.eval()
+    denoiser = next((getattr(pipe, n, None) for n in DENOISER_NAMES if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    if denoiser is not None:
+        setattr(denoiser, SOURCE_NAME_ATTR, source_name)  # recorded by dq.quantize (dq.provenance)
     if device is not None:
         pipe.to(device)
     return pipe

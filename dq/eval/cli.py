@@ -109,6 +109,7 @@ def add_eval_parser(subparsers) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``dq eval``; raises ``EvalError`` (a ``DQError``) with a message on bad input."""
     from dq.io import open_pipeline
+    from dq.provenance import open_reference
 
     metrics = parse_metrics(args.metrics)
     prompts = _prompts(args.prompts, args.num_prompts)
@@ -129,7 +130,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.real_images is not None and not Path(args.real_images).is_dir():
         raise EvalError(f"--real-images {args.real_images}: no such folder")
     pipe = open_pipeline(args.model, device=args.device)
-    reference = open_pipeline(args.reference, device=args.device) if args.reference else None
+    reference = None
+    if args.reference or _compares_with_source(pipe, metrics, args.real_images):
+        reference = open_reference(pipe, args.reference, device=args.device)
     result = evaluate(
         pipe,
         prompts,
@@ -152,6 +155,16 @@ def run_eval(args: argparse.Namespace) -> int:
         logger.info("wrote %s", out)
     sys.stdout.write(result.to_table() + "\n")
     return 0
+
+
+def _compares_with_source(pipe, metrics, real_images) -> bool:
+    """A quantized model evaluated without --reference on metrics that need one is compared
+    with the full-precision model it was made from (recorded in its folder)."""
+    from dq.engine import find_denoiser
+    from dq.provenance import source_of
+
+    needs = {"lpips", "psnr", "ssim"} | (set() if real_images else {"fid"})
+    return bool(metrics and needs & set(metrics)) and source_of(find_denoiser(pipe)[1]) is not None
 
 
 def _prompts(source: str | None, limit: int | None) -> list[str]:

@@ -10,6 +10,7 @@ shipped in ``pipelines/default/evaluator/``.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from dq.paths import pipelines_dir
+from dq.safeload import load_weights, resave
 
 from .errors import EvalError, MissingWeightsError
 from .metrics import ImageBatch, to_pil
@@ -113,9 +115,36 @@ def load_clip(
             raise MissingWeightsError(
                 f"CLIP checkpoint {pretrained} does not exist; check the --clip-pretrained path"
             )
+    if model_name.startswith("local-dir:"):
+        check_clip_folder(model_name.removeprefix("local-dir:"))
+    with tempfile.TemporaryDirectory(prefix="dq-clip-") as folder:
+        if pretrained is not None and Path(pretrained).is_file() and not pretrained.endswith(".safetensors"):
+            # open_clip may hand a .pt to torch.jit.load or an unrestricted torch.load: load the
+            # tensors safely here (refusing pickled objects and TorchScript) and give it dq's copy
+            state = load_weights(pretrained, "--clip-pretrained")
+            copy = str(resave(state, Path(folder) / "open_clip_checkpoint.pt"))
+        else:
+            copy = pretrained
+        model, preprocess = _create(open_clip, model_name, pretrained, device, copy)
+    return ClipModel(
+        model, preprocess, open_clip.get_tokenizer(model_name), model_name, torch.device(device)
+    )
+
+
+def check_clip_folder(folder: str | Path) -> None:
+    """Refuse a ``local-dir:`` CLIP folder whose pickle checkpoints hold more than tensors
+    (open_clip would load them itself)."""
+    for path in sorted(Path(folder).glob("*")):
+        if path.suffix in (".bin", ".pth", ".pt") and path.is_file():
+            load_weights(path, "--clip-model local-dir: checkpoint")
+
+
+def _create(open_clip, model_name: str, pretrained: str | None, device: str, copy: str | None):
+    """open_clip's model and preprocessing; ``copy`` is the file it reads (``pretrained`` is
+    what the user named, for messages)."""
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device
+            model_name, pretrained=copy, device=device
         )
     except RuntimeError as exc:
         if pretrained is not None and "download" in str(exc).lower():
@@ -132,9 +161,7 @@ def load_clip(
             "CLIP model %s has no pretrained weights: its scores are meaningless", model_name
         )
     model.eval()
-    return ClipModel(
-        model, preprocess, open_clip.get_tokenizer(model_name), model_name, torch.device(device)
-    )
+    return model, preprocess
 
 
 def clip_score(

@@ -25,8 +25,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dq.safeload import load_weights
+
 from .attributes import attribute_accuracy
-from .clip import ClipModel, clip_score, load_clip
+from .clip import ClipModel, check_clip_folder, clip_score, load_clip
 from .errors import EvalError, MissingWeightsError
 from .fid import FID_FEATURES, FidScorer, load_image_folder
 from .lpips import LpipsScorer
@@ -104,6 +106,25 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def check_weight_files(
+    inception_weights: str | Path | None = None,
+    lpips_weights: str | Path | None = None,
+    clip_model: str | None = None,
+    clip_pretrained: str | None = None,
+) -> None:
+    """Refuse, before any image is generated, a named weight file that holds more than tensors
+    (``dq.safeload.UnsafeWeightsError``). Missing files are left to the metrics' own errors."""
+    for path, option in (
+        (inception_weights, "--inception-weights"),
+        (lpips_weights, "--lpips-weights"),
+        (clip_pretrained, "--clip-pretrained"),
+    ):
+        if path is not None and Path(path).is_file():
+            load_weights(path, option)
+    if clip_model is not None and clip_model.startswith("local-dir:"):
+        check_clip_folder(clip_model.removeprefix("local-dir:"))
+
+
 class Scorer:
     """Scores image sets; loads each network (CLIP, LPIPS, FID features) once and keeps it.
 
@@ -129,6 +150,7 @@ class Scorer:
                 f"unknown FID feature network {fid_features!r}; choose one of {FID_FEATURES}"
             )
         self.metrics = parse_metrics(metrics)
+        check_weight_files(inception_weights, lpips_weights, clip_model, clip_pretrained)
         self.fid_features = fid_features
         self.inception_weights = inception_weights
         self.lpips_net, self.lpips_weights = lpips_net, lpips_weights

@@ -15,12 +15,15 @@ reference set without extracting its features again.
 from __future__ import annotations
 
 import logging
+import tempfile
 import urllib.error
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from dq.safeload import load_weights, resave
 
 from .clip import ClipImageFeatures, ClipModel
 from .errors import EvalError, MissingWeightsError
@@ -134,11 +137,18 @@ def _make_metric(
         return FrechetInceptionDistance(feature=ClipImageFeatures(clip), reset_real_features=False)
     if features != "inception":
         raise EvalError(f"unknown FID feature network {features!r}; choose one of {FID_FEATURES}")
-    return FrechetInceptionDistance(
-        feature=2048,
-        reset_real_features=False,
-        feature_extractor_weights_path=_inception_weights(inception_weights),
-    )
+    path = _inception_weights(inception_weights)
+    if path is None:
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False)
+    what = "--inception-weights" if inception_weights is not None else "FID Inception weights in torch's hub cache"
+    state = load_weights(path, what)  # refuses pickled objects and TorchScript
+    # torch-fidelity unpickles the file it is given without restriction: give it dq's copy
+    with tempfile.TemporaryDirectory(prefix="dq-inception-") as folder:
+        return FrechetInceptionDistance(
+            feature=2048,
+            reset_real_features=False,
+            feature_extractor_weights_path=str(resave(state, Path(folder) / _INCEPTION_FILE)),
+        )
 
 
 def _inception_weights(path: str | Path | None) -> str | None:
@@ -156,7 +166,7 @@ def _inception_weights(path: str | Path | None) -> str | None:
     from torch_fidelity import feature_extractor_inceptionv3 as fidelity
 
     try:  # fetch into the hub cache now, so a failure can say what to do instead
-        fidelity.load_state_dict_from_url(fidelity.URL_INCEPTION_V3, progress=False)
+        fidelity.load_state_dict_from_url(fidelity.URL_INCEPTION_V3, progress=False, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise MissingWeightsError(
             f"cannot fetch the FID Inception weights ({exc}); offline, download {_INCEPTION_FILE} "

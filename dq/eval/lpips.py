@@ -9,7 +9,6 @@ into torch's hub cache on the user's machine, or read from a local file
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import urllib.error
 from contextlib import contextmanager
@@ -18,6 +17,8 @@ from urllib.parse import urlparse
 
 import torch
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+from dq.safeload import load_weights, resave
 
 from .errors import EvalError, MissingWeightsError
 from .metrics import ImageBatch, to_batch
@@ -86,15 +87,20 @@ def load_lpips(
             raise MissingWeightsError(
                 f"--lpips-weights {path}: no such file; give the path of {filename} ({url})"
             )
-        with _hub_cache_holding(path, filename):
+        state = load_weights(path, "--lpips-weights")  # refuses pickled objects and TorchScript
+        with _hub_cache_holding(state, filename):
             try:
                 return _build(net)
             except RuntimeError as exc:  # wrong or corrupt state dict
                 raise MissingWeightsError(
                     f"--lpips-weights {path} is not torchvision's {net} checkpoint ({filename}): {exc}"
                 ) from exc
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():  # torchvision would unpickle the cached file without restriction
+        with _hub_cache_holding(load_weights(cached, "LPIPS backbone in torch's hub cache"), filename):
+            return _build(net)
     try:
-        return _build(net)
+        return _build(net)  # downloads; torchvision checks the file's hash before loading it
     except (urllib.error.URLError, OSError) as exc:
         raise MissingWeightsError(
             f"LPIPS needs torchvision's ImageNet {net} weights, which could not be fetched ({exc}); "
@@ -120,14 +126,15 @@ def _backbone_weights(net: str):
 
 
 @contextmanager
-def _hub_cache_holding(path: Path, filename: str):
-    """Point torch's hub cache at a temporary folder whose only checkpoint is ``path``, so
-    torchvision loads the user's file through its own (cache-first) code path."""
+def _hub_cache_holding(state: dict, filename: str):
+    """Point torch's hub cache at a temporary folder whose only checkpoint holds ``state`` (tensors
+    already loaded safely), so torchvision loads them through its own (cache-first) code path.
+    torchvision unpickles that file without restriction: it must be dq's copy, never the user's."""
     previous = torch.hub.get_dir()
     with tempfile.TemporaryDirectory(prefix="dq-lpips-") as hub:
         checkpoints = Path(hub) / "checkpoints"
         checkpoints.mkdir()
-        os.symlink(path.resolve(), checkpoints / filename)
+        resave(state, checkpoints / filename)
         torch.hub.set_dir(hub)
         try:
             yield

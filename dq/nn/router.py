@@ -28,6 +28,15 @@ class TimestepRouter(nn.Module):
         self.register_buffer("boundaries", boundaries.float().reshape(-1))
         self.register_buffer("index", torch.zeros((), dtype=torch.long), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        # The boundaries stay float32 through dtype casts (a bfloat16 boundary near t=999 would
+        # be off by up to 4 steps); only their device follows the model.
+        boundaries = self.boundaries
+        super()._apply(fn, recurse)
+        if self.boundaries.dtype != boundaries.dtype:
+            self.boundaries = boundaries.to(self.boundaries.device)
+        return self
+
     @property
     def groups(self) -> int:
         return self.boundaries.numel() + 1
@@ -63,12 +72,16 @@ def attach_router(model: nn.Module, router: TimestepRouter) -> torch.utils.hooks
             "ranges cannot be looked up; use a recipe with timestep_groups: 1 or dynamic activations"
         )
     model.add_module(ROUTER_NAME, router)
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        t = read_timestep(position, args, kwargs)
-        if t is not None:
-            router.set_timestep(t)
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    # The hook holds no state of its own: it finds the router (and the argument position)
+    # through the module it is called on, so a deep copy of the model routes its own router.
+    model._dq_timestep_position = position
+    handle = model.register_forward_pre_hook(route_timestep, with_kwargs=True)
     model._dq_router_handle = handle
     return handle
+
+
+def route_timestep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a quantized denoiser: set its router's group from the call's timestep."""
+    t = read_timestep(getattr(module, "_dq_timestep_position", None), args, kwargs)
+    if t is not None:
+        getattr(module, ROUTER_NAME).set_timestep(t)
