@@ -153,7 +153,6 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_inference_steps=args.steps,
             scorer=scorer,
-            progress=show_progress(),
         )
     result.settings.update(
         model=args.model or "default", reference=args.reference, prompts=args.prompts or "shapes_eval"
