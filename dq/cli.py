@@ -3,13 +3,203 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import CalibrationError, DQError
 
 logger = logging.getLogger("dq")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dq quantize: error: ... (see dq quantize --help)``,
+    exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# argparse `type=` checkers: wrong values are refused before any work, exit status 2.
+def positive_int(text: str) -> int:
+    """An integer >= 1 (0 is an error, not "not given")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63-1, got {value}")
+    return value
+
+
+def guidance_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def check_writable(path: str | Path, option: str, *, folder: bool) -> Path:
+    """Refuse an output path that cannot be written, before any work: a part of it that is a
+    file, an existing file where a folder goes (or the reverse), or a parent where a probe file
+    cannot be created and removed (read-only file system, /proc, no permission)."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise DQError(f"{option} {path} is {'a file' if folder else 'a folder'}; give {'a folder' if folder else 'a file'} path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DQError(f"{option} {path}: {parent} is a file, not a folder; choose another {option}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dq-write-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DQError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc}); choose a writable {option}") from None
+    return path
+
+
+def check_device(name: str | None) -> str | None:
+    """Refuse a --device that does not exist on this machine, naming the ones that do."""
+    if name is None:
+        return None
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DQError(f"unknown --device {name!r}; use one of {available}") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DQError(f"--device {name}: no CUDA device is available on this machine; use one of {available}")
+        if device.index is not None and device.index >= count:
+            raise DQError(f"--device {name}: this machine has {count} CUDA device(s); use one of {available}")
+        return name
+    if device.type == "mps":
+        if "mps" not in available:
+            raise DQError(f"--device {name}: Apple MPS is not available on this machine; use one of {available}")
+        return name
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        raise DQError(f"--device {name}: no {device.type} device is available on this machine; use one of {available}")
+    return name
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a slash, a leading dot or ~,
+    or that exists, is a path."""
+    return (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") >= 2
+        or model.endswith("/")
+        or "\\" in model
+        or os.path.exists(model)
+    )
+
+
+def check_model(model: str | None, option: str = "MODEL") -> None:
+    """A MODEL that looks like a path must be a pipeline folder (with model_index.json)."""
+    if model is None or not _looks_like_path(model):
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise DQError(
+            f"cannot load pipeline {model!r}: no such folder; give a diffusers or dq folder, a hub id "
+            f"(org/name), or omit {option} for the embedded default pipeline"
+        )
+    if not path.is_dir():
+        raise DQError(f"cannot load pipeline {model!r}: it is a file; give the pipeline's folder (the one with model_index.json)")
+    if not (path / "model_index.json").is_file():
+        raise DQError(f"cannot load pipeline {model!r}: the folder has no model_index.json; give a diffusers or dq pipeline folder")
+
+
+def _damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first JSON or safetensors file of a pipeline folder that does not parse, and why."""
+    from safetensors import safe_open
+
+    files = [folder / "model_index.json", *sorted(folder.glob("*/*.json"))]
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return path, f"not valid JSON ({exc})"
+        if not isinstance(data, dict) and path.name in ("model_index.json", "config.json"):
+            return path, f"holds a JSON {type(data).__name__}, not an object"
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - any failure to read the header means damage
+            return path, f"not a readable safetensors file ({exc})"
+    return None
+
+
+def _one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The exception's message on one line (third-party messages: cut at `limit` characters)."""
+    text = " ".join(str(exc).split())
+    return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+
+
+def open_model(model: str | None, *, option: str = "MODEL", **kwargs: Any):
+    """`dq.io.open_pipeline` for the command line: a damaged checkpoint (bad JSON, truncated
+    safetensors, a plan that does not fit the weights) becomes a DQError naming the file."""
+    from safetensors import SafetensorError
+
+    from . import io
+
+    try:
+        return io.open_pipeline(model, **kwargs)
+    except (
+        json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError,
+        KeyError, AttributeError, TypeError, RuntimeError,
+    ) as exc:
+        from .paths import default_model_dir
+
+        folder = Path(model).expanduser() if model is not None else Path(default_model_dir())
+        if not folder.is_dir():  # a hub id: nothing local to point at
+            raise DQError(f"cannot load pipeline {model!r}: {_one_line(exc, 300)}") from exc
+        damaged = _damaged_file(folder)
+        if damaged is not None:
+            raise DQError(
+                f"cannot load pipeline {str(folder)!r}: {damaged[0]} is damaged: {_one_line(Exception(damaged[1]), 300)}; "
+                "re-save or re-download the pipeline"
+            ) from exc
+        raise DQError(
+            f"cannot load pipeline {str(folder)!r}: its files do not fit together "
+            f"({type(exc).__name__}: {_one_line(exc, 300)}); the quantization plan in the denoiser's config.json "
+            "and its weights must come from the same `dq quantize` run: re-save it"
+        ) from exc
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -26,20 +216,40 @@ def _dtype(name: str | None):
 
 def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("model", nargs="?", default=None, help=f"{what}; omitted: the embedded default pipeline")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 or mps (checked to exist)")
     p.add_argument("--dtype", default=None, help="torch dtype of the loaded pipeline (float32, bfloat16, float16)")
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from . import engine, io
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--verbose / --quiet on a sub-command (they may also come before it: ``dq -q quantize``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug lines from dq and all third-party output (progress bars, warnings)")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="warnings only: print nothing but the final result line")
 
-    out = Path(args.out)
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    # every check first (cheap ones before importing torch), then the work
+    out = check_writable(args.out, "--out", folder=True)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DQError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    check_model(args.model)
+    if args.calib_prompts is not None:
+        from .prompts import load_prompts
+
+        load_prompts(args.calib_prompts)  # DQError for a missing or empty prompt file
     recipe = _recipe_with_overrides(args)
-    pipe = io.open_pipeline(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
+    dtype = _dtype(args.dtype)
+    check_device(args.device)
+
+    from . import engine, io
+    from .logs import quiet_third_party
+
+    pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
     engine.quantize(pipe, recipe, calib_prompts=args.calib_prompts, num_inference_steps=args.steps)
-    io.save(pipe, out, overwrite=args.overwrite)
+    with quiet_third_party():
+        io.save(pipe, out, overwrite=args.overwrite)
     print(f"quantized with recipe {recipe.name!r} -> {out}")
     return 0
 
@@ -62,15 +272,24 @@ def recipe_with_overrides(recipe, *, num_prompts: int | None = None):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import io
-    from .calibrate.run import prompt_kwargs
-
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise DQError(f"--out {out} must end in .png, .jpg or .webp")
-    pipe = io.open_pipeline(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
+    check_writable(out, "--out", folder=False)
+    if not args.prompt.strip():
+        raise DQError("--prompt is empty; give the text of the image to generate")
+    check_model(args.model)
+    dtype = _dtype(args.dtype)
+    check_device(args.device)
+
+    import torch
+
+    from .calibrate.run import prompt_kwargs
+    from .logs import quiet_third_party, show_progress
+
+    pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
+    if not show_progress():
+        pipe.set_progress_bar_config(disable=True)
     kwargs = {}
     if args.steps is not None:
         kwargs["num_inference_steps"] = args.steps
@@ -78,7 +297,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kwargs["guidance_scale"] = args.guidance_scale
     device = getattr(pipe, "_execution_device", None) or "cpu"
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    image = pipe(**prompt_kwargs(pipe, [args.prompt]), generator=generator, **kwargs).images[0]
+    with quiet_third_party():
+        image = pipe(**prompt_kwargs(pipe, [args.prompt]), generator=generator, **kwargs).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     image.save(tmp)
@@ -120,8 +340,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dq", description="Timestep-aware quantization of diffusers pipelines")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = _Parser(prog="dq", description="Timestep-aware quantization of diffusers pipelines")
+    add_output_args(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a pipeline, save it as a diffusers folder")
@@ -129,18 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="w8a8", help="preset name (see `dq recipes`) or a .yaml/.json recipe file")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--calib-prompts", default=None, help="prompt file (one per line) or shipped set name")
-    q.add_argument("--num-prompts", type=int, default=None, help="calibration prompts to use (default: the recipe's)")
-    q.add_argument("--steps", type=int, default=None, help="sampler steps per calibration prompt")
+    q.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
+    q.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_output_args(q)
     q.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate one image")
     _add_model_args(g, "hub id, diffusers folder or dq-quantized folder")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--steps", type=positive_int, default=None)
+    g.add_argument("--guidance-scale", type=guidance_float, default=None)
     g.add_argument("--out", required=True, help="image file (.png)")
+    add_output_args(g)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("recipes", help="list the preset recipes")
@@ -169,13 +391,24 @@ def _missing_eval(exc: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``dq`` command line; returns the exit status: 0, 2 for bad input (one line on
+    stderr saying what to change), 130 when interrupted."""
+    from .logs import DEFAULT, QUIET, VERBOSE, cli_output
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, the message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+        print("dq: error: --verbose and --quiet contradict each other; pass one of them", file=sys.stderr)
+        return 2
+    verbosity = VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else DEFAULT
+    try:
+        with cli_output(verbosity):
+            return int(args.func(args) or 0)
     except (DQError, CalibrationError) as exc:
-        print(f"dq: error: {exc}", file=sys.stderr)
+        print(f"dq: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dq: interrupted", file=sys.stderr)

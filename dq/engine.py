@@ -87,8 +87,15 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
         spec = arch_for(model)
         keep, weight_only = default_keep(model, spec), default_weight_only(model, spec)
     keep_patterns = [re.compile(p) for p in recipe.keep]
+    layers = list(quantizable_layers(model))
+    # a pattern that matches nothing is a warning, not an error: recipes are shared between models
+    for where, pattern in [("keep", p) for p in recipe.keep] + [("overrides", o.pattern) for o in recipe.overrides]:
+        if not any(re.search(pattern, name) for name, _ in layers):
+            example = f" (layer names look like {layers[0][0]!r})" if layers else ""
+            logger.warning("recipe %s pattern %r matches no layer of %s%s; it has no effect: fix or remove it",
+                           where, pattern, type(model).__name__, example)
     plan = []
-    for name, module in quantizable_layers(model):
+    for name, module in layers:
         if name in keep or any(p.search(name) for p in keep_patterns):
             continue
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
@@ -243,6 +250,13 @@ def quantize(
     it as it was.
     """
     recipe = Recipe.from_any(recipe)
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
+        raise DQError(
+            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}; "
+            f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
+        )
     _, model = find_denoiser(pipe)
     if is_quantized(model):
         raise DQError("this pipeline's denoiser is already quantized; load the full-precision model again")
@@ -255,7 +269,8 @@ def quantize(
         )
     works = plan_components(plan, recipe)
     store, groups, prepared = calibrate_and_prepare(
-        pipe, model, plan, works, recipe, calib_prompts, num_inference_steps or recipe.calib_steps, call_kwargs
+        pipe, model, plan, works, recipe, calib_prompts,
+        recipe.calib_steps if num_inference_steps is None else num_inference_steps, call_kwargs
     )
     router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
     with torch.no_grad():

@@ -85,11 +85,16 @@ def check_reference(quantized: nn.Module, reference: nn.Module, *, what: str = "
         )
 
 
-def open_reference(quantized_pipe, reference: str | Path | None, *, device=None):
+def open_reference(quantized_pipe, reference: str | Path | None, *, device=None, opener=None):
     """The full-precision pipeline a quantized pipeline is compared with: ``reference`` when
-    given (checked against the recorded source weights), else the recorded source."""
+    given (checked against the recorded source weights), else the recorded source.
+    opener(name_or_none) opens a pipeline (default: ``dq.io.open_pipeline`` on ``device``)."""
     from .engine import find_denoiser
     from .io import open_pipeline
+
+    if opener is None:
+        def opener(name):
+            return open_pipeline(name, device=device)
 
     _, qmodel = find_denoiser(quantized_pipe)
     source = source_of(qmodel)
@@ -101,7 +106,7 @@ def open_reference(quantized_pipe, reference: str | Path | None, *, device=None)
                 "pass the full-precision model with --reference MODEL"
             )
         try:
-            pipe = open_pipeline(None if name == EMBEDDED_DEFAULT else name, device=device)
+            pipe = opener(None if name == EMBEDDED_DEFAULT else name)
         except DQError as exc:
             raise DQError(
                 f"the quantized folder was made from {name}, which cannot be opened here ({exc}); "
@@ -109,7 +114,7 @@ def open_reference(quantized_pipe, reference: str | Path | None, *, device=None)
             ) from exc
         what = f"{name} (its recorded source)"
     else:
-        pipe = open_pipeline(reference, device=device)
+        pipe = opener(reference)
         what = f"--reference {reference}"
     check_reference(qmodel, find_denoiser(pipe)[1], what=what)
     return pipe

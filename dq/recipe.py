@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -19,6 +19,87 @@ from .errors import DQError
 from .quant.spec import QuantSpec
 
 FORMAT_VERSION = 1
+
+
+def _kind(value: Any) -> str:
+    """How a value reads in YAML/JSON terms, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _type_error(where: str, value: Any, expected: str) -> DQError:
+    hint = ""
+    if expected == "true or false" and isinstance(value, str):
+        hint = "; write true or false without quotes"
+    elif expected.startswith(("an integer", "a positive integer", "a number")) and isinstance(value, str):
+        hint = "; write the number without quotes"
+    return DQError(f"{where} must be {expected}, got {value!r} ({_kind(value)}){hint}")
+
+
+def _check_type(value: Any, expected: str, where: str, *, nullable: bool = False) -> None:
+    """Refuse `value` unless it is of the `expected` JSON type: "bool" (true/false only, no
+    strings like "no"), "int" (not a bool, not a float), "number" (int or float, not a bool)
+    or "str"; `nullable` also accepts null."""
+    if value is None and nullable:
+        return
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[expected]
+    if not ok:
+        names = {"bool": "true or false", "int": "an integer", "number": "a number", "str": "a string"}
+        raise _type_error(where, value, names[expected] + (" or null" if nullable else ""))
+
+
+# The JSON type of each QuantSpec option (checked before QuantSpec's own range checks).
+_SPEC_TYPES: dict[str, str] = {
+    "bits": "int",
+    "kind": "str",
+    "symmetric": "bool",
+    "granularity": "str",
+    "group_size": "int",
+    "range": "str",
+    "percentile": "number",
+    "dynamic": "bool",
+    "log": "bool",
+}
+
+
+def _spec(value: Any, where: str) -> QuantSpec | None:
+    """A nested quantizer spec (null, a mapping of QuantSpec options or a QuantSpec), type-checked
+    option by option; errors name the field (e.g. ``weight.symmetric``)."""
+    if value is None:
+        return None
+    if isinstance(value, QuantSpec):
+        options = value.to_dict()
+    elif isinstance(value, dict):
+        options = value
+    else:
+        raise _type_error(where, value, "a mapping of quantizer options (bits, kind, granularity, ...) or null")
+    for key, option in options.items():
+        if not isinstance(key, str):
+            raise DQError(f"{where}: option names must be strings, got {key!r}")
+        if key in _SPEC_TYPES:
+            _check_type(option, _SPEC_TYPES[key], f"{where}.{key}")
+    try:
+        return QuantSpec.from_dict(value)
+    except DQError as exc:
+        raise DQError(f"{where}: {exc}") from exc
 
 
 @dataclass
@@ -33,12 +114,14 @@ class LayerOverride:
     keep: bool = False
 
     def __post_init__(self) -> None:
+        _check_type(self.pattern, "str", "override pattern")
         try:
             re.compile(self.pattern)
         except re.error as exc:
             raise DQError(f"override pattern {self.pattern!r} is not a valid regular expression: {exc}") from exc
-        self.weight = QuantSpec.from_dict(self.weight)
-        self.activation = QuantSpec.from_dict(self.activation)
+        self.weight = _spec(self.weight, f"override {self.pattern!r} weight")
+        self.activation = _spec(self.activation, f"override {self.pattern!r} activation")
+        _check_type(self.keep, "bool", f"override {self.pattern!r} keep")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,7 +136,7 @@ def _check_patterns(patterns: Any, where: str) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise DQError(f"{where} must be a list of regular expressions, got {patterns!r}")
+        raise _type_error(where, patterns, "a list of regular expressions (strings)")
     for pattern in patterns:
         try:
             re.compile(pattern)
@@ -71,8 +154,13 @@ class Component:
     exclude: list[str] = field(default_factory=list)
 
     name = "component"
+    # JSON type of each option of the subclass ("bool", "int", "number", "str"; "?" suffix: or null),
+    # checked before the subclass's own range checks
+    option_types: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
+        for key, expected in self.option_types.items():
+            _check_type(getattr(self, key), expected.rstrip("?"), f"{self.name}.{key}", nullable=expected.endswith("?"))
         self.include = _check_patterns(self.include, f"{self.name}.include")
         self.exclude = _check_patterns(self.exclude, f"{self.name}.exclude")
 
@@ -98,7 +186,7 @@ class Component:
         if isinstance(value, cls):
             return value
         if not isinstance(value, dict):
-            raise DQError(f"recipe component {cls.name!r} must be null, true/false or a mapping of options, got {value!r}")
+            raise _type_error(f"recipe field {cls.name}", value, "null, true/false or a mapping of options")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -123,6 +211,7 @@ class SmoothConfig(Component):
     aggregate: str = "rms"
 
     name = "smooth"
+    option_types: ClassVar[dict[str, str]] = {"grid": "int", "aggregate": "str"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,6 +239,7 @@ class RotateConfig(Component):
     seed: int = 0
 
     name = "rotate"
+    option_types: ClassVar[dict[str, str]] = {"block_size": "int?", "seed": "int"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,6 +265,7 @@ class LowRankConfig(Component):
     iters: int = 3
 
     name = "lowrank"
+    option_types: ClassVar[dict[str, str]] = {"rank": "int", "iters": "int"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,6 +285,7 @@ class GPTQConfig(Component):
     act_order: bool = False
 
     name = "gptq"
+    option_types: ClassVar[dict[str, str]] = {"damp": "number", "block_size": "int", "act_order": "bool"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,6 +314,7 @@ class AttentionConfig(Component):
     qkv: QuantSpec | None = None
 
     name = "attention"
+    option_types: ClassVar[dict[str, str]] = {"probs": "str", "probs_bits": "int"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,7 +322,7 @@ class AttentionConfig(Component):
             raise DQError(f"unknown attention.probs quantizer {self.probs!r}; choose one of {list(PROBS_QUANTIZERS)}")
         if isinstance(self.probs_bits, bool) or not isinstance(self.probs_bits, int) or not 2 <= self.probs_bits <= 8:
             raise DQError(f"attention.probs_bits must be an integer from 2 to 8, got {self.probs_bits!r}")
-        self.qkv = QuantSpec.from_dict(self.qkv)
+        self.qkv = _spec(self.qkv, "attention.qkv")
         if self.qkv is not None:
             if self.qkv.granularity not in ("token", "tensor") or self.qkv.log:
                 raise DQError("attention.qkv must be a dynamic 'token' or 'tensor' quantizer without log")
@@ -291,8 +384,18 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
-        self.weight = QuantSpec.from_dict(self.weight)
-        self.activation = QuantSpec.from_dict(self.activation)
+        for key in ("name", "calib_prompts", "execution", "description"):
+            _check_type(getattr(self, key), "str", f"recipe field {key}")
+        _check_type(self.keep_defaults, "bool", "recipe field keep_defaults")
+        for key in ("timestep_groups", "calib_num_prompts", "calib_steps", "calib_batch_size", "histogram_bins"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _type_error(f"recipe field {key}", value, "a positive integer")
+        _check_type(self.calib_seed, "int", "recipe field calib_seed")
+        if self.calib_seed < 0:
+            raise DQError(f"recipe field calib_seed must be a non-negative integer, got {self.calib_seed!r}")
+        self.weight = _spec(self.weight, "recipe field weight")
+        self.activation = _spec(self.activation, "recipe field activation")
         if self.weight is None and self.activation is None:
             raise DQError("the recipe quantizes nothing: give it a weight and/or an activation spec")
         if self.weight is not None and self.weight.granularity == "token":
@@ -302,17 +405,11 @@ class Recipe:
                 f"activation granularity {self.activation.granularity!r} is not supported; use 'tensor' "
                 "(static, calibrated per timestep group) or 'token' (dynamic)"
             )
-        for key in ("timestep_groups", "calib_num_prompts", "calib_steps", "calib_batch_size", "histogram_bins"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise DQError(f"recipe field {key} must be a positive integer, got {value!r}")
-        for pattern in self.keep:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise DQError(f"keep pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        self.keep = _check_patterns(self.keep, "recipe field keep")
         if self.execution not in ("auto", "real", "sim"):
-            raise DQError(f"execution must be 'auto', 'real' or 'sim', got {self.execution!r}")
+            raise DQError(f"recipe field execution must be 'auto', 'real' or 'sim', got {self.execution!r}")
+        if not isinstance(self.overrides, (list, tuple)):
+            raise _type_error("recipe field overrides", self.overrides, "a list of mappings with a 'pattern' key")
         self.overrides = [o if isinstance(o, LayerOverride) else _override_from_dict(o) for o in self.overrides]
         for key, cls in COMPONENTS.items():
             setattr(self, key, cls.from_any(getattr(self, key)))
@@ -346,11 +443,16 @@ class Recipe:
         if not isinstance(data, dict):
             raise DQError(f"a recipe must be a mapping, got {type(data).__name__}")
         data = dict(data)
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise DQError(f"recipe field names must be strings, got {bad_keys!r}")
         version = data.pop("format_version", FORMAT_VERSION)
+        _check_type(version, "int", "recipe field format_version")
         if version > FORMAT_VERSION:
             raise DQError(f"recipe format version {version} is newer than this dq ({FORMAT_VERSION}); upgrade dq")
         base = data.pop("base", None)
         if base is not None:
+            _check_type(base, "str", "recipe field base")
             merged = preset(base).to_dict()
             merged.pop("format_version")
             merged["name"] = "custom"
@@ -377,7 +479,10 @@ class Recipe:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise DQError(f"recipe file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-        recipe = cls.from_dict(data or {})
+        try:
+            recipe = cls.from_dict(data if data is not None else {})
+        except DQError as exc:
+            raise DQError(f"recipe file {path}: {exc}") from exc
         if recipe.name == "custom":
             recipe.name = path.stem
         return recipe
@@ -405,7 +510,7 @@ class Recipe:
 
 def _override_from_dict(data: Any) -> LayerOverride:
     if not isinstance(data, dict) or "pattern" not in data:
-        raise DQError("each override needs a mapping with a 'pattern' key (a regex of layer names)")
+        raise DQError(f"each override needs a mapping with a 'pattern' key (a regex of layer names), got {data!r}")
     known = {f.name for f in fields(LayerOverride)}
     unknown = sorted(set(data) - known)
     if unknown:

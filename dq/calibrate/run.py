@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, DQError
+from ..logs import quiet_third_party, show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +60,19 @@ def run_pipeline(
     desc: str = "calibrating",
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Call `pipe` over `prompts` in batches, seeded per batch, with a progress bar."""
+    """Call `pipe` over `prompts` in batches, seeded per batch, with a progress bar over the
+    batches (hidden under ``dq ... --quiet``) and one summary log line at the end."""
     if not prompts:
         raise DQError("the calibration prompt list is empty; pass calib_prompts=[...] or a prompt file")
     kwargs = {**_fast_output(pipe), **(call_kwargs or {})}
     old_bar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
     device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
+    starts = range(0, len(prompts), batch_size)
+    began = time.perf_counter()
     try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        with torch.inference_mode(), quiet_third_party():
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress()):
                 batch = prompts[start : start + batch_size]
                 if on_batch is not None:
                     on_batch(len(batch))
@@ -81,3 +86,7 @@ def run_pipeline(
         raise CalibrationError(f"the pipeline failed during calibration: {type(exc).__name__}: {exc}") from exc
     finally:
         pipe.set_progress_bar_config(**old_bar)
+    logger.info(
+        "%s: %d prompts in %d batches of up to %d, %d steps each, %.1f s",
+        desc, len(prompts), len(starts), batch_size, num_inference_steps, time.perf_counter() - began,
+    )

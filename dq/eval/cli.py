@@ -20,6 +20,7 @@ DEFAULT_NUM_PROMPTS = 64
 
 def add_eval_parser(subparsers) -> None:
     """Add the ``eval`` sub-command to an argparse sub-parser set."""
+    from dq.cli import add_output_args, positive_int, seed_int
     parser = subparsers.add_parser(
         "eval",
         help="generate images and score them (FID, CLIP score, attribute accuracy, LPIPS, PSNR, SSIM)",
@@ -44,7 +45,7 @@ def add_eval_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--num-prompts",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"use the first N prompts (default: all of --prompts, or the first {DEFAULT_NUM_PROMPTS} of calib/shapes_eval.txt)",
@@ -59,16 +60,16 @@ def add_eval_parser(subparsers) -> None:
         "--json", dest="json_out", metavar="OUT", help="write the results as JSON here"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="inference steps (default: the pipeline's)"
+        "--steps", type=positive_int, default=None, help="inference steps (default: the pipeline's)"
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=4,
         help="images per pipeline call (does not change the images)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="prompt i is generated with seed SEED+i"
+        "--seed", type=seed_int, default=0, help="prompt i is generated with seed SEED+i"
     )
     parser.add_argument(
         "--real-images",
@@ -102,25 +103,22 @@ def add_eval_parser(subparsers) -> None:
         help="open_clip pretrained tag or local checkpoint file for --clip-model",
     )
     parser.add_argument(
-        "--device", default=None, help="device for the pipelines (default: as loaded)"
+        "--device", default=None, help="device for the pipelines (default: as loaded; checked to exist)"
     )
+    add_output_args(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``dq eval``; raises ``EvalError`` (a ``DQError``) with a message on bad input."""
-    from dq.io import open_pipeline
+    """Run ``dq eval``; raises ``EvalError`` (a ``DQError``) with a message on bad input.
+    Every option is checked before a pipeline is opened."""
+    from dq.cli import check_device, check_model, check_writable, open_model
+    from dq.logs import quiet_third_party, show_progress
     from dq.provenance import open_reference
 
+    if args.json_out:
+        check_writable(args.json_out, "--json", folder=False)
     metrics = parse_metrics(args.metrics)
     prompts = _prompts(args.prompts, args.num_prompts)
-    scorer = Scorer(
-        metrics,
-        fid_features=args.fid_features,
-        inception_weights=args.inception_weights,
-        lpips_weights=args.lpips_weights,
-        clip_model=args.clip_model,
-        clip_pretrained=args.clip_pretrained,
-    )
     for path, option in (
         (args.inception_weights, "--inception-weights"),
         (args.lpips_weights, "--lpips-weights"),
@@ -129,20 +127,38 @@ def run_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"{option} {path}: no such file")
     if args.real_images is not None and not Path(args.real_images).is_dir():
         raise EvalError(f"--real-images {args.real_images}: no such folder")
-    pipe = open_pipeline(args.model, device=args.device)
+    check_model(args.model, "MODEL_OR_DIR")
+    if args.reference:
+        check_model(args.reference, "--reference")
+    check_device(args.device)
+    scorer = Scorer(
+        metrics,
+        fid_features=args.fid_features,
+        inception_weights=args.inception_weights,
+        lpips_weights=args.lpips_weights,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+    )
+    pipe = open_model(args.model, device=args.device)
     reference = None
     if args.reference or _compares_with_source(pipe, metrics, args.real_images):
-        reference = open_reference(pipe, args.reference, device=args.device)
-    result = evaluate(
-        pipe,
-        prompts,
-        reference=reference,
-        real_images=args.real_images,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        num_inference_steps=args.steps,
-        scorer=scorer,
-    )
+        reference = open_reference(
+            pipe, args.reference, opener=lambda name: open_model(name, option="--reference", device=args.device)
+        )
+    for p in (pipe, reference):
+        if p is not None and not show_progress():
+            p.set_progress_bar_config(disable=True)
+    with quiet_third_party():
+        result = evaluate(
+            pipe,
+            prompts,
+            reference=reference,
+            real_images=args.real_images,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            num_inference_steps=args.steps,
+            scorer=scorer,
+        )
     result.settings.update(
         model=args.model or "default", reference=args.reference, prompts=args.prompts or "shapes_eval"
     )
