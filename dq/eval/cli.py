@@ -127,10 +127,6 @@ def run_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"{option} {path}: no such file")
     if args.real_images is not None and not Path(args.real_images).is_dir():
         raise EvalError(f"--real-images {args.real_images}: no such folder")
-    check_model(args.model, "MODEL_OR_DIR")
-    if args.reference:
-        check_model(args.reference, "--reference")
-    check_device(args.device)
     scorer = Scorer(
         metrics,
         fid_features=args.fid_features,
@@ -139,6 +135,10 @@ def run_eval(args: argparse.Namespace) -> int:
         clip_model=args.clip_model,
         clip_pretrained=args.clip_pretrained,
     )
+    check_model(args.model, "MODEL_OR_DIR")
+    if args.reference:
+        check_model(args.reference, "--reference")
+    check_device(args.device)
     pipe = open_model(args.model, device=args.device)
     reference = None
     if args.reference or _compares_with_source(pipe, metrics, args.real_images):
