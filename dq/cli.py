@@ -329,6 +329,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise DQError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.fresh:
+        from .kernels import choice
+
+        choice.cache().clear()
     rows = doctor.measure_table(widths, args.rows)
     print(doctor.render(rows))
     if args.json:
@@ -373,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=256, help="rows (tokens x batch) per call")
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     d.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    d.add_argument("--fresh", action="store_true", help="forget this machine's cached choices and measure again")
     d.set_defaults(func=cmd_doctor)
 
     try:

@@ -201,3 +201,6 @@ def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
     body = json.loads((cache_folder / "d.json").read_text())
     assert body["machine"]["cpu"] and {r["fmt"] for r in body["rows"]} == {"w8a8", "w8a8-dynamic", "w4a8", "w4a16"}
     assert main(["doctor", "--widths", "0"]) == 2
+    before = choice.cache().path.stat().st_mtime_ns
+    assert main(["doctor", "--widths", "32", "--rows", "16", "--fresh"]) == 0  # re-measures and rewrites
+    assert choice.cache().path.stat().st_mtime_ns > before

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import platform
-import statistics
 import tempfile
 import threading
 import time
@@ -54,9 +53,11 @@ CACHE_VERSION = 1
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
-SCREEN_MIN_S = 2e-3
+SCREEN_MIN_S = 5e-3
+SCREEN_BUDGET_S = 0.05
 MAX_REL_ERROR = 1e-3
-TIME_BUDGET_S = 0.05
+TIME_BUDGET_S = 0.1
+MIN_ROUNDS = 2
 MAX_REPS = 7
 # CPU flags that change which kernels oneDNN and ATen run.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx512_fp16")
@@ -164,6 +165,12 @@ class ChoiceCache:
             self.entries[key] = measurement
             self._write()
 
+    def clear(self) -> None:
+        """Forget every choice of this machine (in memory and on disk): all are measured again."""
+        with self._lock:
+            self.entries = {}
+            self.path.unlink(missing_ok=True)
+
     def _write(self) -> None:
         """Atomically: merge with what another process wrote meanwhile, write a temporary
         file beside the cache, rename it over. A cache that cannot be written is not an error."""
@@ -223,14 +230,15 @@ def _time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _median_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> float:
-    """Median of a few timed calls after one warm-up call (that call alone if it overran
-    the budget: a reference kernel is not run twice)."""
+def _best_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> float:
+    """Best of a few timed calls after one warm-up call (that call alone if it overran the
+    budget: a reference kernel is not run twice). The minimum, not the median: on a shared
+    machine a call is only ever slowed down by others, never sped up."""
     first = _time_once(fn, sync)
     if first > budget:
         return first
-    reps = max(1, min(MAX_REPS, int(budget / max(first, 1e-9))))
-    return statistics.median(_time_once(fn, sync) for _ in range(reps))
+    reps = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(first, 1e-9))))
+    return min(_time_once(fn, sync) for _ in range(reps))
 
 
 def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> dict[str, float]:
@@ -239,7 +247,7 @@ def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], bud
     best = {name: _time_once(fn, sync) for name, fn in fns.items()}  # warm-up round
     if not best:
         return best
-    rounds = max(1, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
+    rounds = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
     best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -277,8 +285,7 @@ def measure(
                 if not error <= tolerance:
                     dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
                     continue
-                budget = TIME_BUDGET_S / 5
-                screen[path] = first if first > budget else _median_time(lambda fn=fn: fn(probe), sync, budget)
+                screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S)
             except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
                 dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
         if screen:
@@ -293,7 +300,7 @@ def measure(
             times = {}
             for path, fn in survivors.items():
                 try:
-                    times[path] = _median_time(fn, sync)
+                    times[path] = _best_time(fn, sync)
                 except Exception as exc:
                     dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
     return Measurement(decide(times, dropped), times, dropped)
