@@ -23,13 +23,15 @@ import dq
 from dq.arch import arch_for, default_keep
 from dq.engine import find_denoiser
 from dq.eval import Scorer, generate_images
+from dq.logs import quiet_third_party
 from dq.prompts import load_prompts
 
 METRICS = ("fid", "clip", "attr", "lpips", "psnr", "ssim")
 
 
 def torchao_int8_dynamic(pipe) -> None:
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    with quiet_third_party():  # torchao's import-time warnings
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     _, model = find_denoiser(pipe)
     keep = default_keep(model, arch_for(model))

@@ -51,6 +51,7 @@ from dq.engine import find_denoiser, plan_layers, swap_modules  # noqa: E402
 from dq.errors import DQError  # noqa: E402
 from dq.kernels import choice, set_execution  # noqa: E402
 from dq.kernels.dispatch import runtime_nbytes  # noqa: E402
+from dq.logs import quiet_third_party  # noqa: E402
 from dq.nn import QuantConv2d, QuantLinear, TimestepRouter  # noqa: E402
 from dq.nn.router import attach_router  # noqa: E402
 from dq.quant.packing import weight_nbytes  # noqa: E402
@@ -110,14 +111,16 @@ def quantize_denoiser(model: nn.Module, recipe: Recipe, make_call: Callable[[int
 
 def torchao_int8(model: nn.Module, names: set[str]) -> nn.Module:
     """torchao int8 dynamic activation x int8 weight on the same layers dq quantizes."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    with quiet_third_party():  # torchao's import-time warnings
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in names)
     return model
 
 
 def torchao_fp8(model: nn.Module, names: set[str]) -> nn.Module:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    with quiet_third_party():  # torchao's import-time warnings
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(), filter_fn=lambda m, fqn: fqn in names)
     return model
