@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 
 import dq
 from dq.engine import find_denoiser
+from dq.kernels.choice import machine as cpu_info
 from dq.recipe import preset
 
 RESULTS = Path(__file__).parent / "results"
@@ -219,7 +219,7 @@ def main() -> None:
     out = {
         "model": f"tiny-{args.tiny}" if args.tiny else (args.model or "embedded-default"),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "machine": f"{cpu_info()['cpu']} (ISA {', '.join(cpu_info()['isa']) or 'none'}), {args.threads} threads",
         "settings": {
             "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps,
             "quick": args.quick, "metrics": metric_names,

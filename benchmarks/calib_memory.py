@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -71,11 +70,15 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     fp, cal = rows
+    from dq.kernels.choice import (
+        machine,  # here, not at import: the children measure their own memory
+    )
+
     result = {
         "model": args.tiny or "embedded-default",
         "prompts": args.prompts,
         "steps": args.steps,
-        "machine": platform.machine() + " " + platform.processor(),
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "full_precision": fp,
         "calibration_w8a8": cal,

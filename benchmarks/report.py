@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -15,18 +14,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
+def machine() -> dict[str, object]:
+    """The machine a result was measured on: CPU model, vendor, family/model/stepping and the
+    ISA flags that decide kernel speed (`dq.kernels.choice.machine`), cores, torch, date."""
+    from dq.kernels.choice import machine as kernel_machine
+
+    info = kernel_machine()
+    out = {k: info[k] for k in ("cpu", "vendor", "family_model_stepping", "isa", "torch")}
+    out.update(cores=str(os.cpu_count()), date=time.strftime("%Y-%m-%d"))
+    if info["cuda"]:
+        out["gpu"] = info["cuda"]
     return out
 
 

@@ -31,7 +31,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -576,12 +575,7 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
 
 # -- report ------------------------------------------------------------------------------
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)
-    except (OSError, AttributeError):
-        pass
+    cpu = choice.machine()["cpu"]
     gpu = f"-{torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu}-{os.cpu_count()}cores{gpu}").strip("-").lower()
 
