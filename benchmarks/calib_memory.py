@@ -70,9 +70,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     fp, cal = rows
-    from dq.kernels.choice import (
-        machine,  # here, not at import: the children measure their own memory
-    )
+    # imported here, not at the top: the children measure their own memory
+    from dq.kernels.choice import machine
 
     result = {
         "model": args.tiny or "embedded-default",
