@@ -37,7 +37,8 @@ def weights_sha256(model: nn.Module, dtype: torch.dtype | None = None) -> str:
             tensor = tensor.to(dtype)
         tensor = tensor.contiguous().cpu()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
     return digest.hexdigest()
 
 
@@ -89,7 +90,7 @@ def open_reference(quantized_pipe, reference: str | Path | None, *, device=None,
     """The full-precision pipeline a quantized pipeline is compared with: ``reference`` when
     given (checked against the recorded source weights), else the recorded source.
     opener(name_or_none) opens a pipeline (default: ``dq.io.open_pipeline`` on ``device``)."""
-    from .engine import find_denoiser
+    from .engine import find_denoiser, is_quantized
     from .io import open_pipeline
 
     if opener is None:
@@ -116,5 +117,6 @@ def open_reference(quantized_pipe, reference: str | Path | None, *, device=None,
     else:
         pipe = opener(reference)
         what = f"--reference {reference}"
-    check_reference(qmodel, find_denoiser(pipe)[1], what=what)
+    if source is not None or is_quantized(qmodel):  # a full-precision model has nothing to check
+        check_reference(qmodel, find_denoiser(pipe)[1], what=what)
     return pipe

@@ -160,3 +160,20 @@ def test_scorer_and_cli_refuse_before_generating(option, evil, tmp_path, capsys)
     assert "refused" in err or "TorchScript" in err or "pickled" in err
     assert "Traceback" not in err
     assert not marker.exists()
+
+
+def test_pipeline_folders_with_pickled_weights_are_never_unpickled(evil, tmp_path, capsys):
+    """MODEL and --reference folders: diffusers/transformers load .bin weights with
+    weights_only=True; a crafted one is an error (exit 2), never executed."""
+    from dq.testing.tiny import tiny_pipeline
+
+    path, marker = evil
+    folder = tmp_path / "pipe"
+    tiny_pipeline("sd15").save_pretrained(folder, safe_serialization=False)
+    weights = folder / "unet" / "diffusion_pytorch_model.bin"
+    assert weights.is_file()
+    shutil.copy(path, weights)
+    assert main(["eval", str(folder), "--num-prompts", "1", "--metrics", "clip"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["eval", "--reference", str(folder), "--num-prompts", "1", "--metrics", "psnr"]) == 2
+    assert not marker.exists()
