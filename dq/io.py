@@ -355,10 +355,12 @@ def load_denoiser(
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(plain)
     install_shells(model, qc, str(folder / "config.json"))
-    weights = folder / WEIGHTS_NAME
     missing, unexpected = model.load_state_dict(read_weights(folder), strict=False, assign=True)
     if missing or unexpected:
-        raise DQError(f"{weights} does not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise DQError(
+            f"the weights in {folder} do not match its config.json plan: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; save the pipeline again"
+        )
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")

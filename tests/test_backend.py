@@ -232,3 +232,16 @@ def test_dynamic_recipe_without_smoothing_quantizes_at_load(float_dir):
 def test_recipes_needing_calibration_are_refused_at_load(float_dir, recipe):
     with pytest.raises(DQError, match=r"needs calibration.*dq\.quantize\(pipe, recipe\).*from_pretrained the saved folder"):
         PixArtTransformer2DModel.from_pretrained(float_dir, subfolder="transformer", quantization_config=dq.DQConfig(recipe=recipe))
+
+
+def test_shard_index_naming_other_files_is_refused(w8a8, tmp_path):
+    root, _, _ = w8a8
+    bad = tmp_path / "bad-index"
+    shutil.copytree(root / "sharded", bad)
+    index_path = bad / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DQError, match=r"lists shard '\.\./\.\./elsewhere\.safetensors'"):
+        dq.load(bad)
