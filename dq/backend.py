@@ -214,9 +214,13 @@ class DQQuantizer(DiffusersQuantizer):
         self, model: nn.Module, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
     ) -> bool:
         """The quantized storage and the router's boundaries keep their checkpoint dtypes (diffusers
-        would cast every float tensor to ``torch_dtype``): `create_quantized_param` sets them."""
+        would cast every float tensor to ``torch_dtype``): `create_quantized_param` sets them.
+        Without ``torch_dtype`` every tensor keeps its checkpoint dtype, as in `dq.load` (diffusers
+        would make the float ones float32)."""
         if not self.pre_quantized:
             return False
+        if self.torch_dtype is None:
+            return True
         module_name, _, leaf = param_name.rpartition(".")
         try:
             module = model.get_submodule(module_name)
@@ -231,13 +235,18 @@ class DQQuantizer(DiffusersQuantizer):
         module_name, _, leaf = param_name.rpartition(".")
         module = model.get_submodule(module_name)
         value = state_dict[param_name]  # not param_value: that one may be cast to torch_dtype
-        old = module._buffers.get(leaf)
+        is_param = leaf in module._parameters
+        old = module._parameters[leaf] if is_param else module._buffers.get(leaf)
         if old is not None and tuple(old.shape) != tuple(value.shape):
             raise DQError(
                 f"{param_name}: the checkpoint holds shape {tuple(value.shape)} where the saved plan makes "
                 f"{tuple(old.shape)}; the weights and config.json do not belong together: save the pipeline again"
             )
-        module._buffers[leaf] = value.to(target_device)
+        value = value.to(target_device)
+        if is_param:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+        else:
+            module._buffers[leaf] = value
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .io import install_runtime

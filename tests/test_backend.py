@@ -245,3 +245,15 @@ def test_shard_index_naming_other_files_is_refused(w8a8, tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(DQError, match=r"lists shard '\.\./\.\./elsewhere\.safetensors'"):
         dq.load(bad)
+
+
+def test_checkpoint_dtypes_kept_without_torch_dtype(tmp_path):
+    """A pipeline quantized in bfloat16 loads in bfloat16 without torch_dtype, as with dq.load."""
+    pipe = dq.quantize(tiny_pipeline(KIND, dtype=torch.bfloat16), "w4a16")
+    dq.save(pipe, tmp_path / "bf16")
+    ours = PixArtTransformer2DModel.from_pretrained(tmp_path / "bf16", subfolder="transformer")
+    theirs = dq.load(tmp_path / "bf16").transformer
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and a["proj_out.weight"].dtype == torch.bfloat16
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert all(not p.requires_grad for p in ours.parameters()) == all(not p.requires_grad for p in theirs.parameters())
