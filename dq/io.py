@@ -276,7 +276,7 @@ def install_shells(model: nn.Module, qc: dict[str, Any], where: str) -> dict[str
     if missing:
         raise DQError(
             f"{where}: quantization_config.plan names layers that {type(model).__name__} does not have as "
-            f"Linear/Conv2d: {missing[:5]}; the plan and the model config do not belong together (the folder "
+            f"Linear/Conv2d: {missing[:5]}; the plan and the model config do not fit together (the folder "
             "was edited or mixed with another model's config): save the quantized pipeline again"
         )
     replacements = {}
