@@ -4,8 +4,9 @@ Layout: a diffusers pipeline folder. The quantized denoiser's subfolder holds th
 diffusers `config.json` with an added `quantization_config` ({"quant_method": "dq",
 "format_version", "recipe", "plan"}: the per-layer quantizer specs) and its state
 dict, quantized codes included, in `diffusion_pytorch_model.safetensors`. That is
-the shape diffusers' own quantization backends use, so registering dq as a
-backend can later make plain `from_pretrained` read it. Everything is written to a
+the shape diffusers' own quantization backends use: dq registers itself as one
+(`dq.backend`), so plain `from_pretrained` reads it too, through the same
+`install_shells` / `install_runtime` as `load_denoiser`. Everything is written to a
 temporary folder beside the target and moved into place at the end.
 """
 

@@ -17,6 +17,7 @@ import dq
 from dq.backend import DQQuantizer
 from dq.errors import DQError
 from dq.nn import QuantModule
+from dq.nn.dtype_guard import DtypeCastError
 from dq.recipe import FORMAT_VERSION
 from dq.testing.tiny import default_call_kwargs, prompt_kwargs, prompts_for, tiny_pipeline
 
@@ -257,3 +258,14 @@ def test_checkpoint_dtypes_kept_without_torch_dtype(tmp_path):
     assert a.keys() == b.keys() and a["proj_out.weight"].dtype == torch.bfloat16
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert all(not p.requires_grad for p in ours.parameters()) == all(not p.requires_grad for p in theirs.parameters())
+
+
+def test_dtype_guard_as_with_dq_load(w8a8):
+    root, _, _ = w8a8
+    model = PixArtTransformer2DModel.from_pretrained(root / "dq_save", subfolder="transformer")
+    assert model.is_quantized  # set by diffusers: its ModelMixin.to refuses any dtype argument
+    assert model.to(torch.float32) is model and model.float() is model and model.to("cpu", torch.float32) is model
+    with pytest.raises(DtypeCastError, match="torch_dtype"):
+        model.to(torch.float16)
+    with pytest.raises(DtypeCastError):
+        model.bfloat16()
