@@ -269,3 +269,17 @@ def test_dtype_guard_as_with_dq_load(w8a8):
         model.to(torch.float16)
     with pytest.raises(DtypeCastError):
         model.bfloat16()
+
+
+def test_weights_not_matching_the_plan_are_refused(w8a8, tmp_path):
+    root, _, _ = w8a8
+
+    def edit(qc):
+        entry = next(e for e in qc["plan"].values() if e["activation"] is not None)
+        entry["groups"] += 1  # one more static activation range than the weights hold
+
+    bad = _edited_copy(root / "dq_save", tmp_path / "mismatch", edit)
+    with pytest.raises(DQError, match=r"checkpoint holds shape .* save the pipeline again"):
+        PixArtTransformer2DModel.from_pretrained(bad, subfolder="transformer")
+    with pytest.raises(DQError, match=r"checkpoint holds shape .* save the pipeline again"):
+        PixArtTransformer2DModel.from_pretrained(bad, subfolder="transformer", torch_dtype=torch.bfloat16)
