@@ -136,6 +136,8 @@ class DQConfig(QuantizationConfigMixin):
         self.timestep_groups = timestep_groups
         self.source = source
         for key, value in kwargs.items():
+            if key.startswith("_") or hasattr(type(self), key):
+                raise DQError(f"DQConfig: quantization_config key {key!r} is not a config field; remove it from config.json")
             logger.debug("DQConfig: keeping unknown quantization_config key %r", key)
             setattr(self, key, value)
 

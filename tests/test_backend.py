@@ -99,6 +99,8 @@ def test_config_refuses_bad_input():
         dq.DQConfig(recipe="w4a16", modules_to_not_convert="proj_out")
     with pytest.raises(DQError, match="quant_method"):
         dq.DQConfig(recipe="w4a16", quant_method="torchao")
+    with pytest.raises(DQError, match="'to_dict' is not a config field"):
+        dq.DQConfig.from_dict({"recipe": "w4a16", "to_dict": 1})
 
 
 # -- from_pretrained of saved folders ---------------------------------------------------------
