@@ -225,6 +225,36 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
         setattr(parent, child, module)
 
 
+def apply_quantization(
+    model: nn.Module,
+    plan: Sequence[LayerChoice],
+    store: StatsStore | None,
+    groups: TimestepGroups,
+    prepared: dict[str, PreparedLayer],
+    recipe: Recipe,
+    source: dict[str, Any] | None,
+) -> dict[str, QuantModule]:
+    """Build the planned quantized layers and swap them into `model` with their router, the
+    recipe's attention quantization, execution mode and dtype guard. Shared by `quantize` and
+    quantization at `from_pretrained` (`dq.backend`). Nothing changes if a check refuses."""
+    from .backend import attach_quantizer
+
+    router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
+    with torch.no_grad():
+        replacements = build_layers(plan, store, groups, router, prepared)
+    check_execution(replacements, recipe.execution)  # refuses (DQError) before anything changes
+    attach_router(model, router)  # may refuse (no timestep argument): before any swap
+    swap_modules(model, replacements)
+    if recipe.attention is not None:
+        quantize_attention(model, recipe.attention)
+    set_execution(model, recipe.execution)
+    model._dq_recipe = recipe
+    model._dq_source = source
+    install_dtype_guard(model)  # its float dtype is the one it was quantized in
+    attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)
+    return replacements
+
+
 def quantize(
     pipe,
     recipe: str | Recipe | dict[str, Any] = "w8a8",
@@ -272,18 +302,7 @@ def quantize(
         pipe, model, plan, works, recipe, calib_prompts,
         recipe.calib_steps if num_inference_steps is None else num_inference_steps, call_kwargs
     )
-    router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
-    with torch.no_grad():
-        replacements = build_layers(plan, store, groups, router, prepared)
-    check_execution(replacements, recipe.execution)  # refuses (DQError) before anything changes
-    attach_router(model, router)  # may refuse (no timestep argument): before any swap
-    swap_modules(model, replacements)
-    if recipe.attention is not None:
-        quantize_attention(model, recipe.attention)
-    set_execution(model, recipe.execution)
-    model._dq_recipe = recipe
-    model._dq_source = source
-    install_dtype_guard(model)  # its float dtype is the one it was quantized in
+    apply_quantization(model, plan, store, groups, prepared, recipe, source)
     install_pipeline_guard(pipe)
     summary = summarize(prepared)
     if summary:

@@ -4,8 +4,9 @@ Layout: a diffusers pipeline folder. The quantized denoiser's subfolder holds th
 diffusers `config.json` with an added `quantization_config` ({"quant_method": "dq",
 "format_version", "recipe", "plan"}: the per-layer quantizer specs) and its state
 dict, quantized codes included, in `diffusion_pytorch_model.safetensors`. That is
-the shape diffusers' own quantization backends use, so registering dq as a
-backend can later make plain `from_pretrained` read it. Everything is written to a
+the shape diffusers' own quantization backends use: dq registers itself as one
+(`dq.backend`), so plain `from_pretrained` reads it too, through the same
+`install_shells` / `install_runtime` as `load_denoiser`. Everything is written to a
 temporary folder beside the target and moved into place at the end.
 """
 
@@ -246,44 +247,59 @@ def is_dq_folder(path: str | Path) -> bool:
     return path.is_dir() and _dq_component(path) is not None
 
 
-def load_denoiser(
-    folder: Path, config: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
-) -> nn.Module:
-    """The quantized denoiser of a dq folder; ``torch_dtype``: the dtype of its float parts (bias,
-    kept layers, transforms, branches; the quantized storage keeps its own dtypes)."""
-    import diffusers
-    from accelerate import init_empty_weights
+def check_quantization_config(qc: Any, where: str) -> None:
+    """Refuse a dq `quantization_config` this dq cannot rebuild (`where`: the file it is read from)."""
+    if not isinstance(qc, dict):
+        raise DQError(f"{where}: quantization_config must be a mapping, got {type(qc).__name__}; the file is damaged")
+    version = qc.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DQError(f"{where}: quantization_config.format_version must be an integer, got {version!r}; the file is damaged")
+    if version > FORMAT_VERSION:
+        raise DQError(
+            f"{where} was written by a newer dq (quantization_config.format_version {version}, this dq reads up to "
+            f"{FORMAT_VERSION}); upgrade dq (pip install -U dq)"
+        )
+    if not isinstance(qc.get("plan"), dict):
+        raise DQError(
+            f"{where}: quantization_config.plan is missing or not a mapping of layer names; the folder is not a "
+            "complete dq checkpoint: save it again with dq.save or pipe.save_pretrained after dq.quantize"
+        )
 
-    qc = config["quantization_config"]
-    if qc.get("format_version", 0) > FORMAT_VERSION:
-        raise DQError(f"{folder} was written by a newer dq (format {qc['format_version']}); upgrade dq")
-    cls = getattr(diffusers, config["_class_name"], None)
-    if cls is None:
-        raise DQError(f"diffusers has no model class {config['_class_name']!r}; upgrade diffusers")
-    plain = {k: v for k, v in config.items() if k != "quantization_config"}
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(plain)
-    replacements = {}
-    for name, entry in qc["plan"].items():
-        layer = model.get_submodule(name)
-        with torch.device("meta"):
-            replacements[name] = shell_from_plan(entry, tuple(layer.weight.shape), layer.bias is not None)
+
+def install_shells(model: nn.Module, qc: dict[str, Any], where: str) -> dict[str, QuantModule]:
+    """Swap the layers named in a dq `quantization_config` plan for empty quantized shells (on the
+    meta device; the state dict fills them) and attach the timestep router they read."""
     from .engine import swap_modules
 
+    check_quantization_config(qc, where)
+    names = dict(model.named_modules())
+    missing = [name for name in qc["plan"] if not isinstance(names.get(name), (nn.Linear, nn.Conv2d))]
+    if missing:
+        raise DQError(
+            f"{where}: quantization_config.plan names layers that {type(model).__name__} does not have as "
+            f"Linear/Conv2d: {missing[:5]}; the plan and the model config do not fit together (the folder "
+            "was edited or mixed with another model's config): save the quantized pipeline again"
+        )
+    replacements = {}
+    for name, entry in qc["plan"].items():
+        layer = names[name]
+        with torch.device("meta"):
+            replacements[name] = shell_from_plan(entry, tuple(layer.weight.shape), layer.bias is not None)
     swap_modules(model, replacements)
-    router = TimestepRouter(groups=int(qc.get("timestep_groups", 1)))
+    router = TimestepRouter(groups=int(qc.get("timestep_groups") or 1))
     attach_router(model, router)
     for module in replacements.values():
         module.bind_router(router)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise DQError(f"{weights} is missing; the folder is not a complete dq checkpoint")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False, assign=True)
-    if missing or unexpected:
-        raise DQError(f"{weights} does not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
+    return replacements
+
+
+def install_runtime(
+    model: nn.Module, qc: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """What a loaded quantized denoiser needs beside its tensors: provenance, the recipe's
+    attention quantization, the execution mode and the dtype guard. Shared by `dq.load` and
+    diffusers' `from_pretrained` (`dq.backend.DQQuantizer`). ``torch_dtype``: the dtype of the
+    float parts (`cast_float_parts`; non-persistent float buffers included)."""
     if torch_dtype is not None:
         cast_float_parts(model, torch_dtype)
     model._dq_source = qc.get("source")
@@ -298,6 +314,60 @@ def load_denoiser(
     set_execution(model, execution)
     install_dtype_guard(model, torch_dtype)  # later casts are refused: the dtype is chosen here
     return model.eval()
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `folder`: one safetensors file, or the shards of a sharded
+    ``save_pretrained(max_shard_size=...)`` (listed by its index file)."""
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return load_file(weights)
+    index_path = folder / (WEIGHTS_NAME + ".index.json")
+    if not index_path.is_file():
+        raise DQError(f"{weights} is missing (and no {index_path.name}); the folder is not a complete dq checkpoint")
+    try:
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DQError(f"{index_path} is not a valid shard index ({exc}); save the pipeline again") from exc
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+            raise DQError(f"{index_path} lists shard {name!r}, which is not a file of {folder}; save the pipeline again")
+        state.update(load_file(folder / name))
+    return state
+
+
+def load_denoiser(
+    folder: Path, config: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The quantized denoiser of a dq folder; ``torch_dtype``: the dtype of its float parts (bias,
+    kept layers, transforms, branches; the quantized storage keeps its own dtypes)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from .backend import attach_quantizer
+
+    qc = config["quantization_config"]
+    check_quantization_config(qc, str(folder / "config.json"))
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None:
+        raise DQError(f"diffusers has no model class {config['_class_name']!r}; upgrade diffusers")
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(plain)
+    install_shells(model, qc, str(folder / "config.json"))
+    missing, unexpected = model.load_state_dict(read_weights(folder), strict=False, assign=True)
+    if missing or unexpected:
+        raise DQError(
+            f"the weights in {folder} do not match its config.json plan: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; save the pipeline again"
+        )
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise DQError(f"{folder}: tensors not restored from the checkpoint: {leftover[:5]}")
+    install_runtime(model, qc, execution, torch_dtype)
+    attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)
+    return model
 
 
 def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:

@@ -53,21 +53,31 @@ def _check(model: nn.Module, target: torch.dtype | None) -> None:
         raise _refuse(model, target)
 
 
+def _diffusers_quantized(model: nn.Module) -> bool:
+    """Loaded by diffusers' ``from_pretrained`` (dq.backend): ``ModelMixin`` then refuses every
+    dtype argument, even the model's own dtype, which dq lets through as a no-op."""
+    return bool(getattr(model, "is_quantized", False))
+
+
 def _guarded_to(self: nn.Module, *args: Any, **kwargs: Any):
-    _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
     _check(self, dtype)
+    if dtype is not None and _diffusers_quantized(self):  # the cast is a no-op: only the device moves
+        return type(self).to(self, device, non_blocking=non_blocking) if device is not None else self
     return type(self).to(self, *args, **kwargs)
 
 
 def _guarded_type(self: nn.Module, dst_type: Any):
     if dst_type != getattr(self, DTYPE_ATTR):
         raise _refuse(self, dst_type)
-    return type(self).type(self, dst_type)
+    return self if _diffusers_quantized(self) else type(self).type(self, dst_type)
 
 
 def _fixed(name: str):
     def guarded(self: nn.Module, *args: Any):
         _check(self, _FIXED[name])
+        if _diffusers_quantized(self):
+            return self  # the model is already in that dtype
         return getattr(type(self), name)(self, *args)
 
     guarded.__name__ = name
