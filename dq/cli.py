@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import CalibrationError, DQError
+from .errors import CalibrationError, DQError, one_line
 
 logger = logging.getLogger("dq")
 
@@ -144,62 +144,18 @@ def check_model(model: str | None, option: str = "MODEL") -> None:
         raise DQError(f"cannot load pipeline {model!r}: the folder has no model_index.json; give a diffusers or dq pipeline folder")
 
 
-def _damaged_file(folder: Path) -> tuple[Path, str] | None:
-    """The first JSON or safetensors file of a pipeline folder that does not parse, and why."""
-    from safetensors import safe_open
-
-    files = [folder / "model_index.json", *sorted(folder.glob("*/*.json"))]
-    for path in files:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return path, f"not valid JSON ({exc})"
-        if not isinstance(data, dict) and path.name in ("model_index.json", "config.json"):
-            return path, f"holds a JSON {type(data).__name__}, not an object"
-    for path in sorted(folder.glob("*/*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as exc:  # noqa: BLE001 - any failure to read the header means damage
-            return path, f"not a readable safetensors file ({exc})"
-    return None
-
-
-def _one_line(exc: BaseException, limit: int | None = None) -> str:
-    """The exception's message on one line (third-party messages: cut at `limit` characters)."""
-    text = " ".join(str(exc).split())
-    return text if limit is None or len(text) <= limit else text[:limit] + " ..."
-
-
 def open_model(model: str | None, *, option: str = "MODEL", **kwargs: Any):
-    """`dq.io.open_pipeline` for the command line: a damaged checkpoint (bad JSON, truncated
-    safetensors, a plan that does not fit the weights) becomes a DQError naming the file."""
-    from safetensors import SafetensorError
-
+    """`dq.io.open_pipeline` for the command line (`option` names the argument in messages); a
+    damaged checkpoint is a DQError naming the file there (`dq.io.checkpoint_errors`)."""
     from . import io
 
     try:
         return io.open_pipeline(model, **kwargs)
-    except (
-        json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError,
-        KeyError, AttributeError, TypeError, RuntimeError,
-    ) as exc:
-        from .paths import default_model_dir
+    except DQError as exc:
+        if option == "MODEL" or str(exc).startswith(option):
+            raise
+        raise DQError(f"{option}: {exc}") from exc
 
-        folder = Path(model).expanduser() if model is not None else Path(default_model_dir())
-        if not folder.is_dir():  # a hub id: nothing local to point at
-            raise DQError(f"cannot load pipeline {model!r}: {_one_line(exc, 300)}") from exc
-        damaged = _damaged_file(folder)
-        if damaged is not None:
-            raise DQError(
-                f"cannot load pipeline {str(folder)!r}: {damaged[0]} is damaged: {_one_line(Exception(damaged[1]), 300)}; "
-                "re-save or re-download the pipeline"
-            ) from exc
-        raise DQError(
-            f"cannot load pipeline {str(folder)!r}: its files do not fit together "
-            f"({type(exc).__name__}: {_one_line(exc, 300)}); the quantization plan in the denoiser's config.json "
-            "and its weights must come from the same `dq quantize` run: re-save it"
-        ) from exc
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -316,7 +272,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    import json
 
     import torch
 
@@ -413,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         with cli_output(verbosity):
             return int(args.func(args) or 0)
     except (DQError, CalibrationError) as exc:
-        print(f"dq: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"dq: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dq: interrupted", file=sys.stderr)

@@ -12,12 +12,14 @@ temporary folder beside the target and moved into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .engine import DENOISER_NAMES, find_denoiser, is_quantized
-from .errors import DQError
+from .errors import DQError, one_line
 from .kernels import set_execution
 from .nn.attention import quantize_attention
 from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
@@ -382,6 +384,56 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
                 nn.Module.to(module, torch.float32)
 
 
+# What a damaged pipeline folder raises while it is read (bad JSON, a truncated safetensors file,
+# a plan that does not fit the weights); `checkpoint_errors` turns them into one DQError.
+_LOAD_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, AttributeError, TypeError, RuntimeError)
+
+
+def _damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first JSON or safetensors file of a pipeline folder that does not parse, and why."""
+    from safetensors import safe_open
+
+    for path in [folder / "model_index.json", *sorted(folder.glob("*/*.json"))]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return path, f"not valid JSON ({exc})"
+        if not isinstance(data, dict) and path.name in ("model_index.json", "config.json"):
+            return path, f"holds a JSON {type(data).__name__}, not an object"
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - any failure to read the header means damage
+            return path, f"not a readable safetensors file ({exc})"
+    return None
+
+
+@contextlib.contextmanager
+def checkpoint_errors(model: str | Path | None) -> Iterator[None]:
+    """Re-raise what a damaged pipeline folder makes loading raise as one DQError naming the
+    damaged file (or saying that its files do not fit together)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (*_LOAD_ERRORS, SafetensorError) as exc:
+        folder = Path(model).expanduser() if model is not None else Path(default_model_dir())
+        if not folder.is_dir():  # a hub id: nothing local to point at
+            raise DQError(f"cannot load pipeline {str(model)!r}: {one_line(exc, 300)}") from exc
+        damaged = _damaged_file(folder)
+        if damaged is not None:
+            raise DQError(
+                f"cannot load pipeline {str(folder)!r}: {damaged[0]} is damaged: {one_line(Exception(damaged[1]), 300)}; "
+                "re-save or re-download the pipeline"
+            ) from exc
+        raise DQError(
+            f"cannot load pipeline {str(folder)!r}: its files do not fit together "
+            f"({type(exc).__name__}: {one_line(exc, 300)}); the quantization plan in the denoiser's config.json "
+            "and its weights must come from the same `dq quantize` run: re-save it"
+        ) from exc
+
+
 def load(
     path: str | Path,
     *,
@@ -389,7 +441,8 @@ def load(
     device: str | torch.device | None = None,
     execution: str | None = None,
 ):
-    """Load a pipeline saved by `dq.save` / `dq quantize --out`.
+    """Load a pipeline saved by `dq.save` / `dq quantize --out`; a damaged folder is a DQError
+    naming the damaged file.
 
     torch_dtype: the dtype of every float part, the quantized denoiser's included (its bias,
     kept layers, transforms, branches; codes and scales keep their storage dtypes). Choose it
@@ -398,9 +451,13 @@ def load(
     execution: "real", "auto" or "sim" (see `dq.kernels.set_execution`); default: the
     saved recipe's.
     """
+    with checkpoint_errors(path):
+        return _load(Path(path), torch_dtype=torch_dtype, device=device, execution=execution)
+
+
+def _load(path: Path, *, torch_dtype, device, execution):
     from diffusers import DiffusionPipeline
 
-    path = Path(path)
     recover(path)
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise DQError(f"torch_dtype must be a floating-point torch dtype (torch.float16, torch.bfloat16...), got {torch_dtype!r}")
@@ -420,7 +477,13 @@ def load(
 
 
 def open_pipeline(model: str | Path | None = None, *, torch_dtype: torch.dtype | None = None, device=None):
-    """A pipeline from a hub id, a local diffusers folder, a dq folder, or None (the embedded default)."""
+    """A pipeline from a hub id, a local diffusers folder, a dq folder, or None (the embedded
+    default); a damaged folder is a DQError naming the damaged file."""
+    with checkpoint_errors(model):
+        return _open_pipeline(model, torch_dtype=torch_dtype, device=device)
+
+
+def _open_pipeline(model: str | Path | None, *, torch_dtype, device):
     from diffusers import DiffusionPipeline
 
     source_name = EMBEDDED_DEFAULT if model is None else str(model)

@@ -228,10 +228,12 @@ def test_cli_damaged_full_precision_folder(corruption, sd15_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_load_damaged_checkpoint_never_loads(corruption, quantized_dir, tmp_path):
-    """dq.load refuses every damaged copy (io.py decides the exception type: not asserted here)."""
+    """The Python API gives the same one DQError as the CLI, naming the damaged file."""
     broken = _broken_copy(quantized_dir, corruption, tmp_path)
-    with pytest.raises(Exception):  # noqa: B017
-        dq.load(broken)
+    for load in (dq.load, dq.open_pipeline):
+        with pytest.raises(dq.DQError) as info:
+            load(broken)
+        assert EXPECTED_FILE[corruption] in str(info.value) and "\n" not in str(info.value)
 
 
 # (recipe mapping, text the DQError must contain: the field, and what was expected)
