@@ -40,7 +40,7 @@ with quiet_third_party():  # diffusers' quantizers import torchao, which logs kn
 from .errors import DQError
 from .nn.layers import _STORAGE_BUFFERS, QuantModule
 from .nn.router import TimestepRouter
-from .recipe import FORMAT_VERSION, Recipe, recipes
+from .recipe import FORMAT_VERSION, Recipe, check_format_version, recipes
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,7 @@ class DQConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise DQError(f"DQConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         self.quant_method = DQMethod.dq
-        if isinstance(format_version, bool) or not isinstance(format_version, int):
-            raise DQError(f"DQConfig: quantization_config.format_version must be an integer, got {format_version!r}")
-        if format_version > FORMAT_VERSION:
-            raise DQError(
-                f"quantization_config.format_version {format_version} (in the model's config.json) is newer than "
-                f"this dq reads ({FORMAT_VERSION}): the folder was written by a newer dq; upgrade dq (pip install -U dq)"
-            )
+        check_format_version(format_version, "DQConfig (the model's config.json)")
         self.format_version = format_version
         if plan is not None and not isinstance(plan, dict):
             raise DQError(f"DQConfig: quantization_config.plan must be a mapping of layer names, got {type(plan).__name__}")
@@ -297,21 +291,13 @@ def check_calibration_free(recipe: Recipe | None) -> None:
 def quantize_loaded(model: nn.Module, config: DQConfig) -> nn.Module:
     """Quantize a freshly loaded full-precision denoiser with a calibration-free recipe."""
     from .calibrate.timesteps import TimestepGroups
-    from .engine import apply_quantization, is_quantized, plan_layers
-    from .outliers import plan_components, prepare_layer, summarize
+    from .engine import apply_quantization, plan_model
+    from .outliers import prepare_layer, summarize
     from .provenance import describe_source
 
     recipe = config.recipe_object()
     check_calibration_free(recipe)
-    if is_quantized(model):
-        raise DQError(f"{type(model).__name__} is already quantized; load the full-precision model")
-    plan = plan_layers(model, recipe)
-    if not plan:
-        raise DQError(
-            f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules "
-            "(recipe keep, modules_to_not_convert); check them or set keep_defaults: false"
-        )
-    works = plan_components(plan, recipe)
+    plan, works = plan_model(model, recipe, "the recipe's keep/overrides and modules_to_not_convert")
     if any(w.needs_channel_stats or w.needs_moment or w.static_act for w in works.values()):
         raise DQError(f"recipe {recipe.name!r} needs calibration statistics for some layers; {_CALIBRATE_WAY}")
     source = describe_source(model)

@@ -115,6 +115,20 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
     return plan
 
 
+def plan_model(model: nn.Module, recipe: Recipe, keep_rules: str = "the recipe's keep/overrides") -> tuple[list[LayerChoice], dict[str, LayerWork]]:
+    """The layer plan and each layer's outlier-handling work; refuses a model that is already
+    quantized or that has nothing left to quantize (`keep_rules` names what to check then)."""
+    if is_quantized(model):
+        raise DQError(f"{type(model).__name__} is already quantized; load the full-precision model again")
+    plan = plan_layers(model, recipe)
+    if not plan:
+        raise DQError(
+            f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
+            f"check {keep_rules} or set keep_defaults: false"
+        )
+    return plan, plan_components(plan, recipe)
+
+
 def calibrate(
     pipe,
     model: nn.Module,
@@ -288,16 +302,8 @@ def quantize(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
-    if is_quantized(model):
-        raise DQError("this pipeline's denoiser is already quantized; load the full-precision model again")
+    plan, works = plan_model(model, recipe)
     source = describe_source(model)  # hash of the float weights, before any layer is swapped
-    plan = plan_layers(model, recipe)
-    if not plan:
-        raise DQError(
-            f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
-            "check the recipe's keep/overrides or set keep_defaults: false"
-        )
-    works = plan_components(plan, recipe)
     store, groups, prepared = calibrate_and_prepare(
         pipe, model, plan, works, recipe, calib_prompts,
         recipe.calib_steps if num_inference_steps is None else num_inference_steps, call_kwargs

@@ -36,7 +36,7 @@ from .nn.layers import QuantModule, shell_from_plan
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .paths import default_model_dir
 from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR, source_of
-from .recipe import FORMAT_VERSION, Recipe
+from .recipe import FORMAT_VERSION, Recipe, check_format_version
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +253,7 @@ def check_quantization_config(qc: Any, where: str) -> None:
     """Refuse a dq `quantization_config` this dq cannot rebuild (`where`: the file it is read from)."""
     if not isinstance(qc, dict):
         raise DQError(f"{where}: quantization_config must be a mapping, got {type(qc).__name__}; the file is damaged")
-    version = qc.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise DQError(f"{where}: quantization_config.format_version must be an integer, got {version!r}; the file is damaged")
-    if version > FORMAT_VERSION:
-        raise DQError(
-            f"{where} was written by a newer dq (quantization_config.format_version {version}, this dq reads up to "
-            f"{FORMAT_VERSION}); upgrade dq (pip install -U dq)"
-        )
+    check_format_version(qc.get("format_version", 0), where)
     if not isinstance(qc.get("plan"), dict):
         raise DQError(
             f"{where}: quantization_config.plan is missing or not a mapping of layer names; the folder is not a "

@@ -21,6 +21,18 @@ from .quant.spec import QuantSpec
 FORMAT_VERSION = 1
 
 
+def check_format_version(version: object, where: str) -> None:
+    """Refuse a checkpoint `format_version` that is not an integer or is newer than this dq reads
+    (`where`: the file or object it comes from)."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DQError(f"{where}: quantization_config.format_version must be an integer, got {version!r}; the file is damaged")
+    if version > FORMAT_VERSION:
+        raise DQError(
+            f"{where} was written by a newer dq (quantization_config.format_version {version}, this dq reads up to "
+            f"{FORMAT_VERSION}); upgrade dq (pip install -U dq)"
+        )
+
+
 def _kind(value: Any) -> str:
     """How a value reads in YAML/JSON terms, for error messages."""
     if value is None:
