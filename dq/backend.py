@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "dq"
 _CALIBRATE_WAY = (
-    "quantize with dq.quantize(pipe, recipe) and save (dq.save(pipe, DIR) or pipe.save_pretrained(DIR)), "
-    "then from_pretrained the saved folder (after `import dq`)"
+    "write its calibration statistics first (`dq calibrate MODEL --recipe R --stats-out stats.safetensors`, or "
+    "cal.save_stats(...) after dq.prepare) and pass DQConfig(recipe=R, stats=\"stats.safetensors\"); or quantize "
+    "with dq.quantize(pipe, recipe) and save (dq.save(pipe, DIR) or pipe.save_pretrained(DIR)), then "
+    "from_pretrained the saved folder (after `import dq`)"
 )
 
 
@@ -79,6 +81,10 @@ class DQConfig(QuantizationConfigMixin):
         need no calibration are accepted (e.g. "w4a16").
     modules_to_not_convert: layer names or regexes to keep in full precision, added to the
         recipe's ``keep``.
+    stats: a calibration statistics file (``dq calibrate ... --stats-out FILE`` or
+        ``Calibration.save_stats``) for recipes with static activation ranges, smoothing or
+        GPTQ: they are quantized at load from it, exactly as ``dq.quantize`` would from the same
+        statistics. Not needed (and not stored) once the model is quantized.
 
     A saved dq folder's ``quantization_config`` has the same shape plus what the quantization
     made: ``format_version``, ``plan`` (the quantizer of each layer), ``timestep_groups`` and
@@ -96,6 +102,7 @@ class DQConfig(QuantizationConfigMixin):
         plan: dict[str, dict[str, Any]] | None = None,
         timestep_groups: int | None = None,
         source: dict[str, Any] | None = None,
+        stats: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
@@ -129,6 +136,10 @@ class DQConfig(QuantizationConfigMixin):
         self.plan = plan
         self.timestep_groups = timestep_groups
         self.source = source
+        if stats is not None and not isinstance(stats, (str, Path)):
+            raise DQError(f"DQConfig: stats must be the path of a dq statistics file, got {type(stats).__name__}")
+        if stats is not None and plan is None:
+            self.stats = str(stats)
         for key, value in kwargs.items():
             if key.startswith("_") or hasattr(type(self), key):
                 raise DQError(f"DQConfig: quantization_config key {key!r} is not a config field; remove it from config.json")
@@ -160,7 +171,7 @@ class DQConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         """`to_dict` without the keys left at their defaults (what diffusers' repr shows)."""
         defaults = {"modules_to_not_convert": [], "format_version": FORMAT_VERSION, "plan": None,
-                    "timestep_groups": None, "source": None}
+                    "timestep_groups": None, "source": None, "stats": None}
         return {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
 
     def __eq__(self, other: object) -> bool:
@@ -193,7 +204,14 @@ class DQQuantizer(DiffusersQuantizer):
                     "this DQConfig describes a quantized checkpoint (it has a plan) but the folder holds a "
                     "full-precision model; pass DQConfig(recipe=...) to quantize at load, or load the dq folder itself"
                 )
-            check_calibration_free(config.recipe_object())
+            stats = getattr(config, "stats", None)
+            if stats is None:
+                check_calibration_free(config.recipe_object())
+            elif not Path(stats).is_file():
+                raise DQError(
+                    f"DQConfig: stats file {stats} does not exist; write it with "
+                    f"`dq calibrate MODEL --recipe R --stats-out {stats}`"
+                )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
         self.torch_dtype = torch_dtype
@@ -289,26 +307,21 @@ def check_calibration_free(recipe: Recipe | None) -> None:
 
 
 def quantize_loaded(model: nn.Module, config: DQConfig) -> nn.Module:
-    """Quantize a freshly loaded full-precision denoiser with a calibration-free recipe."""
-    from .calibrate.timesteps import TimestepGroups
-    from .engine import apply_quantization, plan_model
-    from .outliers import prepare_layer, summarize
-    from .provenance import describe_source
+    """Quantize a freshly loaded full-precision denoiser: calibration-free recipes directly, the
+    others from the statistics file named by ``config.stats`` (`dq.model.Calibration.replay`)."""
+    from .model import Calibration, apply_calibration
 
     recipe = config.recipe_object()
-    check_calibration_free(recipe)
-    plan, works = plan_model(model, recipe, "the recipe's keep/overrides and modules_to_not_convert")
-    if any(w.needs_channel_stats or w.needs_moment or w.static_act for w in works.values()):
-        raise DQError(f"recipe {recipe.name!r} needs calibration statistics for some layers; {_CALIBRATE_WAY}")
-    source = describe_source(model)
-    groups = TimestepGroups([], [[]])
-    with torch.no_grad():
-        prepared = {name: prepare_layer(work, None, groups) for name, work in works.items()}
-    apply_quantization(model, plan, None, groups, prepared, recipe, source)
-    summary = summarize(prepared)
-    if summary:
-        logger.info("outlier handling: %s", summary)
-    logger.info("quantized %d layers of %s at load with recipe %s", len(plan), type(model).__name__, recipe.name)
+    stats = getattr(config, "stats", None)
+    if stats is None:
+        check_calibration_free(recipe)
+    cal = Calibration(model, recipe, keep_rules="the recipe's keep/overrides and modules_to_not_convert")
+    if not cal.ready:
+        if stats is None:
+            raise DQError(f"recipe {recipe.name!r} needs calibration statistics for some layers; {_CALIBRATE_WAY}")
+        cal.replay(stats)
+    apply_calibration(cal)
+    logger.info("quantized %d layers of %s at load with recipe %s", len(cal.plan), type(model).__name__, recipe.name)
     return model.eval()
 
 

@@ -210,6 +210,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate without quantizing: write the statistics file that ``DQConfig(stats=...)`` reads
+    to quantize a recipe with static ranges at ``from_pretrained``."""
+    out = check_writable(args.stats_out, "--stats-out", folder=False)
+    if out.suffix != ".safetensors":
+        raise DQError(f"--stats-out {out} must end in .safetensors")
+    if out.exists() and not args.overwrite:
+        raise DQError(f"{out} exists; choose another --stats-out or pass --overwrite")
+    check_model(args.model)
+    if args.calib_prompts is not None:
+        from .prompts import load_prompts
+
+        load_prompts(args.calib_prompts)
+    recipe = _recipe_with_overrides(args)
+    dtype = _dtype(args.dtype)
+    check_device(args.device)
+
+    from . import engine
+
+    pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
+    cal = engine.calibrate_pipeline(pipe, recipe, calib_prompts=args.calib_prompts, num_inference_steps=args.steps)
+    cal.save_stats(out)
+    print(f"calibration statistics for recipe {recipe.name!r} -> {out}\n"
+          f"quantize at load with: from_pretrained(..., quantization_config=dq.DQConfig(recipe=..., stats={str(out)!r}))")
+    return 0
+
+
 def _recipe_with_overrides(args: argparse.Namespace):
     return recipe_with_overrides(args.recipe, num_prompts=args.num_prompts)
 
@@ -313,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_output_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("calibrate", help="calibrate without quantizing: write the statistics file DQConfig(stats=...) reads")
+    _add_model_args(c, "hub id or local diffusers folder")
+    c.add_argument("--recipe", default="w8a8", help="preset name (see `dq recipes`) or a .yaml/.json recipe file")
+    c.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
+    c.add_argument("--calib-prompts", default=None, help="prompt file (one per line) or shipped set name")
+    c.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
+    c.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --stats-out file")
+    add_output_args(c)
+    c.set_defaults(func=cmd_calibrate)
 
     g = sub.add_parser("generate", help="generate one image")
     _add_model_args(g, "hub id, diffusers folder or dq-quantized folder")

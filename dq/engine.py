@@ -25,13 +25,9 @@ from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .outliers import (
     LayerWork,
     PreparedLayer,
-    calibration_targets,
     plan_components,
-    prepare_layer,
-    summarize,
 )
 from .prompts import resolve_prompts
-from .provenance import describe_source
 from .quant.primitives import range_from_histogram
 from .quant.spec import QuantSpec
 from .recipe import Recipe
@@ -150,12 +146,7 @@ def calibrate(
             seed=recipe.calib_seed, call_kwargs=call_kwargs,
             on_batch=lambda n: setattr(calibrator, "prompt_batch", n),
         )
-    store = calibrator.store
-    logger.info(
-        "calibrated %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
-        len(store.layers()), len(store.timesteps()), ", ".join(store.branches()), store.nbytes() / 2**20,
-    )
-    return store
+    return calibrator.store
 
 
 def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spec: QuantSpec) -> list[tuple[float, float]]:
@@ -167,51 +158,6 @@ def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spe
             raise DQError(f"layer {layer!r} saw no activations during calibration; is it used by the pipeline?")
         ranges.append(range_from_histogram(stats.hist, 2.0**stats.hist_exp, spec))
     return ranges
-
-
-def calibrate_and_prepare(
-    pipe,
-    model: nn.Module,
-    plan: Sequence[LayerChoice],
-    works: dict[str, LayerWork],
-    recipe: Recipe,
-    calib_prompts: Sequence[Any] | str | None,
-    num_inference_steps: int,
-    call_kwargs: dict[str, Any],
-) -> tuple[StatsStore | None, TimestepGroups, dict[str, PreparedLayer]]:
-    """Collect what the layers need and prepare their outlier handling, in at most two passes.
-
-    Pass 1 runs when a component needs statistics of the raw inputs (smoothing: channel
-    ranges; the alpha search and GPTQ: H = sum x x^T); it also takes the histograms of static
-    layers whose input stays untransformed. The layers are then prepared (`prepare_layer`).
-    Pass 2 takes the histograms of static layers that are still missing them, of their
-    *transformed* inputs (what the layer will quantize). Returns the statistics for the
-    activation ranges, the timestep groups and the prepared layers.
-    """
-    run = dict(recipe=recipe, num_inference_steps=num_inference_steps, call_kwargs=call_kwargs)
-    prompts = None
-    store, groups = None, TimestepGroups([], [[]])
-    first = calibration_targets(works, first_pass=True)
-    if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
-        prompts = resolve_prompts(pipe, calib_prompts, recipe)
-        store = calibrate(pipe, model, plan, prompts, targets=first, **run)
-        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
-    with torch.no_grad():
-        prepared = {name: prepare_layer(work, store, groups) for name, work in works.items()}
-    done = set()
-    if store is not None:
-        store.moments.clear()  # H is only needed to prepare the layers
-        done = {t.name for t in first if t.histogram}
-        store.entries = {k: v for k, v in store.entries.items() if k[0] in done}
-    second = [t for t in calibration_targets(works, first_pass=False, prepared=prepared) if t.name not in done]
-    if second:
-        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
-        ranged = calibrate(pipe, model, plan, prompts, targets=second, **run)
-        store = ranged if store is None else store.merge_(ranged)
-        groups = TimestepGroups.from_timesteps(store.timesteps(), recipe.timestep_groups)
-    if not any(w.static_act for w in works.values()):
-        groups = TimestepGroups([], [[]])  # no static ranges to look up by timestep
-    return store, groups, prepared
 
 
 def build_layers(
@@ -252,6 +198,7 @@ def apply_quantization(
     recipe's attention quantization, execution mode and dtype guard. Shared by `quantize` and
     quantization at `from_pretrained` (`dq.backend`). Nothing changes if a check refuses."""
     from .backend import attach_quantizer
+    from .state import mark_quantized
 
     router = TimestepRouter(groups.tensor()).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -262,8 +209,7 @@ def apply_quantization(
     if recipe.attention is not None:
         quantize_attention(model, recipe.attention)
     set_execution(model, recipe.execution)
-    model._dq_recipe = recipe
-    model._dq_source = source
+    mark_quantized(model, recipe, source)
     install_dtype_guard(model)  # its float dtype is the one it was quantized in
     attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)
     return replacements
@@ -286,13 +232,36 @@ def quantize(
     call_kwargs: passed to every calibration call of the pipeline (guidance_scale,
         height, width, ...).
 
-    The recipe's outlier-handling components (smoothing, rotation, low-rank branch, GPTQ,
-    attention; see `dq.outliers`) are prepared per layer from the calibration statistics
-    (`calibrate_and_prepare`: one or two passes over the calibration prompts).
+    This is the model-level API (`dq.prepare` -> run -> `dq.convert`, `dq.model`) with the
+    pipeline's own sampler as the loop: the recipe's outlier-handling components (smoothing,
+    rotation, low-rank branch, GPTQ, attention; see `dq.outliers`) are prepared per layer from
+    the calibration statistics, in at most two passes over the calibration prompts.
 
     The pipeline is only modified once calibration has succeeded: any failure leaves
     it as it was.
     """
+    from .model import apply_calibration
+
+    apply_calibration(calibrate_pipeline(pipe, recipe, calib_prompts=calib_prompts,
+                                         num_inference_steps=num_inference_steps, **call_kwargs))
+    install_pipeline_guard(pipe)
+    return pipe
+
+
+def calibrate_pipeline(
+    pipe,
+    recipe: str | Recipe | dict[str, Any] = "w8a8",
+    *,
+    calib_prompts: Sequence[Any] | str | None = None,
+    num_inference_steps: int | None = None,
+    **call_kwargs: Any,
+):
+    """Calibrate the pipeline's denoiser with its own sampler, without quantizing it: the
+    complete `dq.model.Calibration` (its plan, statistics and prepared layers), which
+    `apply_calibration` turns into the quantized model and `save_stats` writes to a file
+    (``dq calibrate``). Same arguments as `quantize`."""
+    from .model import Calibration
+
     recipe = Recipe.from_any(recipe)
     if num_inference_steps is not None and (
         isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
@@ -302,16 +271,11 @@ def quantize(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
-    plan, works = plan_model(model, recipe)
-    source = describe_source(model)  # hash of the float weights, before any layer is swapped
-    store, groups, prepared = calibrate_and_prepare(
-        pipe, model, plan, works, recipe, calib_prompts,
-        recipe.calib_steps if num_inference_steps is None else num_inference_steps, call_kwargs
-    )
-    apply_quantization(model, plan, store, groups, prepared, recipe, source)
-    install_pipeline_guard(pipe)
-    summary = summarize(prepared)
-    if summary:
-        logger.info("outlier handling: %s", summary)
-    logger.info("quantized %d layers of %s with recipe %s (%d timestep groups)", len(plan), type(model).__name__, recipe.name, len(groups))
-    return pipe
+    cal = Calibration(model, recipe, pipe=pipe)
+    steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
+    prompts = None
+    while not cal.ready:
+        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
+        cal.feed(calibrate(pipe, model, cal.plan, prompts, targets=cal.targets, recipe=recipe,
+                           num_inference_steps=steps, call_kwargs=call_kwargs))
+    return cal

@@ -33,10 +33,11 @@ from .kernels import set_execution
 from .nn.attention import quantize_attention
 from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantModule, shell_from_plan
-from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
+from .nn.router import TimestepRouter, attach_router
 from .paths import default_model_dir
-from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR, source_of
+from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR
 from .recipe import FORMAT_VERSION, Recipe, check_format_version
+from .state import mark_quantized, state
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,16 @@ QUANT_METHOD = "dq"
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
-    recipe: Recipe | None = getattr(model, "_dq_recipe", None)
-    plan = {name: m.plan_entry() for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    st = state(model)
+    if st is None:
+        raise DQError(f"{type(model).__name__} is not quantized by dq; nothing to describe")
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "recipe": recipe.to_dict() if recipe else None,
-        "timestep_groups": getattr(model, ROUTER_NAME).groups,
-        "source": source_of(model),  # the full-precision model it was made from (dq.provenance)
-        "plan": plan,
+        "recipe": st.recipe.to_dict() if st.recipe else None,
+        "timestep_groups": st.timestep_groups,
+        "source": st.source,  # the full-precision model it was made from (dq.provenance)
+        "plan": st.plan,
     }
 
 
@@ -178,6 +180,9 @@ def save(pipe, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     name, model = find_denoiser(pipe)
     if not is_quantized(model):
         raise DQError("the pipeline is not quantized; call dq.quantize(pipe, recipe) first")
+    from .text_encoders import check_savable
+
+    check_savable(pipe)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover(out_dir)
     _clean_dead_scratch(out_dir)
@@ -297,15 +302,14 @@ def install_runtime(
     float parts (`cast_float_parts`; non-persistent float buffers included)."""
     if torch_dtype is not None:
         cast_float_parts(model, torch_dtype)
-    model._dq_source = qc.get("source")
-    recipe = qc.get("recipe")
-    model._dq_recipe = Recipe.from_dict(recipe) if recipe else None
-    if model._dq_recipe is not None and model._dq_recipe.attention is not None:
+    recipe = Recipe.from_dict(qc["recipe"]) if qc.get("recipe") else None
+    mark_quantized(model, recipe, qc.get("source"))
+    if recipe is not None and recipe.attention is not None:
         # attention processors hold no tensors: the recipe alone reinstalls them
-        quantize_attention(model, model._dq_recipe.attention)
+        quantize_attention(model, recipe.attention)
     # The execution mode is not stored in the tensors: restore the recipe's (or the caller's).
     if execution is None:
-        execution = model._dq_recipe.execution if model._dq_recipe is not None else "auto"
+        execution = recipe.execution if recipe is not None else "auto"
     set_execution(model, execution)
     install_dtype_guard(model, torch_dtype)  # later casts are refused: the dtype is chosen here
     return model.eval()
@@ -433,9 +437,13 @@ def load(
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     execution: str | None = None,
+    text_encoders: str | None = None,
 ):
     """Load a pipeline saved by `dq.save` / `dq quantize --out`; a damaged folder is a DQError
     naming the damaged file.
+
+    text_encoders: a weight-only recipe ("w8a16", "w4a16") to quantize the text encoders with
+    after loading (`dq.text_encoders`; they are never saved quantized).
 
     torch_dtype: the dtype of every float part, the quantized denoiser's included (its bias,
     kept layers, transforms, branches; codes and scales keep their storage dtypes). Choose it
@@ -445,7 +453,12 @@ def load(
     saved recipe's.
     """
     with checkpoint_errors(path):
-        return _load(Path(path), torch_dtype=torch_dtype, device=device, execution=execution)
+        pipe = _load(Path(path), torch_dtype=torch_dtype, device=device, execution=execution)
+    if text_encoders is not None:
+        from .text_encoders import quantize_text_encoders
+
+        quantize_text_encoders(pipe, text_encoders)
+    return pipe
 
 
 def _load(path: Path, *, torch_dtype, device, execution):

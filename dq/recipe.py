@@ -596,6 +596,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
         activation=None,
         description="int4 weights (group 64), activations in full precision",
     ),
+    "w8a16": dict(
+        weight=_w(8, granularity="channel"),
+        activation=None,
+        description="int8 weights per output channel, activations in full precision (e.g. for text encoders)",
+    ),
     "w4a4": dict(
         weight=_w(4, granularity="group", group_size=64, range="mse"),
         activation=_w(4, granularity="token", symmetric=False),

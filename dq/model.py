@@ -1,0 +1,358 @@
+"""The model-level API: prepare -> run -> convert, on a bare denoiser and any loop the user owns.
+
+    cal = dq.prepare(model, "w8a8")       # plan the layers, hook the ones that need statistics
+    for _ in cal.passes():                # one pass, or two for smoothing / rotation / GPTQ
+        for inputs in my_inputs:          # the user's sampler, a video pipeline, recorded inputs
+            model(**inputs)
+    dq.convert(model)                     # swap in the quantized layers
+
+or in one call: ``dq.calibrate(model, "w8a8", run=lambda: my_loop(model))``.
+
+`dq.quantize(pipe, recipe)` is this API with the pipeline's own sampler as the loop.
+
+A recipe needs up to two passes over the same inputs. Pass 1 collects what the outlier
+components need from the raw inputs (channel ranges for smoothing, H = sum x x^T for the
+alpha search and GPTQ) and the histograms of static layers whose input stays untransformed;
+the layers are then prepared. Pass 2 collects the histograms of the *transformed* inputs of the
+remaining static layers (what they will quantize). Calibration-free recipes (weight-only,
+dynamic activations) need no pass at all.
+
+Each pass's statistics (`dq.calibrate.stats.StatsStore`: streaming, mergeable by sum/max/min)
+go through `reduce` when the pass ends (several processes merge theirs there) and can be
+saved with `Calibration.save_stats` and replayed with `Calibration.replay` (what
+``DQConfig(stats=...)`` does at ``from_pretrained``): the same statistics give the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .calibrate.hooks import Calibrator, CalibTarget
+from .calibrate.stats import StatsStore
+from .calibrate.timesteps import TimestepGroups
+from .errors import DQError
+from .outliers import PreparedLayer, calibration_targets, prepare_layer, summarize
+from .provenance import describe_source
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_ATTR = "_dq_calibration"
+STATS_FORMAT = 1
+Reduce = Callable[[StatsStore], StatsStore]
+
+
+class Calibration:
+    """The state of one prepare -> run -> convert: the per-layer plan (`plan`, a list of
+    `dq.engine.LayerChoice`), the passes still to run, their statistics and the prepared
+    layers. Made by `dq.prepare`; `dq.convert` finishes it."""
+
+    def __init__(self, model: nn.Module, recipe: str | Recipe | dict[str, Any], *, pipe=None,
+                 reduce: Reduce | None = None, keep_rules: str = "the recipe's keep/overrides"):
+        from .engine import plan_model
+
+        self.model = model
+        self.recipe = Recipe.from_any(recipe)
+        self.plan, self.works = plan_model(model, self.recipe, keep_rules)
+        self.source = describe_source(model)  # hash of the float weights, before any swap
+        self.pipe = pipe
+        self.reduce = reduce
+        self.store: StatsStore | None = None
+        self.groups = TimestepGroups([], [[]])
+        self.prepared: dict[str, PreparedLayer] | None = None
+        self.recorded: dict[str, StatsStore] = {}  # each pass's (reduced) statistics, for save_stats
+        self.stage = "pass1"  # pass1 -> pass2 -> ready
+        self.targets: list[CalibTarget] = []
+        self._calibrator: Calibrator | None = None
+        self._done_first: set[str] = set()
+        self._advance(None)
+
+    # -- the state machine ------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.stage == "ready"
+
+    @property
+    def pass_number(self) -> int | None:
+        """1 or 2 while a pass waits for inputs; None once ready."""
+        return {"pass1": 1, "pass2": 2}.get(self.stage)
+
+    def _advance(self, store: StatsStore | None) -> None:
+        """Finish the current stage with `store` (None: nothing to finish) and move on to the
+        next stage that needs inputs, preparing the layers on the way."""
+        works = self.works
+        if self.stage == "pass1" and store is None:
+            first = calibration_targets(works, first_pass=True)
+            if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
+                self.targets = first
+                return  # pass 1 waits for inputs
+            self._prepare_layers(None)
+        elif self.stage == "pass1":
+            first = calibration_targets(works, first_pass=True)
+            self.store = store
+            self.groups = TimestepGroups.from_timesteps(store.timesteps(), self.recipe.timestep_groups)
+            self._prepare_layers(store)
+            store.moments.clear()  # H is only needed to prepare the layers
+            self._done_first = {t.name for t in first if t.histogram}
+            store.entries = {k: v for k, v in store.entries.items() if k[0] in self._done_first}
+        elif self.stage == "pass2":
+            self.store = store if self.store is None else self.store.merge_(store)
+            self.groups = TimestepGroups.from_timesteps(self.store.timesteps(), self.recipe.timestep_groups)
+            self._finish()
+            return
+        second = [t for t in calibration_targets(works, first_pass=False, prepared=self.prepared)
+                  if t.name not in self._done_first]
+        if second:
+            self.stage, self.targets = "pass2", second
+            return
+        self._finish()
+
+    def _prepare_layers(self, store: StatsStore | None) -> None:
+        with torch.no_grad():
+            self.prepared = {name: prepare_layer(work, store, self.groups) for name, work in self.works.items()}
+
+    def _finish(self) -> None:
+        self.stage, self.targets = "ready", []
+        if not any(w.static_act for w in self.works.values()):
+            self.groups = TimestepGroups([], [[]])  # no static ranges to look up by timestep
+
+    def _collected(self, store: StatsStore) -> StatsStore:
+        if self.reduce is not None:
+            store = self.reduce(store)
+        if not store.entries and not store.moments:
+            raise DQError(
+                f"calibration pass {self.pass_number} saw no inputs: none of the {len(self.targets)} hooked layers "
+                f"of {type(self.model).__name__} ran. Run the model (its forward, with a timestep) between "
+                "dq.prepare and dq.convert, or inside `for _ in cal.passes(): ...`"
+            )
+        # saved before pass 1's moments are dropped: a replay prepares the layers again
+        self.recorded[self.stage] = StatsStore().merge_(store)
+        logger.info(
+            "calibration pass %d: %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
+            self.pass_number, len(store.layers()) or len(store.moments), len(store.timesteps()),
+            ", ".join(store.branches()) or "-", store.nbytes() / 2**20,
+        )
+        return store
+
+    # -- hooks --------------------------------------------------------------------------
+    def start_pass(self) -> None:
+        """Hook the current pass's layers (done by `dq.prepare` and between passes)."""
+        if self.ready or self._calibrator is not None:
+            return
+        calibrator = Calibrator(self.pipe, self.model, self.targets, self.recipe.histogram_bins)
+        calibrator.__enter__()
+        self._calibrator = calibrator
+
+    def end_pass(self) -> None:
+        """Unhook, reduce and keep the pass's statistics, prepare what they allow, and hook the
+        next pass if there is one."""
+        calibrator, self._calibrator = self._calibrator, None
+        if calibrator is None:
+            return
+        calibrator.__exit__(None, None, None)
+        self.feed(calibrator.store)
+        self.start_pass()
+
+    def feed(self, store: StatsStore) -> None:
+        """Finish the current pass with statistics collected elsewhere (`dq.quantize` runs the
+        pipeline with its own hooks; `replay` reads a file; other processes' stores)."""
+        if self.ready:
+            raise DQError("calibration is complete; no further pass is needed: call dq.convert(model)")
+        self._advance(self._collected(store))
+
+    def stop_hooks(self) -> None:
+        if self._calibrator is not None:
+            self._calibrator.__exit__(None, None, None)
+            self._calibrator = None
+
+    def close(self) -> None:
+        """Remove every hook without quantizing (the model stays as it was)."""
+        self.stop_hooks()
+        if getattr(self.model, CALIBRATION_ATTR, None) is self:
+            delattr(self.model, CALIBRATION_ATTR)
+
+    def passes(self) -> Iterator[int]:
+        """Yield once per pass still needed (the pass number), with that pass's hooks on. Run
+        the model over the calibration inputs in the loop body. Leaving the loop early (an
+        error) removes the hooks."""
+        try:
+            while not self.ready:
+                self.start_pass()
+                yield self.pass_number
+                self.end_pass()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def calibrator(self) -> Calibrator | None:
+        """The running pass's hooks (`prompt_batch` is set on it by pipeline runners)."""
+        return self._calibrator
+
+    # -- statistics files -----------------------------------------------------------------
+    def save_stats(self, path: str | Path) -> Path:
+        """Write every pass's statistics to a safetensors file (with the recipe and the layer
+        plan in its metadata) that `replay` and ``DQConfig(stats=...)`` read back."""
+        if not self.ready:
+            raise DQError(f"calibration is still waiting for pass {self.pass_number}; run it before save_stats")
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for stage, store in self.recorded.items():
+            for key, tensor in store.state_dict().items():
+                tensors[f"{stage}/{key}"] = tensor.detach().contiguous().cpu()
+        meta = {
+            "dq_stats_format": str(STATS_FORMAT),
+            "recipe": json.dumps(self.recipe.to_dict()),
+            "layers": json.dumps([c.name for c in self.plan]),
+            "model_class": type(self.model).__name__,
+            "weights_sha256": self.source.get("weights_sha256") or "",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.partial")
+        save_file(tensors, scratch, metadata=meta)
+        scratch.replace(path)  # atomic: a reader never sees half a file
+        logger.info("calibration statistics written to %s (%.1f MB)", path, path.stat().st_size / 2**20)
+        return path
+
+    def replay(self, path: str | Path) -> Calibration:
+        """Finish calibration from a statistics file written by `save_stats` (or ``dq
+        calibrate``) for the same model class, recipe and layers, instead of running inputs."""
+        self.stop_hooks()
+        stages = read_stats(path, self)
+        while not self.ready:
+            stage = self.stage
+            if stage not in stages:
+                raise DQError(f"{path} holds no statistics for calibration {stage}; write it again with dq calibrate")
+            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - set(stages[stage].moments))
+            if missing:
+                raise DQError(
+                    f"{path} has no {stage} statistics for layers {missing[:5]}: it was written for another "
+                    "plan; run dq calibrate again with this recipe"
+                )
+            self.feed(stages[stage])
+        return self
+
+
+def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
+    """The per-pass statistics in a `save_stats` file, checked against `cal`'s model and recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"calibration statistics file {path} does not exist; write it with `dq calibrate MODEL --recipe R --stats-out {path}`")
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        meta = header.get("__metadata__") or {}
+        data = load_file(path)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise DQError(f"{path} is not a readable dq statistics file ({exc}); write it again with dq calibrate") from exc
+    if meta.get("dq_stats_format") != str(STATS_FORMAT):
+        raise DQError(f"{path} is not a dq statistics file of format {STATS_FORMAT} (metadata: {sorted(meta)}); write it again with dq calibrate")
+    if meta.get("model_class") != type(cal.model).__name__:
+        raise DQError(f"{path} was written for a {meta.get('model_class')}, not a {type(cal.model).__name__}")
+    recorded = Recipe.from_dict(json.loads(meta["recipe"]))
+    if recorded.to_dict() != cal.recipe.to_dict():
+        raise DQError(
+            f"{path} was calibrated with recipe {recorded.name!r}, which differs from {cal.recipe.name!r}; "
+            "statistics depend on the recipe (smoothing, rotation, which layers): calibrate again with this one"
+        )
+    layers = json.loads(meta.get("layers", "[]"))
+    if layers != [c.name for c in cal.plan]:
+        raise DQError(f"{path} plans other layers than this model ({len(layers)} vs {len(cal.plan)}); it was written for another model")
+    if meta.get("weights_sha256") and cal.source.get("weights_sha256") and meta["weights_sha256"] != cal.source["weights_sha256"]:
+        logger.warning("%s was calibrated on other weights than this model's (hash differs); the ranges may not fit", path)
+    stages: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in data.items():
+        stage, _, rest = key.partition("/")
+        stages.setdefault(stage, {})[rest] = tensor
+    return {stage: StatsStore.from_state_dict(d) for stage, d in stages.items()}
+
+
+def prepare(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", *, pipe=None,
+            reduce: Reduce | None = None) -> Calibration:
+    """Plan `model`'s quantization with `recipe` and hook the layers whose statistics the recipe
+    needs. Run the model over calibration inputs (inside ``for _ in cal.passes():`` when the
+    recipe may need two passes), then call `dq.convert(model)`.
+
+    pipe: the pipeline that drives the model, if any (read for classifier-free guidance
+    batches). reduce: applied to each pass's statistics when it ends (several processes
+    merge theirs there; `dq.calibrate.distributed`)."""
+    if not isinstance(model, nn.Module):
+        raise DQError(f"dq.prepare takes the denoiser module (pipe.transformer or pipe.unet), got {type(model).__name__}")
+    current = getattr(model, CALIBRATION_ATTR, None)
+    if current is not None:
+        raise DQError(f"{type(model).__name__} is already being calibrated (dq.prepare was called); call dq.convert(model) or cal.close() first")
+    cal = Calibration(model, recipe, pipe=pipe, reduce=reduce)
+    setattr(model, CALIBRATION_ATTR, cal)
+    cal.start_pass()
+    return cal
+
+
+def calibration_of(model: nn.Module) -> Calibration | None:
+    return getattr(model, CALIBRATION_ATTR, None)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap the layers `dq.prepare` planned for quantized ones, from the statistics collected
+    since; returns the same (now quantized) model. Nothing changes if it refuses."""
+    cal = getattr(model, CALIBRATION_ATTR, None)
+    if cal is None:
+        raise DQError(f"{type(model).__name__} was not prepared: call cal = dq.prepare(model, recipe), run the model, then dq.convert(model)")
+    if not cal.ready and cal.calibrator is not None and not cal.calibrator.store.entries and not cal.calibrator.store.moments:
+        raise DQError(
+            f"nothing ran since dq.prepare: recipe {cal.recipe.name!r} needs calibration pass {cal.pass_number}; "
+            "run the model over calibration inputs before dq.convert (or use `for _ in cal.passes(): ...`)"
+        )
+    if not cal.ready:
+        cal.end_pass()
+    if not cal.ready:
+        raise DQError(
+            f"recipe {cal.recipe.name!r} needs a second calibration pass over the same inputs (its smoothing/rotation "
+            "changes what the layers quantize); its hooks are on now: run the model again, then call dq.convert "
+            "again (or write the loop as `for _ in cal.passes(): ...`)"
+        )
+    cal.close()
+    return apply_calibration(cal)
+
+
+def apply_calibration(cal: Calibration) -> nn.Module:
+    """Quantize `cal.model` from a complete calibration (shared by `convert` and `dq.quantize`)."""
+    from .engine import apply_quantization
+
+    model = cal.model
+    apply_quantization(model, cal.plan, cal.store, cal.groups, cal.prepared, cal.recipe, cal.source)
+    summary = summarize(cal.prepared)
+    if summary:
+        logger.info("outlier handling: %s", summary)
+    logger.info("quantized %d layers of %s with recipe %s (%d timestep groups)",
+                len(cal.plan), type(model).__name__, cal.recipe.name, len(cal.groups))
+    return model
+
+
+def calibrate(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", run: Callable[[], Any] | None = None,
+              *, pipe=None, stats: str | Path | None = None, reduce: Reduce | None = None) -> nn.Module:
+    """prepare -> run -> convert in one call: `run()` runs the model over the calibration inputs
+    (it is called once per pass), or `stats` names a statistics file to replay instead. Any
+    failure leaves the model as it was."""
+    if (run is None) == (stats is None):
+        raise DQError("dq.calibrate needs exactly one of run= (a function that runs the model over calibration inputs) or stats= (a statistics file)")
+    if stats is not None:
+        cal = Calibration(model, recipe, pipe=pipe, reduce=reduce).replay(stats)
+        return apply_calibration(cal)
+    cal = prepare(model, recipe, pipe=pipe, reduce=reduce)
+    try:
+        for _ in cal.passes():
+            run()
+    except BaseException:
+        cal.close()
+        raise
+    return convert(model)

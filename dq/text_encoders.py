@@ -1,0 +1,119 @@
+"""Weight-only quantization of a pipeline's text encoders (CLIP, T5).
+
+Most of the memory of PixArt, SD3 and FLUX pipelines is the T5 encoder (4.8 B parameters in
+T5-XXL against 0.6 B for PixArt-Sigma's transformer). It runs once per prompt, not once per
+step, so its speed matters little and its weights matter most: dq quantizes its Linear layers
+weight-only (activations stay in float, so no calibration is needed), with the same layers and
+kernels as the denoiser's weight-only layers.
+
+Saving: transformers loads a text-encoder folder by itself and has no dq loader, so a folder
+written with quantized encoders would be read back as float weights full of codes, without an
+error. `dq.save` therefore refuses a pipeline whose text encoders are quantized; quantize them
+again after loading instead (`dq.load(dir, text_encoders="w8a16")`: weight-only, a few
+seconds, no calibration).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .errors import DQError
+from .kernels import set_execution
+from .nn.layers import QuantLinear, QuantModule
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+MARK = "_dq_text_encoder_recipe"
+
+
+def text_encoders(pipe) -> dict[str, nn.Module]:
+    return {name: m for name in TEXT_ENCODER_NAMES if isinstance(m := getattr(pipe, name, None), nn.Module)}
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (each stored tensor counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def is_quantized_encoder(module: nn.Module) -> bool:
+    return getattr(module, MARK, None) is not None
+
+
+def quantize_text_encoders(pipe, recipe: str | Recipe | dict = "w8a16", *, names: list[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Quantize the Linear layers of the pipeline's text encoders weight-only, in place.
+
+    recipe: a weight-only recipe (its `weight` format is used; e.g. "w8a16", "w4a16").
+    names: which components (default: every text encoder the pipeline has).
+    Returns {component: (bytes before, bytes after)}.
+    """
+    recipe = Recipe.from_any(recipe)
+    if recipe.weight is None or recipe.activation is not None:
+        raise DQError(
+            f"text encoders are quantized weight-only; recipe {recipe.name!r} "
+            f"{'has no weight format' if recipe.weight is None else 'quantizes activations'}: use 'w8a16' or 'w4a16'"
+        )
+    found = text_encoders(pipe)
+    if names is not None:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise DQError(f"{type(pipe).__name__} has no text encoder {unknown}; it has {sorted(found) or 'none'}")
+        found = {n: found[n] for n in names}
+    if not found:
+        raise DQError(f"{type(pipe).__name__} has no text encoder to quantize")
+    spec = recipe.weight
+    sizes = {}
+    for name, encoder in found.items():
+        if is_quantized_encoder(encoder):
+            raise DQError(f"{name} is already quantized (recipe {getattr(encoder, MARK)}); load the pipeline again to change it")
+        before = module_bytes(encoder)
+        layers = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear]
+        replacements = {}
+        with torch.no_grad():
+            for layer_name, layer in layers:
+                w_spec = spec
+                if spec.granularity == "group" and layer.in_features % spec.group_size:
+                    w_spec = spec.replace(granularity="channel")
+                replacements[layer_name] = QuantLinear.from_float(layer, w_spec, None, None, None)
+        for layer_name, q in replacements.items():
+            parent_name, _, child = layer_name.rpartition(".")
+            parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            setattr(parent, child, q)
+        set_execution(encoder, recipe.execution)
+        setattr(encoder, MARK, recipe.name)
+        encoder.save_pretrained = _refuse_save(name)  # pipe.save_pretrained calls it: refused too
+        sizes[name] = (before, module_bytes(encoder))
+        logger.info("%s: %d Linear layers quantized weight-only (%s): %.1f -> %.1f MB", name, len(replacements),
+                    recipe.name, before / 2**20, sizes[name][1] / 2**20)
+    return sizes
+
+
+def _refuse_save(name: str):
+    def save_pretrained(*_args, **_kwargs):
+        raise DQError(
+            f"{name} is quantized by dq and cannot be saved quantized: transformers, which loads text encoders, "
+            "has no dq loader and would load it with missing weights. Save the pipeline before quantizing its text "
+            "encoders, and quantize them again after loading: dq.load(dir, text_encoders='w8a16')"
+        )
+    return save_pretrained
+
+
+def check_savable(pipe) -> None:
+    """Refuse (DQError) to save a pipeline whose text encoders dq quantized (see the module doc)."""
+    quantized = [n for n, m in text_encoders(pipe).items() if is_quantized_encoder(m) or any(isinstance(x, QuantModule) for x in m.modules())]
+    if quantized:
+        raise DQError(
+            f"{', '.join(quantized)} are quantized by dq, and transformers, which loads text encoders, has no dq "
+            "loader: it would read the saved codes as float weights without an error. Save the pipeline before "
+            "quantizing its text encoders, and quantize them again after loading: dq.load(dir, text_encoders='w8a16')"
+        )
