@@ -230,7 +230,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import engine
 
     pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
-    cal = engine.calibrate_pipeline(pipe, recipe, calib_prompts=args.calib_prompts, num_inference_steps=args.steps)
+    cal = engine.calibrate_pipeline(pipe, recipe, calib_prompts=args.calib_prompts, num_inference_steps=args.steps,
+                                   keep_stats=True)
     cal.save_stats(out)
     print(f"calibration statistics for recipe {recipe.name!r} -> {out}\n"
           f"quantize at load with: from_pretrained(..., quantization_config=dq.DQConfig(recipe=..., stats={str(out)!r}))")

@@ -254,6 +254,7 @@ def calibrate_pipeline(
     *,
     calib_prompts: Sequence[Any] | str | None = None,
     num_inference_steps: int | None = None,
+    keep_stats: bool = False,
     **call_kwargs: Any,
 ):
     """Calibrate the pipeline's denoiser with its own sampler, without quantizing it: the
@@ -271,7 +272,7 @@ def calibrate_pipeline(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
-    cal = Calibration(model, recipe, pipe=pipe)
+    cal = Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats)
     steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
     prompts = None
     while not cal.ready:

@@ -57,7 +57,8 @@ class Calibration:
     layers. Made by `dq.prepare`; `dq.convert` finishes it."""
 
     def __init__(self, model: nn.Module, recipe: str | Recipe | dict[str, Any], *, pipe=None,
-                 reduce: Reduce | None = None, keep_rules: str = "the recipe's keep/overrides"):
+                 reduce: Reduce | None = None, keep_stats: bool = False,
+                 keep_rules: str = "the recipe's keep/overrides"):
         from .engine import plan_model
 
         self.model = model
@@ -69,7 +70,10 @@ class Calibration:
         self.store: StatsStore | None = None
         self.groups = TimestepGroups([], [[]])
         self.prepared: dict[str, PreparedLayer] | None = None
-        self.recorded: dict[str, StatsStore] = {}  # each pass's (reduced) statistics, for save_stats
+        # each pass's (reduced) statistics, for save_stats; off by default: pass 1's second
+        # moments (d x d per layer) would otherwise stay in memory until convert
+        self.keep_stats = keep_stats
+        self.recorded: dict[str, StatsStore] = {}
         self.stage = "pass1"  # pass1 -> pass2 -> ready
         self.targets: list[CalibTarget] = []
         self._calibrator: Calibrator | None = None
@@ -98,12 +102,13 @@ class Calibration:
             self._prepare_layers(None)
         elif self.stage == "pass1":
             first = calibration_targets(works, first_pass=True)
-            self.store = store
             self.groups = TimestepGroups.from_timesteps(store.timesteps(), self.recipe.timestep_groups)
             self._prepare_layers(store)
-            store.moments.clear()  # H is only needed to prepare the layers
+            # H is only needed to prepare the layers; the ranges need the histograms of the
+            # layers whose input stays untransformed (copied: `store` may be kept as recorded)
             self._done_first = {t.name for t in first if t.histogram}
-            store.entries = {k: v for k, v in store.entries.items() if k[0] in self._done_first}
+            self.store = StatsStore()
+            self.store.entries = {k: v.copy() for k, v in store.entries.items() if k[0] in self._done_first}
         elif self.stage == "pass2":
             self.store = store if self.store is None else self.store.merge_(store)
             self.groups = TimestepGroups.from_timesteps(self.store.timesteps(), self.recipe.timestep_groups)
@@ -134,8 +139,8 @@ class Calibration:
                 f"of {type(self.model).__name__} ran. Run the model (its forward, with a timestep) between "
                 "dq.prepare and dq.convert, or inside `for _ in cal.passes(): ...`"
             )
-        # saved before pass 1's moments are dropped: a replay prepares the layers again
-        self.recorded[self.stage] = StatsStore().merge_(store)
+        if self.keep_stats:  # a replay prepares the layers again: pass 1's moments included
+            self.recorded[self.stage] = store
         logger.info(
             "calibration pass %d: %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
             self.pass_number, len(store.layers()) or len(store.moments), len(store.timesteps()),
@@ -204,6 +209,8 @@ class Calibration:
         plan in its metadata) that `replay` and ``DQConfig(stats=...)`` read back."""
         if not self.ready:
             raise DQError(f"calibration is still waiting for pass {self.pass_number}; run it before save_stats")
+        if not self.keep_stats:
+            raise DQError("statistics were not kept: pass keep_stats=True to dq.prepare (or Calibration) to save them")
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         for stage, store in self.recorded.items():
@@ -278,20 +285,21 @@ def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
 
 
 def prepare(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", *, pipe=None,
-            reduce: Reduce | None = None) -> Calibration:
+            reduce: Reduce | None = None, keep_stats: bool = False) -> Calibration:
     """Plan `model`'s quantization with `recipe` and hook the layers whose statistics the recipe
     needs. Run the model over calibration inputs (inside ``for _ in cal.passes():`` when the
     recipe may need two passes), then call `dq.convert(model)`.
 
     pipe: the pipeline that drives the model, if any (read for classifier-free guidance
     batches). reduce: applied to each pass's statistics when it ends (several processes
-    merge theirs there; `dq.calibrate.distributed`)."""
+    merge theirs there; `dq.calibrate.distributed`). keep_stats: keep every pass's statistics
+    for `Calibration.save_stats` (costs the second moments' memory until convert)."""
     if not isinstance(model, nn.Module):
         raise DQError(f"dq.prepare takes the denoiser module (pipe.transformer or pipe.unet), got {type(model).__name__}")
     current = getattr(model, CALIBRATION_ATTR, None)
     if current is not None:
         raise DQError(f"{type(model).__name__} is already being calibrated (dq.prepare was called); call dq.convert(model) or cal.close() first")
-    cal = Calibration(model, recipe, pipe=pipe, reduce=reduce)
+    cal = Calibration(model, recipe, pipe=pipe, reduce=reduce, keep_stats=keep_stats)
     setattr(model, CALIBRATION_ATTR, cal)
     cal.start_pass()
     return cal
@@ -346,7 +354,7 @@ def calibrate(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", 
     if (run is None) == (stats is None):
         raise DQError("dq.calibrate needs exactly one of run= (a function that runs the model over calibration inputs) or stats= (a statistics file)")
     if stats is not None:
-        cal = Calibration(model, recipe, pipe=pipe, reduce=reduce).replay(stats)
+        cal = Calibration(model, recipe, pipe=pipe, reduce=reduce, keep_stats=True).replay(stats)
         return apply_calibration(cal)
     cal = prepare(model, recipe, pipe=pipe, reduce=reduce)
     try:

@@ -359,7 +359,7 @@ def test_default_run_has_no_third_party_noise(default_pipeline_runs, capfd):
     assert "quantized with recipe 'w8a8-rtn'" in out
     for noise in ("beautifulsoup", "Beautiful Soup", "clean_caption", "cannot be saved", "torchao", "Traceback"):
         assert noise not in text, text
-    assert "INFO dq.engine: quantized" in err  # dq's own summary lines stay
+    assert "INFO dq.model: quantized" in err  # dq's own summary lines stay
 
 
 def test_quiet_prints_only_the_result_line(default_pipeline_runs, capfd):

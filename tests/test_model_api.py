@@ -151,6 +151,12 @@ def test_calibrate_in_one_call_and_statistics_replay(flux_inputs, tmp_path):
     cal = dq.prepare(model, "w8a8")
     for _ in cal.passes():
         run()
+    with pytest.raises(DQError, match="keep_stats=True"):
+        cal.save_stats(tmp_path / "stats.safetensors")
+    dq.model.calibration_of(model).close()
+    cal = dq.prepare(model, "w8a8", keep_stats=True)
+    for _ in cal.passes():
+        run()
     stats = cal.save_stats(tmp_path / "stats.safetensors")
     dq.convert(model)
     expected = probe_output(model, flux_inputs)
@@ -181,7 +187,7 @@ def test_static_recipe_quantizes_at_load_from_a_statistics_file(flux_inputs, tmp
     float_dir = tmp_path / "float"
     tiny_pipeline(KIND).transformer.save_pretrained(float_dir)
     model = tiny_pipeline(KIND).transformer
-    cal = dq.prepare(model, "w8a8")
+    cal = dq.prepare(model, "w8a8", keep_stats=True)
     for _ in cal.passes():
         replay(model, flux_inputs)
     stats = cal.save_stats(tmp_path / "stats.safetensors")
