@@ -95,6 +95,18 @@ def test_main_explains_a_bad_folder(tmp_path, capsys) -> None:
         _app().main(["--quantized", str(tmp_path)])
 
 
+def test_the_app_starts_on_the_embedded_default_on_loopback_offline() -> None:
+    app = _app()
+    args = app.parse_args([])
+    assert (args.model, args.quantized, args.recipe, args.host, args.share) == (None, None, "w8a8", "127.0.0.1", False)
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    pytest.importorskip("gradio")
+    theme = app.theme()
+    assert theme._stylesheets == [] and all(isinstance(f, str) for f in theme._font + theme._font_mono)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--seeds", "0"])
+
+
 # -- the model cache and the per-model locks (no pipeline needed) --------------------------------
 
 
