@@ -324,6 +324,7 @@ def _wait(until, seconds: float, what: str):
 def test_the_page_in_a_real_browser(served, tmp_path) -> None:
     from PIL import Image
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     browser = _browser()
     try:
@@ -372,5 +373,11 @@ def test_the_page_in_a_real_browser(served, tmp_path) -> None:
         }
         remote = sorted(u for u in fetched if not u.startswith((served.url.rstrip("/"), "data:", "blob:")))
         assert fetched and not remote, remote
+        # a bad request is a readable message in the page, and the page keeps working
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        _wait(lambda: "the prompt is empty" in browser.find_element(By.TAG_NAME, "body").text, 30,
+              "the empty-prompt message")
     finally:
         browser.quit()
