@@ -661,15 +661,21 @@ def build_demo(app: App):
     if recipe_default not in presets:
         presets = [recipe_default, *presets]  # a recipe file given on the command line
 
-    def generate(prompt, model, recipe, folder, seed, num_seeds, steps, guidance, *rest,
+    def generate(prompt, model, recipe, folder, seed, num_seeds, steps, guidance,
                  progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's own idiom)
-        budget = rest[0] if rest else None
+        return draw(prompt, model, recipe, folder, seed, num_seeds, steps, guidance, None, progress)
+
+    def generate_with_budget(prompt, model, recipe, folder, seed, num_seeds, steps, guidance, budget,
+                             progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return draw(prompt, model, recipe, folder, seed, num_seeds, steps, guidance, budget, progress)
+
+    def draw(prompt, model, recipe, folder, seed, num_seeds, steps, guidance, budget, progress):
         try:
             result = app.run(
                 prompt, model=model, recipe=recipe, folder=folder,
                 seed=int(seed if seed is not None else 0), num_seeds=int(num_seeds or 1),
                 steps=int(steps) if steps else None, guidance_scale=guidance, budget=budget,
-                progress=lambda text: progress(None, desc=text),
+                progress=lambda text: progress((0, None), desc=text),
             )
         except (ValueError, DQError) as error:
             raise gr.Error(str(error), duration=None) from error
@@ -721,8 +727,9 @@ def build_demo(app: App):
         gr.Examples(EXAMPLES, inputs=prompt)
         inputs = [prompt, model, recipe, folder, seed, num_seeds, steps, guidance, *extra]
         outputs = [slider, gallery, metrics, bits_plot, error_plot, caption]
-        button.click(generate, inputs, outputs, api_name="generate")
-        prompt.submit(generate, inputs, outputs, api_name=False)
+        run = generate_with_budget if extra else generate  # HOOK (mixed precision)
+        button.click(run, inputs, outputs, api_name="generate")
+        prompt.submit(run, inputs, outputs, api_name=False)
     return demo
 
 
