@@ -268,11 +268,14 @@ def test_bad_input_is_a_message_and_the_app_stays_up(served, tmp_path) -> None:
     client = gradio_client.Client(served.url, verbose=False)
     bad_recipe = tmp_path / "bad.yaml"
     bad_recipe.write_text("base: w8a8\nweight: {bits: 12}\n")
+    failing = tmp_path / "fails.yaml"  # valid, but its calibration cannot run
+    failing.write_text(f"base: w8a8-rtn\ncalib_prompts: {tmp_path / 'no-prompts.txt'}\n")
     cases = [
         ({"prompt": "   "}, "the prompt is empty"),
         ({"model": str(tmp_path / "no-such-model")}, "no such folder"),
         ({"recipe": "no-such-recipe"}, "unknown recipe 'no-such-recipe'; presets are"),
         ({"recipe": str(bad_recipe)}, "bit width 12 is out of range; use an integer from 2 to 8"),
+        ({"recipe": str(failing)}, f"no prompt file '{tmp_path / 'no-prompts.txt'}'; give a path"),
         ({"folder": str(tmp_path)}, "not a folder written by"),
         ({"folder": str(tmp_path / "gone")}, "no such folder"),
         ({"seeds": 0}, "Value 0 is less than minimum value 1"),  # Gradio checks the slider itself
@@ -280,6 +283,7 @@ def test_bad_input_is_a_message_and_the_app_stays_up(served, tmp_path) -> None:
     for kwargs, message in cases:
         with pytest.raises(AppError, match=re.escape(message)):
             _ask(client, **{"seeds": 1, **kwargs})
+    assert not any("no-prompts" in str(key) for key in served.app.cache.keys())  # no broken entry
     slider, *_ = _ask(client, seeds=1)  # still serving
     assert _image(slider[0]).std() > 5
 
