@@ -107,6 +107,29 @@ def test_the_app_starts_on_the_embedded_default_on_loopback_offline() -> None:
         app.parse_args(["--seeds", "0"])
 
 
+def test_lpips_is_only_computed_with_alexnet_weights_and_never_downloaded(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("torchmetrics")
+    import torch
+
+    import dq.eval.lpips as lpips_module
+
+    app = _app()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the app must not build LPIPS (a download) without the weights")
+
+    monkeypatch.setattr(lpips_module, "LpipsScorer", no_download)
+    scores, why = app.Scorers().lpips([np.zeros((16, 16, 3), np.uint8)], [np.zeros((16, 16, 3), np.uint8)])
+    assert scores is None and "AlexNet weights (alexnet-" in why and "--lpips-weights PATH" in why
+    missing = app.Scorers(lpips_weights=str(tmp_path / "alex.pth")).lpips_status()
+    assert "alex.pth does not exist" in missing
+    # with the file in the hub cache, LPIPS is attempted (here: the stand-in refuses)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / lpips_module.backbone_file("alex")).write_bytes(b"")
+    assert app.Scorers().lpips_status() is None
+
+
 # -- the model cache and the per-model locks (no pipeline needed) --------------------------------
 
 
