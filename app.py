@@ -43,7 +43,7 @@ from dq.cli import check_model, recipe_with_overrides  # noqa: E402
 from dq.engine import find_denoiser  # noqa: E402
 from dq.errors import DQError  # noqa: E402
 from dq.eval.metrics import psnr, ssim  # noqa: E402
-from dq.io import is_dq_folder, quantization_config  # noqa: E402
+from dq.io import is_dq_folder  # noqa: E402
 from dq.kernels.dispatch import runtime_nbytes  # noqa: E402
 from dq.nn.layers import QuantModule  # noqa: E402
 from dq.provenance import made_from  # noqa: E402
@@ -292,10 +292,9 @@ def _architecture(pipe) -> tuple[str, dict]:
 
 
 def recipe_name(pipe) -> str | None:
-    """The recipe a quantized pipeline was made with, from its public quantization config
-    (``dq.io.quantization_config``; dq has no ``recipe_of(model)`` yet)."""
-    recipe = quantization_config(find_denoiser(pipe)[1]).get("recipe")
-    return recipe.get("name") if recipe else None
+    """The recipe a quantized pipeline was made with (``dq.state``)."""
+    st = dq.state(find_denoiser(pipe)[1])
+    return st.recipe.name if st is not None and st.recipe is not None else None
 
 
 # -- per-layer bits and error --------------------------------------------------------------------
@@ -339,7 +338,7 @@ def measure_layers(full: Side, quantized: Side, prompt: str, seed: int, **kwargs
     full-precision layer on the same input (forward hooks on the quantized denoiser, running sums
     only; hooks removed whatever happens)."""
     q_model, f_model = quantized.denoiser, full.denoiser
-    plan = quantization_config(q_model)["plan"]
+    plan = dq.state(q_model).plan
     float_bits = torch.finfo(next(f_model.parameters()).dtype).bits
     sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in plan}
 
