@@ -61,6 +61,22 @@ def scenario_quantize(out: Path, rank: int) -> None:
                out / f"rank{rank}-quantize.pt")
 
 
+def eval_result() -> dict:
+    """dq.eval.evaluate of a tiny PixArt against another (as its reference): per-image PSNR,
+    SSIM, CLIP score and a CLIP-feature FID (torchmetrics states)."""
+    from dq.eval.evaluate import evaluate
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    result = evaluate(tiny_pipeline("pixart", seed=0), prompts_for("pixart", 5), reference=tiny_pipeline("pixart", seed=1),
+                      metrics="psnr,ssim,clip,fid", fid_features="clip", num_inference_steps=2, call_kwargs=kwargs)
+    return result.to_dict(per_image=True)
+
+
+def scenario_eval(out: Path, rank: int) -> None:
+    torch.save(eval_result(), out / f"rank{rank}-eval.pt")
+
+
 def scenario_disagree(out: Path, rank: int) -> None:
     """Rank 1 uses another recipe, then (second try) another model's weights."""
     import dq
@@ -109,7 +125,7 @@ def scenario_hang(out: Path, rank: int) -> None:
     (out / f"rank{rank}-hang.txt").write_text(f"{time.monotonic() - began:.1f}\n{message}")
 
 
-SCENARIOS = {"hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "disagree": scenario_disagree, "die": scenario_die}
+SCENARIOS = {"eval": scenario_eval, "hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "disagree": scenario_disagree, "die": scenario_die}
 
 
 def main() -> int:

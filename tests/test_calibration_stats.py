@@ -37,3 +37,52 @@ def test_timestep_groups_by_value_not_count():
     flow = TimestepGroups.from_timesteps([1.0, 0.75, 0.5, 0.25], 4)  # flow-matching scale
     assert [flow.index(t) for t in (0.99, 0.7, 0.6, 0.3, 0.0)] == [3, 2, 1, 0, 0]
     assert len(TimestepGroups.from_timesteps([5.0], 4)) == 1
+
+
+def test_store_is_held_per_layer():
+    """A lookup reads one layer's entries; the flat `entries` view and its setter still work."""
+    store = StatsStore()
+    for layer in ("a", "b"):
+        for t in (1.0, 2.0):
+            store.add((layer, t, "all"), ActivationStats.from_rows(torch.randn(4, 3), 64))
+    assert store.by_layer.keys() == {"a", "b"} and store.by_layer["a"].keys() == {(1.0, "all"), (2.0, "all")}
+    store.by_layer["b"] = {}  # a layer emptied ...
+    assert store.layers() == ["a"] and store.select("b") is None  # ... is no layer, and select never scans it
+    store.entries = {k: v for k, v in store.entries.items() if k[1] == 2.0}
+    assert store.timesteps() == [2.0] and store.select("a").count == 4
+
+
+def test_all_reduce_without_processes_is_a_no_op():
+    store = StatsStore()
+    store.add(("a", 1.0, "all"), ActivationStats.from_rows(torch.ones(2, 3), 64))
+    assert store.all_reduce_() is store and store.select("a").count == 2
+
+
+def test_calibrating_a_denoiser_under_accelerate_cpu_offload():
+    """The hooks see the same inputs when accelerate's offload hooks (weights kept off the model,
+    loaded per forward) run the denoiser: the statistics equal those of the plain model."""
+    import pytest
+
+    accelerate = pytest.importorskip("accelerate")
+    from dq.calibrate.hooks import Calibrator, CalibTarget
+    from dq.calibrate.run import run_pipeline
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    stores = []
+    for offload in (False, True):
+        pipe = tiny_pipeline("pixart", seed=0)
+        model = pipe.transformer
+        if offload:
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+            assert next(model.parameters()).device.type == "meta"  # the weights really are off the model
+        targets = [CalibTarget(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        with Calibrator(pipe, model, targets, 256) as calibrator:
+            run_pipeline(pipe, prompts_for("pixart", 2), num_inference_steps=2, batch_size=2, seed=0, call_kwargs=kwargs)
+        stores.append(calibrator.store)
+    plain, offloaded = stores
+    assert plain.entries.keys() == offloaded.entries.keys() and len(plain.layers()) > 10
+    for key, stats in plain.entries.items():
+        other = offloaded.entries[key]
+        assert other.count == stats.count and torch.equal(other.hist, stats.hist), key
+        torch.testing.assert_close(other.sumsq, stats.sumsq)

@@ -66,7 +66,7 @@ def _launch(out: Path, scenarios: list[str], timeout: float, wait_for: tuple[int
 def two_processes(tmp_path_factory) -> Path:
     """One launch of two processes running the merge, quantize, disagree and die scenarios."""
     out = tmp_path_factory.mktemp("dist")
-    procs = _launch(out, ["reduce", "quantize", "disagree", "die"], timeout=30)
+    procs = _launch(out, ["reduce", "quantize", "eval", "disagree", "die"], timeout=30)
     logs = {r: p.stdout.read() for r, p in procs.items()}
     assert procs[0].returncode == 0, logs[0][-3000:]
     assert procs[1].returncode == 17, logs[1][-3000:]  # rank 1 dies on purpose at the end
@@ -114,6 +114,22 @@ def test_two_processes_quantize_like_one(two_processes):
         torch.testing.assert_close(got[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     for mine, theirs in zip(got[0]["images"], want["images"]):
         assert (mine.float() - theirs.float()).abs().max() <= 2  # 8-bit pixel levels
+
+
+def test_two_processes_evaluate_like_one(two_processes):
+    """dq.eval.evaluate on 2 processes: the same per-image scores in the same order, the same
+    means, and the FID of all images (torchmetrics reduced the feature statistics)."""
+    want = _worker_module().eval_result()
+    for rank in (0, 1):
+        got = torch.load(two_processes / f"rank{rank}-eval.pt")
+        assert got["num_images"] == want["num_images"] == 5
+        assert got["metrics"].keys() == want["metrics"].keys() == {"psnr", "ssim", "clip", "fid"}
+        for name, values in want["per_image"].items():
+            # the batches differ (3 + 2 images against 4 + 1), which moves a pixel by a level at most
+            torch.testing.assert_close(torch.tensor(got["per_image"][name]), torch.tensor(values), rtol=1e-3, atol=1e-3)
+        for name, value in want["metrics"].items():
+            assert got["metrics"][name] == pytest.approx(value, rel=1e-3, abs=1e-3), name
+        assert got["settings"]["processes"] == 2
 
 
 def test_disagreeing_processes_stop_before_calibrating(two_processes):
