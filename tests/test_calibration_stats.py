@@ -86,3 +86,23 @@ def test_calibrating_a_denoiser_under_accelerate_cpu_offload():
         other = offloaded.entries[key]
         assert other.count == stats.count and torch.equal(other.hist, stats.hist), key
         torch.testing.assert_close(other.sumsq, stats.sumsq)
+
+
+def test_second_moments_go_to_host_memory_when_they_would_crowd_the_device(monkeypatch):
+    import pytest
+
+    from dq.calibrate.hooks import CalibTarget, moment_bytes, moments_on_cpu
+    from dq.errors import CalibrationError
+
+    wide = CalibTarget("wide", torch.nn.Linear(1024, 8), second_moment=True)
+    plain = CalibTarget("plain", torch.nn.Linear(4096, 8))  # no second moment: costs nothing
+    assert moment_bytes(wide) == 4 * 1024 * 1024 and moment_bytes(plain) == 0
+    cuda = torch.device("cuda")  # only compared by type: no GPU needed
+    assert moments_on_cpu([wide, plain], cuda, free_bytes=4 * 2**20 * 4 - 1)  # over a quarter of the free memory
+    assert not moments_on_cpu([wide, plain], cuda, free_bytes=4 * 2**20 * 4)
+    assert not moments_on_cpu([wide], torch.device("cpu"), free_bytes=0)  # already in host memory
+    monkeypatch.setenv("DQ_MOMENTS_ON", "cpu")
+    assert moments_on_cpu([wide], cuda, free_bytes=2**40)
+    monkeypatch.setenv("DQ_MOMENTS_ON", "gpu")
+    with pytest.raises(CalibrationError, match="DQ_MOMENTS_ON"):
+        moments_on_cpu([wide], cuda, free_bytes=2**40)
