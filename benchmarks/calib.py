@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 RECIPE = "w4a4"
+SIZES = ((2, 2), (4, 2), (8, 2), (16, 2), (4, 4), (4, 8))  # (heads of 64, blocks)
 
 
 # ------------------------------------------------------------------ one measurement (a child)
@@ -154,8 +155,8 @@ def sweep_work(heads: int, depth: int) -> dict:
     """Calibration (passes + preparing the layers) against prompts x steps, with a plain run of
     the same prompts beside it. Fits use CPU seconds (one thread: wall time on a quiet machine)."""
     rows = []
-    for prompts in (2, 8):
-        for steps in (2, 8):
+    for prompts in (2, 4):
+        for steps in (2, 4):
             cal = run("calibrate", heads, depth, prompts, steps)[0]
             fp = run("fp", heads, depth, prompts, steps)[0]
             rows.append({"prompts": prompts, "steps": steps,
@@ -176,7 +177,7 @@ def sweep_work(heads: int, depth: int) -> dict:
 def sweep_size(prompts: int, steps: int) -> dict:
     """Time and peak memory against width (heads of 64) and depth."""
     rows = []
-    for heads, depth in ((2, 4), (4, 4), (8, 4), (16, 4), (4, 2), (4, 8), (4, 16)):
+    for heads, depth in SIZES:
         cal = run("calibrate", heads, depth, prompts, steps)[0]
         fp = run("fp", heads, depth, prompts, steps)[0]
         rows.append({
