@@ -57,7 +57,7 @@ def build(width_heads: int, depth: int):
     return pipe
 
 
-def child(mode: str, heads: int, depth: int, prompts: int, steps: int) -> dict:
+def child(mode: str, heads: int, depth: int, prompts: int, steps: int, recipe_name: str = RECIPE) -> dict:
     import torch
 
     import dq
@@ -99,7 +99,7 @@ def child(mode: str, heads: int, depth: int, prompts: int, steps: int) -> dict:
         timing = {"passes_s": time.perf_counter() - start, "passes_cpu_s": time.process_time() - cpu_start}
     else:
         # simulated execution: the kernel choice (measured once per machine) is no part of calibration
-        recipe = dq.Recipe.from_dict({**dq.Recipe.from_any(RECIPE).to_dict(), "execution": "sim"})
+        recipe = dq.Recipe.from_dict({**dq.Recipe.from_any(recipe_name).to_dict(), "execution": "sim"})
         dq.quantize(pipe, recipe, calib_prompts=plist, num_inference_steps=steps, **kwargs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
@@ -121,7 +121,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(mode: str, heads: int, depth: int, prompts: int, steps: int, processes: int = 1) -> list[dict]:
+def run(mode: str, heads: int, depth: int, prompts: int, steps: int, processes: int = 1, recipe: str = RECIPE) -> list[dict]:
     """One measurement in `processes` fresh processes (gloo on CPU for 2); each row per rank."""
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DQ_DIST_TIMEOUT": "1800"}
     port = _free_port()
@@ -132,7 +132,7 @@ def run(mode: str, heads: int, depth: int, prompts: int, steps: int, processes: 
             env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, __file__, "child", "--mode", mode, "--heads", str(heads), "--depth", str(depth),
-               "--prompts", str(prompts), "--steps", str(steps)]
+               "--prompts", str(prompts), "--steps", str(steps), "--recipe", recipe]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     rows = []
     for proc in procs:
@@ -191,12 +191,12 @@ def sweep_size(prompts: int, steps: int) -> dict:
     return {"prompts": prompts, "steps": steps, "rows": rows}
 
 
-def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int) -> dict:
+def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, recipe: str) -> dict:
     """Calibration (passes + merge + preparing) on one process of one thread, then on two."""
     rows = []
     for _ in range(repeats):
-        one = run("calibrate", heads, depth, prompts, steps, processes=1)[0]
-        two = run("calibrate", heads, depth, prompts, steps, processes=2)
+        one = run("calibrate", heads, depth, prompts, steps, processes=1, recipe=recipe)[0]
+        two = run("calibrate", heads, depth, prompts, steps, processes=2, recipe=recipe)
         rows.append({
             "one_process_wall_s": one["prepare_s"], "two_processes_wall_s": max(r["prepare_s"] for r in two),
             "one_process_passes_wall_s": one["passes_s"], "two_processes_passes_wall_s": max(r["passes_s"] for r in two),
@@ -206,7 +206,7 @@ def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int) 
         rows[-1]["speedup_wall"] = rows[-1]["one_process_wall_s"] / rows[-1]["two_processes_wall_s"]
         rows[-1]["speedup_passes_wall"] = rows[-1]["one_process_passes_wall_s"] / rows[-1]["two_processes_passes_wall_s"]
         print(json.dumps(rows[-1]), flush=True)
-    return {"heads": heads, "depth": depth, "prompts": prompts, "steps": steps, "threads_per_process": 1, "rows": rows}
+    return {"recipe": recipe, "heads": heads, "depth": depth, "prompts": prompts, "steps": steps, "threads_per_process": 1, "rows": rows}
 
 
 def machine_note() -> dict:
@@ -224,9 +224,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--recipe", default=None, help=f"recipe (default: {RECIPE}; procs: w8a8-rtn, whose cost is the passes)")
     args = parser.parse_args()
     if args.what == "child":
-        print(json.dumps(child(args.mode, args.heads, args.depth, args.prompts, args.steps)))
+        print(json.dumps(child(args.mode, args.heads, args.depth, args.prompts, args.steps, args.recipe or RECIPE)))
         return
     RESULTS.mkdir(exist_ok=True)
     for what in ("work", "size", "procs") if args.what == "all" else (args.what,):
@@ -236,7 +237,7 @@ def main() -> None:
         elif what == "size":
             result = sweep_size(args.prompts, args.steps)
         else:
-            result = sweep_procs(args.heads, args.depth, args.prompts, args.steps, args.repeats)
+            result = sweep_procs(args.heads, args.depth, args.prompts, args.steps, args.repeats, args.recipe or "w8a8-rtn")
         result = {"recipe": RECIPE, "machine": note, "loadavg_at_end": os.getloadavg(), **result}
         (RESULTS / f"calib-{what}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))

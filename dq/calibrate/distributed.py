@@ -212,12 +212,16 @@ def all_reduce_store(store: StatsStore, group=None) -> StatsStore:
     metas = gather_objects(meta, "the merge of calibration statistics", group)
     device = _comm_device(group)
     layers = sorted({layer for m in metas for layer in m["entries"]})
-    with collective("the merge of calibration statistics", group):
-        for layer in layers:
-            _reduce_layer(store, layer, [m["entries"].get(layer, {}) for m in metas], device, group)
-        for layer in sorted({layer for m in metas for layer in m["moments"]}):
-            _reduce_moment(store, layer, [m["moments"].get(layer) for m in metas], device, group)
+    for layer in layers:
+        _reduce_layer(store, layer, [m["entries"].get(layer, {}) for m in metas], device, group)
+    for layer in sorted({layer for m in metas for layer in m["moments"]}):
+        _reduce_moment(store, layer, [m["moments"].get(layer) for m in metas], device, group)
     return store
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+    with collective("the merge of calibration statistics", group):
+        dist.all_reduce(tensor, op=op, group=group)
 
 
 def _reduce_layer(store: StatsStore, layer: str, metas: list[dict], device: torch.device, group) -> None:
@@ -250,7 +254,7 @@ def _reduce_layer(store: StatsStore, layer: str, metas: list[dict], device: torc
         lows += [mine.min.float().cpu()]
     buffers = [torch.cat(part).to(device) for part in (sums, highs, lows)]
     for buffer, op in zip(buffers, (dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN)):
-        dist.all_reduce(buffer, op=op, group=group)
+        _all_reduce(buffer, op, group)
     sums_, highs_, lows_ = (b.cpu() for b in buffers)
     at_s = at_h = at_l = 0
     merged = {}
@@ -277,7 +281,7 @@ def _reduce_moment(store: StatsStore, layer: str, metas: list, device: torch.dev
     mine = store.moments.get(layer)
     tensor = mine.sum if mine is not None else torch.zeros(shape, dtype=torch.float32)
     buffer = tensor.to(device) if tensor.device != device else tensor
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    _all_reduce(buffer, dist.ReduceOp.SUM, group)
     count = sum(m[1] for m in metas if m is not None)
     store.moments[layer] = SecondMoment(buffer.to(tensor.device) if buffer is not tensor else buffer, count)
 
