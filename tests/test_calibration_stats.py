@@ -106,3 +106,33 @@ def test_second_moments_go_to_host_memory_when_they_would_crowd_the_device(monke
     monkeypatch.setenv("DQ_MOMENTS_ON", "gpu")
     with pytest.raises(CalibrationError, match="DQ_MOMENTS_ON"):
         moments_on_cpu([wide], cuda, free_bytes=2**40)
+
+
+def test_prompt_shares_cover_the_list_in_order():
+    import pytest
+
+    from dq.calibrate.distributed import share
+    from dq.errors import DQError
+
+    for count, world in ((5, 2), (8, 2), (7, 3), (3, 3), (1, 1)):
+        parts = [share(count, world, r) for r in range(world)]
+        assert [i for p in parts for i in p] == list(range(count))  # contiguous, in rank order
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(DQError, match="at least one prompt per process"):
+        share(1, 2, 0)
+
+
+def test_process_group_timeout_from_the_environment(monkeypatch):
+    import pytest
+
+    from dq.calibrate.distributed import DEFAULT_TIMEOUT_S, timeout_seconds
+    from dq.errors import DQError
+
+    monkeypatch.delenv("DQ_DIST_TIMEOUT", raising=False)
+    assert timeout_seconds() == DEFAULT_TIMEOUT_S == 600  # not gloo's 30 minutes
+    monkeypatch.setenv("DQ_DIST_TIMEOUT", "45")
+    assert timeout_seconds() == 45
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("DQ_DIST_TIMEOUT", bad)
+        with pytest.raises(DQError, match="DQ_DIST_TIMEOUT"):
+            timeout_seconds()

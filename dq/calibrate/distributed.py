@@ -97,9 +97,14 @@ def is_main(group=None) -> bool:
 
 
 def shard(count: int, group=None) -> range:
-    """This process's contiguous share of ``count`` items (the first processes take one more
-    when it does not divide); the whole range for one process."""
-    world, me = world_size(group), rank(group)
+    """This process's contiguous share of ``count`` items (`share`); the whole range for one
+    process."""
+    return share(count, world_size(group), rank(group))
+
+
+def share(count: int, world: int, me: int) -> range:
+    """Process ``me`` of ``world``'s contiguous share of ``count`` items, in rank order (the first
+    processes take one more when it does not divide)."""
     if world > 1 and count < world:
         raise DQError(f"{count} prompt(s) for {world} processes; give at least one prompt per process")
     base, extra = divmod(count, world)
