@@ -200,13 +200,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_device(args.device)
 
     from . import engine, io
+    from .calibrate import distributed
     from .logs import quiet_third_party
 
-    pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
+    device = distributed.join(args.device)  # under `accelerate launch`: this process's device
+    distributed.check_agreement({"command line": lambda: sys.argv[1:], "recipe": recipe.to_dict})
+    pipe = open_model(args.model, torch_dtype=dtype, device=device)
     engine.quantize(pipe, recipe, calib_prompts=args.calib_prompts, num_inference_steps=args.steps)
-    with quiet_third_party():
-        io.save(pipe, out, overwrite=args.overwrite)
-    print(f"quantized with recipe {recipe.name!r} -> {out}")
+    if distributed.is_main():  # every process holds the same quantized model; one writes it
+        with quiet_third_party():
+            io.save(pipe, out, overwrite=args.overwrite)
+        print(f"quantized with recipe {recipe.name!r} -> {out}")
+    distributed.barrier("the save")  # no process reports success before the checkpoint is complete
     return 0
 
 
@@ -403,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dq: error: --verbose and --quiet contradict each other; pass one of them", file=sys.stderr)
         return 2
     verbosity = VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else DEFAULT
+    if os.environ.get("RANK", "0") != "0" and verbosity == DEFAULT:
+        verbosity = QUIET  # under `accelerate launch`, the main process speaks for all
     try:
         with cli_output(verbosity):
             return int(args.func(args) or 0)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .arch import arch_for, default_keep, default_weight_only, quantizable_layers
+from .calibrate import distributed
 from .calibrate.hooks import Calibrator, CalibTarget
 from .calibrate.run import run_pipeline
 from .calibrate.stats import StatsStore
@@ -140,13 +141,14 @@ def calibrate(
     statistics of which layers, see `CalibTarget`); return their statistics."""
     if targets is None:
         targets = [CalibTarget(c.name, c.module, c.channel_dim) for c in plan if c.activation is not None and not c.activation.dynamic]
+    distributed.check_agreement(distributed.calibration_facts(model, recipe, prompts, num_inference_steps, call_kwargs, targets))
     with Calibrator(pipe, model, targets, recipe.histogram_bins) as calibrator:
         run_pipeline(
             pipe, prompts, num_inference_steps=num_inference_steps, batch_size=recipe.calib_batch_size,
             seed=recipe.calib_seed, call_kwargs=call_kwargs,
             on_batch=lambda n: setattr(calibrator, "prompt_batch", n),
         )
-    return calibrator.store
+    return calibrator.store  # merged across processes by the Calibration it feeds (dq.model)
 
 
 def activation_ranges(store: StatsStore, layer: str, groups: TimestepGroups, spec: QuantSpec) -> list[tuple[float, float]]:

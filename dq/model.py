@@ -131,8 +131,8 @@ class Calibration:
             self.groups = TimestepGroups([], [[]])  # no static ranges to look up by timestep
 
     def _collected(self, store: StatsStore) -> StatsStore:
-        if self.reduce is not None:
-            store = self.reduce(store)
+        # several processes (torch.distributed / accelerate): merged exactly; a no-op in one
+        store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
         if not store.entries and not store.moments:
             raise DQError(
                 f"calibration pass {self.pass_number} saw no inputs: none of the {len(self.targets)} hooked layers "
@@ -291,8 +291,9 @@ def prepare(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", *,
     recipe may need two passes), then call `dq.convert(model)`.
 
     pipe: the pipeline that drives the model, if any (read for classifier-free guidance
-    batches). reduce: applied to each pass's statistics when it ends (several processes
-    merge theirs there; `dq.calibrate.distributed`). keep_stats: keep every pass's statistics
+    batches). reduce: applied to each pass's statistics when it ends; default: the exact merge
+    across the processes of a torch.distributed / accelerate launch (`StatsStore.all_reduce_`,
+    `dq.calibrate.distributed`; nothing in a single process). keep_stats: keep every pass's statistics
     for `Calibration.save_stats` (costs the second moments' memory until convert)."""
     if not isinstance(model, nn.Module):
         raise DQError(f"dq.prepare takes the denoiser module (pipe.transformer or pipe.unet), got {type(model).__name__}")

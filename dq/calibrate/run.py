@@ -49,6 +49,12 @@ def _fast_output(pipe) -> dict[str, Any]:
     return {"output_type": "latent" if "prompt" in params else "pt"}
 
 
+def prompt_generators(device, seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per prompt, seeded ``seed + i`` by the prompt's index ``i`` in the whole
+    prompt list: the batch size and the split across processes never change a prompt's noise."""
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in indices]
+
+
 def run_pipeline(
     pipe,
     prompts: Sequence[Any],
@@ -60,23 +66,33 @@ def run_pipeline(
     desc: str = "calibrating",
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Call `pipe` over `prompts` in batches, seeded per batch, with a progress bar over the
-    batches (hidden under ``dq ... --quiet``) and one summary log line at the end."""
+    """Call `pipe` over `prompts` in batches, prompt ``i`` seeded ``seed + i``, with a progress
+    bar over the batches (hidden under ``dq ... --quiet``) and one summary log line at the end.
+
+    Launched as several processes (a `torch.distributed` group, see `dq.calibrate.distributed`),
+    each process runs its contiguous share of the prompts, with the same per-prompt seeds."""
+    from . import distributed
+
     if not prompts:
         raise DQError("the calibration prompt list is empty; pass calib_prompts=[...] or a prompt file")
+    indices = distributed.shard(len(prompts))
+    world = distributed.world_size()
+    if world > 1 and distributed.is_main():
+        logger.info("%s on %d processes (%d prompts each or fewer)", desc, world, len(indices))
     kwargs = {**_fast_output(pipe), **(call_kwargs or {})}
     old_bar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
     device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
-    starts = range(0, len(prompts), batch_size)
+    starts = range(indices.start, indices.stop, batch_size)
     began = time.perf_counter()
     try:
         with torch.inference_mode(), quiet_third_party():
             for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress()):
-                batch = prompts[start : start + batch_size]
+                batch_indices = range(start, min(start + batch_size, indices.stop))
+                batch = [prompts[i] for i in batch_indices]
                 if on_batch is not None:
                     on_batch(len(batch))
-                generator = torch.Generator(device=device).manual_seed(seed + start)
+                generator = prompt_generators(device, seed, batch_indices)
                 pipe(**prompt_kwargs(pipe, batch), num_inference_steps=num_inference_steps, generator=generator, **kwargs)
     except CalibrationError:
         raise
@@ -87,6 +103,7 @@ def run_pipeline(
     finally:
         pipe.set_progress_bar_config(**old_bar)
     logger.info(
-        "%s: %d prompts in %d batches of up to %d, %d steps each, %.1f s",
-        desc, len(prompts), len(starts), batch_size, num_inference_steps, time.perf_counter() - began,
+        "%s: %d prompts in %d batches of up to %d, %d steps each, %.1f s%s",
+        desc, len(indices), len(starts), batch_size, num_inference_steps, time.perf_counter() - began,
+        f" (rank {distributed.rank()} of {world})" if world > 1 else "",
     )

@@ -38,6 +38,7 @@ class AttributeResult:
     predictions: list[dict[str, str]] = field(
         repr=False
     )  # predicted caption per slot, per scored image
+    slot_hits: dict[str, list[bool]] = field(default_factory=dict, repr=False)  # per slot, per image
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -95,6 +96,7 @@ def attribute_accuracy(
         num_skipped=skipped,
         correct=correct,
         predictions=predictions,
+        slot_hits=slot_hits,
     )
 
 

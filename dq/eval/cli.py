@@ -139,11 +139,18 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.reference:
         check_model(args.reference, "--reference")
     check_device(args.device)
-    pipe = open_model(args.model, device=args.device)
+    from dq.calibrate import distributed
+
+    device = distributed.join(args.device)  # under `accelerate launch`: this process's device
+    distributed.check_agreement({"command line": lambda: sys.argv[1:], "prompts": lambda: prompts})
+    if distributed.world_size() > 1 and distributed.is_main():
+        logger.info("evaluating on %d processes (%d prompts each or fewer)", distributed.world_size(),
+                    len(distributed.shard(len(prompts))))
+    pipe = open_model(args.model, device=device)
     reference = None
     if args.reference or _compares_with_source(pipe, metrics, args.real_images):
         reference = open_reference(
-            pipe, args.reference, opener=lambda name: open_model(name, option="--reference", device=args.device)
+            pipe, args.reference, opener=lambda name: open_model(name, option="--reference", device=device)
         )
     for p in (pipe, reference):
         if p is not None and not show_progress():
@@ -162,14 +169,16 @@ def run_eval(args: argparse.Namespace) -> int:
     result.settings.update(
         model=args.model or "default", reference=args.reference, prompts=args.prompts or "shapes_eval"
     )
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(result.to_dict(per_image=True), indent=2) + "\n", encoding="utf-8"
-        )
-        logger.info("wrote %s", out)
-    sys.stdout.write(result.to_table() + "\n")
+    if distributed.is_main():  # every process holds the merged result; one writes it
+        if args.json_out:
+            out = Path(args.json_out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(
+                json.dumps(result.to_dict(per_image=True), indent=2) + "\n", encoding="utf-8"
+            )
+            logger.info("wrote %s", out)
+        sys.stdout.write(result.to_table() + "\n")
+    distributed.barrier("writing the evaluation results")
     return 0
 
 

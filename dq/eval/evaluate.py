@@ -75,6 +75,8 @@ class EvalResult:
     settings: dict[str, Any] = field(default_factory=dict)
     images: list[Image.Image] = field(default_factory=list, repr=False)
     reference_images: list[Image.Image] | None = field(default=None, repr=False)
+    attribute_slots_hits: dict[str, list[bool]] = field(default_factory=dict, repr=False)  # to merge processes
+    attr_skipped: int = 0
 
     def to_dict(self, *, per_image: bool = False) -> dict[str, Any]:
         """JSON-able summary (non-finite values become null; images are left out)."""
@@ -252,6 +254,8 @@ class Scorer:
                 return
             result.metrics[name] = scored.accuracy
             result.attribute_slots = scored.per_slot
+            result.attribute_slots_hits = scored.slot_hits
+            result.attr_skipped = scored.num_skipped
             result.per_image[name] = [float(c) for c in scored.correct]
             if scored.num_skipped:
                 result.notes.append(
@@ -262,10 +266,10 @@ class Scorer:
             result.metrics[name] = fid_scorer(images)
             target = "real images" if fid_source is not None else "reference images"
             result.notes.append(
-                f"fid: {self.fid_features} features, {len(images)} generated vs {fid_scorer.num_real} {target}"
+                f"fid: {self.fid_features} features, {fid_scorer.num_fake} generated vs {fid_scorer.num_real} {target}"
                 + (
                     "; few images bias FID upwards, compare only equal-sized runs"
-                    if len(images) < 1000
+                    if fid_scorer.num_fake < 1000
                     else ""
                 )
             )
@@ -291,7 +295,12 @@ class Scorer:
     def _fid_scorer(self, target: ImageBatch | str | Path, *, size: tuple[int, int]) -> FidScorer:
         if self._fid is not None and self._fid[0] is target:
             return self._fid[1]
-        real = load_image_folder(target, size=size) if isinstance(target, (str, Path)) else target
+        if isinstance(target, (str, Path)):
+            from dq.calibrate import distributed
+
+            real = load_image_folder(target, size=size, shard=distributed.active())
+        else:
+            real = target
         clip = self._clip_for_score() if self.fid_features == "clip" else None
         scorer = FidScorer(
             real, features=self.fid_features, inception_weights=self.inception_weights, clip=clip
@@ -382,13 +391,20 @@ def evaluate(
         "num_inference_steps": num_inference_steps,
         **(call_kwargs or {}),
     }
-    images = generate_images(pipe, prompts, seeds, **generate)
-    reference_images = reference
-    if reference is not None and not _is_images(reference):
-        reference_images = generate_images(reference, prompts, seeds, **generate)
-    result = scorer.score(
-        images, prompts, reference_images=reference_images, real_images=real_images
-    )
+    from dq.calibrate import distributed
+
+    if distributed.active():  # several processes: each makes and scores its share (see below)
+        part = distributed.shard(len(prompts))
+        mine = [prompts[i] for i in part]
+        if reference is not None and _is_images(reference):
+            reference = [reference[i] for i in part]
+        if real_images is not None and not isinstance(real_images, (str, Path)):
+            real_images = [real_images[i] for i in distributed.shard(len(real_images))]
+        generate["progress"] = distributed.is_main()
+        result = _generate_and_score(pipe, mine, [seeds[i] for i in part], reference, real_images, scorer, generate)
+        result = merge_results(result, len(prompts))
+    else:
+        result = _generate_and_score(pipe, prompts, seeds, reference, real_images, scorer, generate)
     result.settings.update(
         num_prompts=len(prompts),
         seeds=[seeds[0], seeds[-1]],
@@ -396,6 +412,65 @@ def evaluate(
         num_inference_steps=num_inference_steps,
     )
     return result
+
+
+def _generate_and_score(pipe, prompts, seeds, reference, real_images, scorer: Scorer, generate) -> EvalResult:
+    images = generate_images(pipe, prompts, seeds, **generate)
+    reference_images = reference
+    if reference is not None and not _is_images(reference):
+        reference_images = generate_images(reference, prompts, seeds, **generate)
+    return scorer.score(images, prompts, reference_images=reference_images, real_images=real_images)
+
+
+_PER_IMAGE_MEANS = ("psnr", "ssim", "lpips", "clip")
+
+
+def merge_results(local: EvalResult, num_images: int) -> EvalResult:
+    """The result of all processes from each one's result on its contiguous share of the prompts
+    (in rank order): per-image values are gathered and averaged again, attribute accuracy is
+    recounted from every image's slot hits; FID is already global (torchmetrics reduced its
+    feature sums across the processes in `FidScorer`). ``images`` stay this process's share."""
+    from dq.calibrate import distributed
+
+    shared = {
+        "per_image": local.per_image,
+        "attr": None if local.metrics.get("attr") is None or "attr" not in local.per_image else (
+            local.per_image["attr"], local.attribute_slots_hits),
+        "skipped": local.attr_skipped,
+    }
+    everyone = distributed.gather_objects(shared, "gathering the evaluation scores")
+    merged = EvalResult(metrics=dict(local.metrics), num_images=num_images, settings=dict(local.settings),
+                        images=local.images, reference_images=local.reference_images)
+    for name in local.per_image:
+        merged.per_image[name] = [v for theirs in everyone for v in theirs["per_image"].get(name, [])]
+    for name in _PER_IMAGE_MEANS:
+        if name in merged.per_image and merged.metrics.get(name) is not None:
+            merged.metrics[name] = float(torch.tensor(merged.per_image[name], dtype=torch.float64).mean())
+    notes = [n for n in local.notes if not n.startswith(("psnr:", "attr:"))]
+    if "psnr" in merged.per_image:
+        identical = sum(math.isinf(v) for v in merged.per_image["psnr"])
+        if identical:
+            notes.append(f"psnr: {identical} image(s) identical to the reference (infinite PSNR)")
+    attr = [theirs["attr"] for theirs in everyone if theirs["attr"] is not None]
+    if "attr" in merged.metrics:
+        if attr:
+            correct = [c for part, _ in attr for c in part]
+            hits: dict[str, list[bool]] = {}
+            for _, slots in attr:
+                for slot, values in slots.items():
+                    hits.setdefault(slot, []).extend(values)
+            merged.metrics["attr"] = float(sum(correct) / len(correct))
+            merged.per_image["attr"] = correct
+            merged.attribute_slots = {slot: sum(v) / len(v) for slot, v in hits.items()}
+            skipped = sum(theirs["skipped"] for theirs in everyone)
+            if skipped:
+                notes.append(f"attr: {skipped} prompt(s) outside the grammar were not scored")
+        else:
+            merged.metrics["attr"] = None
+            notes += [n for n in local.notes if n.startswith("attr:")]
+    merged.notes = notes
+    merged.settings["processes"] = distributed.world_size()
+    return merged
 
 
 def _is_images(value: object) -> bool:

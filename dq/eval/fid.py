@@ -52,28 +52,39 @@ class FidScorer:
         self.batch_size = batch_size
         self._metric = _make_metric(features, inception_weights, clip)
         real = to_uint8(real_images)
-        if real.shape[0] < 2:
+        self.num_real = _total(real.shape[0], "the count of FID's real images")
+        if self.num_real < 2:
             raise EvalError(
-                f"FID needs at least 2 real images, got {real.shape[0]}; use more prompts or images"
+                f"FID needs at least 2 real images, got {self.num_real}; use more prompts or images"
             )
-        self.num_real = real.shape[0]
         self._update(real, real=True)
 
     def __call__(self, images: ImageBatch) -> float:
         """FID of ``images`` against the real set (lower is better)."""
         fake = to_uint8(images)
-        if fake.shape[0] < 2:
+        total = _total(fake.shape[0], "the count of FID's generated images")
+        if total < 2:
             raise EvalError(
-                f"FID needs at least 2 generated images, got {fake.shape[0]}; use more prompts"
+                f"FID needs at least 2 generated images, got {total}; use more prompts"
             )
+        self.num_fake = total
         self._metric.reset()  # keeps the real statistics (reset_real_features=False)
         self._update(fake, real=False)
+        # several processes: torchmetrics sums the feature sums and covariance sums of every
+        # process before the distance (its states reduce by sum), so the FID is that of all images
         return float(self._metric.compute())
 
     def _update(self, images: torch.Tensor, *, real: bool) -> None:
         with torch.inference_mode():
             for start in range(0, images.shape[0], self.batch_size):
                 self._metric.update(images[start : start + self.batch_size], real=real)
+
+
+def _total(count: int, what: str) -> int:
+    """``count`` summed over the processes of a launch (``count`` alone in one process)."""
+    from dq.calibrate import distributed
+
+    return sum(distributed.gather_objects(count, what))
 
 
 def fid(
@@ -91,9 +102,11 @@ def fid(
 
 
 def load_image_folder(
-    folder: str | Path, *, size: tuple[int, int] | None = None, limit: int | None = None
+    folder: str | Path, *, size: tuple[int, int] | None = None, limit: int | None = None,
+    shard: bool = False,
 ) -> list[Image.Image]:
-    """RGB images of a folder (sorted by name), centre-cropped to ``size``'s aspect and resized to it."""
+    """RGB images of a folder (sorted by name), centre-cropped to ``size``'s aspect and resized to
+    it; shard: only this process's contiguous share (several processes, `dq.calibrate.distributed`)."""
     path = Path(folder)
     if not path.is_dir():
         raise EvalError(f"real-image folder {path} does not exist or is not a folder")
@@ -102,8 +115,13 @@ def load_image_folder(
         raise EvalError(
             f"real-image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --real-images at a folder of images"
         )
+    files = files[:limit]
+    if shard:
+        from dq.calibrate import distributed
+
+        files = [files[i] for i in distributed.shard(len(files))]
     images = []
-    for file in files[:limit]:
+    for file in files:
         try:
             with Image.open(file) as image:
                 images.append(_fit(image.convert("RGB"), size))

@@ -37,6 +37,8 @@ class LpipsScorer:
         self.net = net
         self.batch_size = batch_size
         self._metric = load_lpips(net, weights)
+        # per-image values of this process's images; several processes gather them (dq.eval.distributed)
+        self._metric.sync_on_compute = False
 
     def __call__(
         self, images: ImageBatch, reference: ImageBatch, *, reduction: str = "mean"

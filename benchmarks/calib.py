@@ -1,0 +1,247 @@
+"""Calibration cost: time and peak memory of the full W4A4 recipe (smoothing search, GPTQ, static
+activation ranges: two calibration passes) against prompts x steps, against model size, and on
+one process against two. Random-weight PixArt transformers (dq.testing.tiny's pipeline with the
+denoiser swapped for a wider or deeper one), so nothing is downloaded.
+
+Every measurement runs in a fresh subprocess with one torch thread and reads its own clock and
+peak resident set size (ru_maxrss), so the numbers include everything the process held. Memory:
+"overhead" is the calibration run's peak minus the peak of a plain full-precision run of the
+same prompts in another process (activations are in both, so the difference is what calibrating
+adds: statistics, second moments, the prepared layers).
+
+    python benchmarks/calib.py work      # time against prompts x steps
+    python benchmarks/calib.py size      # time and memory against width and depth
+    python benchmarks/calib.py procs     # one process of one thread against two
+    python benchmarks/calib.py all       # the three, then results/calib.json
+
+The results go to benchmarks/results/calib-<what>.json; see BENCHMARKS.md for the numbers and
+the FLUX.1 projection made from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+RECIPE = "w4a4"
+SIZES = ((2, 2), (4, 2), (8, 2), (16, 2), (4, 4), (4, 8))  # (heads of 64, blocks)
+
+
+# ------------------------------------------------------------------ one measurement (a child)
+
+
+def build(width_heads: int, depth: int):
+    """The tiny PixArt pipeline with a random-weight transformer of `width_heads` heads of 64
+    (hidden width 64*heads, MLP 4x) and `depth` blocks."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    from dq.testing.tiny import LATENT_CHANNELS, T5_DIM, tiny_pipeline
+
+    pipe = tiny_pipeline("pixart", seed=0)
+    torch.manual_seed(0)
+    pipe.transformer = PixArtTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS,
+        num_layers=depth, num_attention_heads=width_heads, attention_head_dim=64,
+        cross_attention_dim=width_heads * 64, caption_channels=T5_DIM,
+    ).eval()
+    return pipe
+
+
+def child(mode: str, heads: int, depth: int, prompts: int, steps: int, recipe_name: str = RECIPE) -> dict:
+    import torch
+
+    import dq
+    from dq import engine
+    from dq.calibrate import distributed
+    from dq.calibrate.run import run_pipeline
+    from dq.testing.tiny import default_call_kwargs, prompts_for
+
+    torch.set_num_threads(1)
+    distributed.setup(cpu=True)
+    pipe = build(heads, depth)
+    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    largest = max((m.weight.numel() * m.weight.element_size(), n) for n, m in pipe.transformer.named_modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    plist = prompts_for("pixart", prompts)
+    stats_bytes, timing = [], {"passes_s": 0.0, "passes_cpu_s": 0.0, "prepare_s": 0.0, "prepare_cpu_s": 0.0}
+    calibrate, calibrate_and_prepare = engine.calibrate, engine.calibrate_and_prepare
+
+    def timed(fn, key, record=None):
+        def wrapper(*args, **kw):
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = fn(*args, **kw)
+            timing[f"{key}_s"] += time.perf_counter() - wall
+            timing[f"{key}_cpu_s"] += time.process_time() - cpu
+            if record is not None:
+                record(out)
+            return out
+        return wrapper
+
+    # the calibration passes (hooks, merge) and everything up to the layers' preparation (GPTQ,
+    # smoothing search); the rest of dq.quantize (building the layers, kernel choice) is apart
+    engine.calibrate = timed(calibrate, "passes", lambda store: stats_bytes.append(store.nbytes()))
+    engine.calibrate_and_prepare = timed(calibrate_and_prepare, "prepare")
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if mode == "fp":
+        run_pipeline(pipe, plist, num_inference_steps=steps, batch_size=4, seed=0, call_kwargs=kwargs, desc="full precision")
+        timing = {"passes_s": time.perf_counter() - start, "passes_cpu_s": time.process_time() - cpu_start}
+    else:
+        # simulated execution: the kernel choice (measured once per machine) is no part of calibration
+        recipe = dq.Recipe.from_dict({**dq.Recipe.from_any(recipe_name).to_dict(), "execution": "sim"})
+        dq.quantize(pipe, recipe, calib_prompts=plist, num_inference_steps=steps, **kwargs)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {
+        "mode": mode, "heads": heads, "width": heads * 64, "depth": depth, "prompts": prompts, "steps": steps,
+        "rank": distributed.rank(), "processes": distributed.world_size(),
+        "seconds": seconds, "cpu_seconds": cpu_seconds, **timing, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "after_load_rss_mb": after_load / 2**20, "weights_mb": weights / 2**20,
+        "largest_layer": largest[1], "largest_layer_mb": largest[0] / 2**20,
+        "stats_mb_per_pass": [b / 2**20 for b in stats_bytes],
+    }
+
+
+# ------------------------------------------------------------------ the sweeps (the parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(mode: str, heads: int, depth: int, prompts: int, steps: int, processes: int = 1, recipe: str = RECIPE) -> list[dict]:
+    """One measurement in `processes` fresh processes (gloo on CPU for 2); each row per rank."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DQ_DIST_TIMEOUT": "1800"}
+    port = _free_port()
+    procs = []
+    for r in range(processes):
+        env = dict(base)
+        if processes > 1:
+            env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, __file__, "child", "--mode", mode, "--heads", str(heads), "--depth", str(depth),
+               "--prompts", str(prompts), "--steps", str(steps), "--recipe", recipe]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"child failed ({proc.returncode}):\n{err[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares y = a + b x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    return my - b * mx, b
+
+
+def sweep_work(heads: int, depth: int) -> dict:
+    """Calibration (passes + preparing the layers) against prompts x steps, with a plain run of
+    the same prompts beside it. Fits use CPU seconds (one thread: wall time on a quiet machine)."""
+    rows = []
+    for prompts in (2, 4):
+        for steps in (2, 4):
+            cal = run("calibrate", heads, depth, prompts, steps)[0]
+            fp = run("fp", heads, depth, prompts, steps)[0]
+            rows.append({"prompts": prompts, "steps": steps,
+                         "passes_cpu_s": cal["passes_cpu_s"], "calibrate_cpu_s": cal["prepare_cpu_s"], "fp_cpu_s": fp["passes_cpu_s"],
+                         "calibrate_wall_s": cal["prepare_s"], "fp_wall_s": fp["passes_s"]})
+            print(json.dumps(rows[-1]), flush=True)
+    work = [r["prompts"] * r["steps"] for r in rows]
+    a, b = fit_linear(work, [r["calibrate_cpu_s"] for r in rows])
+    pa, pb = fit_linear(work, [r["passes_cpu_s"] for r in rows])
+    fa, fb = fit_linear(work, [r["fp_cpu_s"] for r in rows])
+    return {"heads": heads, "depth": depth, "rows": rows,
+            "fit_calibrate_cpu_s": {"fixed": a, "per_prompt_step": b},
+            "fit_passes_cpu_s": {"fixed": pa, "per_prompt_step": pb},
+            "fit_fp_cpu_s": {"fixed": fa, "per_prompt_step": fb},
+            "passes_per_prompt_step_over_fp": pb / fb}
+
+
+def sweep_size(prompts: int, steps: int) -> dict:
+    """Time and peak memory against width (heads of 64) and depth."""
+    rows = []
+    for heads, depth in SIZES:
+        cal = run("calibrate", heads, depth, prompts, steps)[0]
+        fp = run("fp", heads, depth, prompts, steps)[0]
+        rows.append({
+            "width": cal["width"], "depth": depth, "weights_mb": cal["weights_mb"],
+            "largest_layer": cal["largest_layer"], "largest_layer_mb": cal["largest_layer_mb"],
+            "passes_cpu_s": cal["passes_cpu_s"], "calibrate_cpu_s": cal["prepare_cpu_s"], "fp_cpu_s": fp["passes_cpu_s"],
+            "calibrate_peak_mb": cal["peak_rss_mb"], "fp_peak_mb": fp["peak_rss_mb"],
+            "overhead_mb": cal["peak_rss_mb"] - fp["peak_rss_mb"], "stats_mb_per_pass": cal["stats_mb_per_pass"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return {"prompts": prompts, "steps": steps, "rows": rows}
+
+
+def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, recipe: str) -> dict:
+    """Calibration (passes + merge + preparing) on one process of one thread, then on two."""
+    rows = []
+    for _ in range(repeats):
+        one = run("calibrate", heads, depth, prompts, steps, processes=1, recipe=recipe)[0]
+        two = run("calibrate", heads, depth, prompts, steps, processes=2, recipe=recipe)
+        rows.append({
+            "one_process_wall_s": one["prepare_s"], "two_processes_wall_s": max(r["prepare_s"] for r in two),
+            "one_process_passes_wall_s": one["passes_s"], "two_processes_passes_wall_s": max(r["passes_s"] for r in two),
+            "one_process_cpu_s": one["prepare_cpu_s"], "two_processes_cpu_s_per_rank": [r["prepare_cpu_s"] for r in two],
+            "loadavg": os.getloadavg(),
+        })
+        rows[-1]["speedup_wall"] = rows[-1]["one_process_wall_s"] / rows[-1]["two_processes_wall_s"]
+        rows[-1]["speedup_passes_wall"] = rows[-1]["one_process_passes_wall_s"] / rows[-1]["two_processes_passes_wall_s"]
+        print(json.dumps(rows[-1]), flush=True)
+    return {"recipe": recipe, "heads": heads, "depth": depth, "prompts": prompts, "steps": steps, "threads_per_process": 1, "rows": rows}
+
+
+def machine_note() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("work", "size", "procs", "all", "child"))
+    parser.add_argument("--mode", default="calibrate", help=argparse.SUPPRESS)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--recipe", default=None, help=f"recipe (default: {RECIPE}; procs: w8a8-rtn, whose cost is the passes)")
+    args = parser.parse_args()
+    if args.what == "child":
+        print(json.dumps(child(args.mode, args.heads, args.depth, args.prompts, args.steps, args.recipe or RECIPE)))
+        return
+    RESULTS.mkdir(exist_ok=True)
+    for what in ("work", "size", "procs") if args.what == "all" else (args.what,):
+        note = machine_note()
+        if what == "work":
+            result = sweep_work(args.heads, args.depth)
+        elif what == "size":
+            result = sweep_size(args.prompts, args.steps)
+        else:
+            result = sweep_procs(args.heads, args.depth, args.prompts, args.steps, args.repeats, args.recipe or "w8a8-rtn")
+        result = {"recipe": RECIPE, "machine": note, "loadavg_at_end": os.getloadavg(), **result}
+        (RESULTS / f"calib-{what}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
