@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from .backend import DQConfig
+from .backend import DQConfig, dequantize
 from .engine import quantize
 from .errors import CalibrationError, DQError
 from .io import load, open_pipeline, save
@@ -28,6 +28,7 @@ __all__ = [
     "LayerOverride",
     "QuantSpec",
     "Recipe",
+    "dequantize",
     "load",
     "open_pipeline",
     "quantize",
