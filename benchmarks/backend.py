@@ -67,7 +67,7 @@ def call(model, dtype: torch.dtype) -> float:
     return seconds
 
 
-def measure(folder: Path, dtype: torch.dtype) -> dict:
+def measure(folder: Path, dtype: torch.dtype, save) -> dict:
     from diffusers import PixArtTransformer2DModel
 
     full = PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
@@ -77,6 +77,7 @@ def measure(folder: Path, dtype: torch.dtype) -> dict:
     del full
     gc.collect()
     out = {"unquantized": {"bytes": full_bytes, "num_parameters": params, "call_s": full_seconds}}
+    save(out)
     for label, recipe in RECIPES.items():
         start = time.perf_counter()
         model = PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, quantization_config=dq.DQConfig(recipe=recipe))
@@ -95,6 +96,7 @@ def measure(folder: Path, dtype: torch.dtype) -> dict:
         if row["num_parameters"] != params:
             raise SystemExit(f"num_parameters {row['num_parameters']} != unquantized {params}")
         out[label] = row
+        save(out)  # what is measured so far is kept if a later step fails
         logger.info("%s %s: %s", dtype, label, row)
         del model
         gc.collect()
@@ -111,17 +113,21 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     result = {"date": dt.date.today().isoformat(), "machine": machine(), "blocks": args.blocks, "dtypes": {}}
+    cpu = str(result["machine"]["cpu"]).lower().replace(" ", "-").replace("(r)", "").replace("@", "")
+    path = args.out or RESULTS / f"backend-footprint-{result['date']}-{args.blocks}blocks-{cpu}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             folder = Path(tmp) / name
             build(folder, args.blocks, dtype)
             gc.collect()
-            result["dtypes"][name] = measure(folder, dtype)
-    cpu = str(result["machine"]["cpu"]).lower().replace(" ", "-").replace("(r)", "").replace("@", "")
-    path = args.out or RESULTS / f"backend-footprint-{result['date']}-{args.blocks}blocks-{cpu}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+
+            def save(rows, name=name):
+                result["dtypes"][name] = rows
+                path.write_text(json.dumps(result, indent=2))
+
+            measure(folder, dtype, save)
     print(f"wrote {path}\n")
     print("| dtype | recipe | unquantized MB | dq MB after load | x smaller | dq MB after a call | x smaller |")
     print("|---|---|---|---|---|---|---|")
