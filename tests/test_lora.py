@@ -204,3 +204,32 @@ def test_flux_lora_through_the_model():
     fp1, q1 = run(fp), run(q)
     assert rel(fp1, fp0) > 10 * rel(q0, fp0)
     assert rel(q1 - q0, fp1 - fp0) < 0.25
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("execution", ["sim", "auto"])
+def test_straight_through_input_gradient(kind, execution):
+    """A quantized layer's input gradient is the float op's with the dequantized weight, whichever
+    kernel ran forward (the integer matmul has no backward of its own)."""
+    from dq.kernels import set_execution
+    from dq.nn import QuantConv2d, QuantLinear
+
+    torch.manual_seed(0)
+    weight_spec = dq.QuantSpec(bits=8, granularity="channel")
+    act_spec = dq.QuantSpec(bits=8, granularity="token", symmetric=False, dynamic=True)
+    if kind == "linear":
+        layer = QuantLinear.from_float(torch.nn.Linear(64, 32), weight_spec, act_spec)
+        x = torch.randn(4, 64, requires_grad=True)
+        op = lambda t, w: torch.nn.functional.linear(t, w, layer.bias)  # noqa: E731
+    else:
+        layer = QuantConv2d.from_float(torch.nn.Conv2d(16, 8, 1), weight_spec, act_spec)
+        x = torch.randn(2, 16, 5, 5, requires_grad=True)
+        op = lambda t, w: torch.nn.functional.conv2d(t, w, layer.bias)  # noqa: E731
+    set_execution(torch.nn.Sequential(layer), execution)
+    grad = torch.randn_like(layer(x.detach()))
+    layer(x).backward(grad)
+    ref = x.detach().clone().requires_grad_()
+    op(ref, layer.dequantized_weight()).backward(grad)
+    torch.testing.assert_close(x.grad, ref.grad)
+    with torch.no_grad():  # inference: the quantized op alone, no autograd Function in the way
+        torch.testing.assert_close(layer(x), layer.compute(x))
