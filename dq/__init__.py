@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from .backend import DQConfig
+from .backend import DQConfig, dequantize
 from .engine import quantize
 from .errors import CalibrationError, DQError
 from .io import load, open_pipeline, save
@@ -43,6 +43,7 @@ __all__ = [
     "Recipe",
     "calibrate",
     "convert",
+    "dequantize",
     "load",
     "open_pipeline",
     "prepare",

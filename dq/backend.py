@@ -16,13 +16,22 @@ Importing dq registers the backend under ``quant_method: "dq"`` in diffusers'
 - ``pipe.save_pretrained(folder)`` after ``dq.quantize``/``dq.load`` writes such a folder: both
   attach a `DQConfig` to the denoiser (``config.quantization_config`` and ``hf_quantizer``), as
   diffusers does after a quantized ``from_pretrained``.
+
+A dq-quantized denoiser behaves as diffusers' own quantized models do (`install_model_methods`):
+``num_parameters()`` counts the quantized weights as the parameters they stand for,
+``get_memory_footprint()`` also counts the kernels' runtime weight copies, ``dequantize()``
+gives back plain layers (`dequantize`), ``fuse_lora`` is refused (the LoRA would have to be
+requantized) and a LoRA naming layers the model does not have is refused by name.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import re
+import types
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -38,8 +47,10 @@ with quiet_third_party():  # diffusers' quantizers import torchao, which logs kn
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .errors import DQError
-from .nn.layers import _STORAGE_BUFFERS, QuantModule
-from .nn.router import TimestepRouter
+from .nn.dtype_guard import DTYPE_ATTR, model_float_dtype, remove_dtype_guard
+from .nn.layers import _STORAGE_BUFFERS, QuantConv2d, QuantModule
+from .nn.lora import has_static_ranges, lora_target_names
+from .nn.router import ROUTER_NAME, TimestepRouter
 from .recipe import FORMAT_VERSION, Recipe, check_format_version, recipes
 
 logger = logging.getLogger(__name__)
@@ -214,10 +225,22 @@ class DQQuantizer(DiffusersQuantizer):
                 )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        """What diffusers records as ``config._pre_quantization_dtype``. Without ``torch_dtype``: a dq
+        folder's source dtype (the float model it was quantized from; its tensors keep their
+        checkpoint dtypes all the same, `check_if_quantized_param`), or float32 for a
+        full-precision folder (what diffusers loads it in)."""
         self.torch_dtype = torch_dtype
-        return torch_dtype
+        if torch_dtype is not None:
+            return torch_dtype
+        if self.pre_quantized:
+            recorded = (self.quantization_config.source or {}).get("weights_dtype")
+            dtype = getattr(torch, recorded, None) if isinstance(recorded, str) else None
+            return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+        return torch.float32
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        # diffusers passes the class's `_keep_in_fp32_modules`: never quantized (as its backends do)
+        self.keep_in_fp32_modules = [m for m in kwargs.get("keep_in_fp32_modules") or [] if m]
         if self.pre_quantized:
             from .io import install_shells
 
@@ -273,13 +296,20 @@ class DQQuantizer(DiffusersQuantizer):
                     f"{leftover[:5]}; the weights file does not match its config.json plan: save the pipeline again"
                 )
             install_runtime(model, self.quantization_config.to_dict(), torch_dtype=self.torch_dtype)
-            return model
-        quantize_loaded(model, self.quantization_config)
-        # from here on the model is a quantized checkpoint: save_pretrained writes its plan
-        self.quantization_config = DQConfig.from_model(model)
-        self.pre_quantized = True
-        model.register_to_config(quantization_config=self.quantization_config)
+        else:
+            quantize_loaded(model, self.quantization_config, keep_modules=getattr(self, "keep_in_fp32_modules", []))
+            # from here on the model is a quantized checkpoint: save_pretrained writes its plan
+            self.quantization_config = DQConfig.from_model(model)
+            self.pre_quantized = True
+            model.register_to_config(quantization_config=self.quantization_config)
+        self.modules_to_not_convert = unquantized_layers(model)
+        install_model_methods(model)
         return model
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        """``model.dequantize()`` (diffusers' ``DiffusersQuantizer.dequantize`` then drops
+        ``hf_quantizer`` and sets ``is_quantized = False``)."""
+        return dequantize_model(model)
 
     @property
     def is_serializable(self) -> bool:
@@ -287,7 +317,13 @@ class DQQuantizer(DiffusersQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (peft LoRA) train on a dq model: quantized layers pass gradients straight
+        through their dequantized weights to what comes before them; their own weights are frozen."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
 
 
 def check_calibration_free(recipe: Recipe | None) -> None:
@@ -306,15 +342,23 @@ def check_calibration_free(recipe: Recipe | None) -> None:
         )
 
 
-def quantize_loaded(model: nn.Module, config: DQConfig) -> nn.Module:
+def _component_pattern(name: str) -> str:
+    """A regex matching module names that have `name` as one of their dotted parts."""
+    return rf"(^|\.){re.escape(name)}(\.|$)"
+
+
+def quantize_loaded(model: nn.Module, config: DQConfig, keep_modules: list[str] | None = None) -> nn.Module:
     """Quantize a freshly loaded full-precision denoiser: calibration-free recipes directly, the
-    others from the statistics file named by ``config.stats`` (`dq.model.Calibration.replay`)."""
+    others from the statistics file named by ``config.stats`` (`dq.model.Calibration.replay`).
+    `keep_modules`: names (dotted parts, as diffusers' `_keep_in_fp32_modules`) never quantized."""
     from .model import Calibration, apply_calibration
 
     recipe = config.recipe_object()
     stats = getattr(config, "stats", None)
     if stats is None:
         check_calibration_free(recipe)
+    if keep_modules:
+        recipe = dataclasses.replace(recipe, keep=[*recipe.keep, *(_component_pattern(m) for m in keep_modules)])
     cal = Calibration(model, recipe, keep_rules="the recipe's keep/overrides and modules_to_not_convert")
     if not cal.ready:
         if stats is None:
@@ -332,8 +376,184 @@ def attach_quantizer(model: nn.Module) -> None:
     if not hasattr(model, "register_to_config"):
         return  # not a diffusers model: nothing reads a config
     config = DQConfig.from_model(model)
+    pre_dtype = getattr(torch, (config.source or {}).get("weights_dtype") or "", None)
     model.register_to_config(quantization_config=config)
-    model.hf_quantizer = DQQuantizer(config, pre_quantized=True)
+    if isinstance(pre_dtype, torch.dtype):
+        model.register_to_config(_pre_quantization_dtype=pre_dtype)  # as diffusers' from_pretrained does
+    model.hf_quantizer = DQQuantizer(config, pre_quantized=True, modules_to_not_convert=unquantized_layers(model))
+    install_model_methods(model)
+
+
+def unquantized_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear/Conv2d layers a quantized model keeps in full precision (what diffusers'
+    backends list as ``hf_quantizer.modules_to_not_convert``)."""
+    return [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+# -- what diffusers' own quantized models do, on a dq model -------------------------------------
+# Bound to the instance (as dq.nn.dtype_guard does), calling the class's method for the rest.
+
+
+def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """The full-precision model's count: each quantized weight (int8 codes, 4-bit codes packed two
+    per byte, fp8) counts as the float weight it stands for, as diffusers counts its 4-bit backend's
+    packed weights; scales, side branches and transforms are not parameters of the model."""
+    count = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if not only_trainable:  # quantized weights are frozen
+        count += sum(
+            math.prod(m.weight_shape) for m in self.modules() if isinstance(m, QuantModule) and m.weight_spec is not None
+        )
+    return count
+
+
+def _get_memory_footprint(self: nn.Module, return_buffers: bool = True) -> int:
+    """diffusers' count (parameters, and buffers: the quantized storage is buffers) plus the weight
+    copies the kernels keep at run time (oneDNN's prepacked int8 layout, small layers' float copies)."""
+    from .kernels.dispatch import runtime_nbytes
+
+    return type(self).get_memory_footprint(self, return_buffers=return_buffers) + runtime_nbytes(self)
+
+
+def _fuse_lora(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise DQError(
+        f"fuse_lora on a dq-quantized {type(self).__name__} is refused: the LoRA delta would have to be added to "
+        "low-bit weights and requantized (or silently cast). The LoRA already runs unfused in high precision "
+        "beside each quantized layer (pipe.set_adapters / disable_lora work); to fuse, dequantize first "
+        "(model.dequantize() / dq.dequantize(pipe)) or fuse into the full-precision model, then quantize"
+    )
+
+
+def _load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_dict: Any, prefix: str | None = "transformer",
+                       *args: Any, **kwargs: Any):
+    """diffusers' ``load_lora_adapter``, after checking (for a state dict, as the pipelines' loaders
+    pass it) that every layer the LoRA targets exists in this quantized model: diffusers would only
+    log the others at debug level and load the rest."""
+    if isinstance(pretrained_model_name_or_path_or_dict, dict):
+        modules = dict(self.named_modules())
+        targets = lora_target_names(pretrained_model_name_or_path_or_dict, prefix)
+        missing = sorted(n for n in targets if n not in modules)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            example = next((n for n, m in modules.items() if isinstance(m, QuantModule)), "")
+            raise DQError(
+                f"the LoRA targets layers that {type(self).__name__} does not have: {shown}; it was made for another "
+                f"model (layer names here look like {example!r}): load a LoRA trained for this model"
+            )
+        if targets and has_static_ranges(self):
+            logger.warning(
+                "%s: its static activation ranges were calibrated without this LoRA, which may push inputs of the "
+                "layers after it out of range (they clip; dq.nn.lora.measure_clipping counts it). For a LoRA you "
+                "keep, fuse it into the full-precision pipeline and quantize after (calibrating with it); to switch "
+                "LoRAs, prefer a dynamic-activation recipe (w8a8-dynamic, w4a16)", type(self).__name__,
+            )
+    return type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+
+
+_MODEL_METHODS = {
+    "num_parameters": _num_parameters,
+    "get_memory_footprint": _get_memory_footprint,
+    "fuse_lora": _fuse_lora,
+    "load_lora_adapter": _load_lora_adapter,
+}
+
+
+def install_model_methods(model: nn.Module) -> None:
+    """Bind `_MODEL_METHODS` to a dq-quantized diffusers model (where its class has them)."""
+    for name, fn in _MODEL_METHODS.items():
+        if hasattr(type(model), name):
+            object.__setattr__(model, name, types.MethodType(fn, model))
+
+
+# -- dequantize ---------------------------------------------------------------------------------
+
+
+def _effective_weight(layer: QuantModule) -> torch.Tensor:
+    """The float32 weight that computes what the layer computes without activation rounding:
+    dequantized codes plus the low-rank branch, with the input transform folded in."""
+    weight = layer.dequantized_weight(torch.float32).float()
+    if layer.branch is not None:
+        weight = weight + (layer.branch.up.float() @ layer.branch.down.float()).reshape(weight.shape)
+    if layer.input_transform is not None:
+        channels = weight.shape[1] * (layer.conv_groups if isinstance(layer, QuantConv2d) else 1)
+        eye = torch.eye(channels, device=weight.device)
+        if isinstance(layer, QuantConv2d):
+            if layer.conv_groups != 1:
+                raise DQError(f"{layer}: dequantizing a grouped convolution with an input transform is not supported")
+            mix = layer.input_transform.float()(eye.reshape(channels, channels, 1, 1)).reshape(channels, channels)
+            weight = torch.einsum("oc...,dc->od...", weight, mix)
+        else:
+            mix = layer.input_transform.float()(eye)  # row i: the transform of input channel i
+            weight = weight @ mix.T
+    return weight
+
+
+def _plain_layer(layer: QuantModule, dtype: torch.dtype) -> nn.Module:
+    weight = _effective_weight(layer)
+    device = weight.device
+    has_bias = layer.bias is not None
+    if isinstance(layer, QuantConv2d):
+        plain = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.conv_groups, bias=has_bias, device=device, dtype=dtype,
+        )
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device=device, dtype=dtype)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if has_bias:
+            plain.bias.copy_(layer.bias)
+    return plain.train(layer.training)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of `model` by a plain Linear/Conv2d with its effective float
+    weight (in the model's float dtype) and remove what quantizing installed: the timestep
+    router, quantized attention, the dtype guard, the bound methods and the quantization_config.
+    The result runs, casts and saves as a full-precision model (the rounding error stays)."""
+    from .engine import swap_modules
+    from .nn.attention import dequantize_attention
+
+    dtype = model.__dict__.get(DTYPE_ATTR) or model_float_dtype(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    with torch.no_grad():
+        swap_modules(model, {name: _plain_layer(m, dtype) for name, m in layers.items()})
+    dequantize_attention(model)
+    handle = model.__dict__.pop("_dq_router_handle", None)
+    if handle is not None:
+        handle.remove()
+    if ROUTER_NAME in model._modules:
+        del model._modules[ROUTER_NAME]
+    for attr in ("_dq_timestep_position", "_dq_recipe", "_dq_source"):
+        model.__dict__.pop(attr, None)
+    remove_dtype_guard(model)
+    for name in _MODEL_METHODS:
+        model.__dict__.pop(name, None)
+    internal = getattr(model, "_internal_dict", None)
+    if internal is not None and ("quantization_config" in internal or "_pre_quantization_dtype" in internal):
+        from diffusers.configuration_utils import FrozenDict
+
+        model._internal_dict = FrozenDict(
+            {k: v for k, v in internal.items() if k not in ("quantization_config", "_pre_quantization_dtype")}
+        )
+    logger.info("dequantized %d layers of %s", len(layers), type(model).__name__)
+    return model
+
+
+def dequantize(target: Any) -> Any:
+    """Give a dq-quantized pipeline (its denoiser) or model back plain float layers, in place;
+    returns `target`. ``model.dequantize()`` does the same for a model (diffusers' API)."""
+    from .engine import find_denoiser, is_quantized
+
+    model = target if isinstance(target, nn.Module) else find_denoiser(target)[1]
+    if not is_quantized(model):
+        raise DQError(f"{type(model).__name__} is not quantized by dq; nothing to dequantize")
+    if isinstance(getattr(model, "hf_quantizer", None), DQQuantizer):
+        model.dequantize()  # diffusers' ModelMixin.dequantize: our _dequantize, then drops hf_quantizer
+    else:
+        dequantize_model(model)
+    if not isinstance(target, nn.Module):
+        target.__dict__.pop("to", None)  # the pipeline-level dtype guard (dq.nn.dtype_guard)
+    return target
 
 
 def register() -> None:

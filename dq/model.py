@@ -267,7 +267,9 @@ def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
     if meta.get("model_class") != type(cal.model).__name__:
         raise DQError(f"{path} was written for a {meta.get('model_class')}, not a {type(cal.model).__name__}")
     recorded = Recipe.from_dict(json.loads(meta["recipe"]))
-    if recorded.to_dict() != cal.recipe.to_dict():
+    # `keep` may grow at load (modules_to_not_convert, _keep_in_fp32_modules): the layer list
+    # below is what must match then
+    if {**recorded.to_dict(), "keep": None} != {**cal.recipe.to_dict(), "keep": None}:
         raise DQError(
             f"{path} was calibrated with recipe {recorded.name!r}, which differs from {cal.recipe.name!r}; "
             "statistics depend on the recipe (smoothing, rotation, which layers): calibrate again with this one"

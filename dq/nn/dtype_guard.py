@@ -89,10 +89,24 @@ _GUARDS = {"to": _guarded_to, "type": _guarded_type, **{name: _fixed(name) for n
 
 
 def install_dtype_guard(model: nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Refuse later dtype casts of ``model`` (quantized, its float parts in ``dtype``)."""
-    object.__setattr__(model, DTYPE_ATTR, dtype or model_float_dtype(model))
+    """Refuse later dtype casts of ``model`` (quantized, its float parts in ``dtype``). Its
+    quantized layers learn that dtype too (`QuantModule.compute_dtype`: what their ``weight``
+    reads as, and what peft gives their LoRA adapters)."""
+    from .layers import COMPUTE_DTYPE_ATTR, QuantModule
+
+    dtype = dtype or model_float_dtype(model)
+    object.__setattr__(model, DTYPE_ATTR, dtype)
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.__dict__[COMPUTE_DTYPE_ATTR] = dtype
     for name, fn in _GUARDS.items():
         object.__setattr__(model, name, types.MethodType(fn, model))
+
+
+def remove_dtype_guard(model: nn.Module) -> None:
+    """Undo `install_dtype_guard` (the model was dequantized: casts are fine again)."""
+    for name in (DTYPE_ATTR, *_GUARDS):
+        model.__dict__.pop(name, None)
 
 
 def _pipe_to(self, *args: Any, **kwargs: Any):

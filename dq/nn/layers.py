@@ -4,6 +4,14 @@
 the activation quantizer (static ranges per timestep group, or dynamic per
 token), and the conversion from a float layer. Each subclass only names its
 activation channel axis and its float op.
+
+`QuantLinear` is an ``nn.Linear`` and `QuantConv2d` an ``nn.Conv2d`` to the code around
+them (peft's LoRA dispatch, diffusers' LoRA loading, ``isinstance`` checks) without holding
+a float weight: ``weight`` is a dequantized copy made on each read (`DequantizedWeight`),
+which is not in the state dict and refuses being written back (merging a LoRA into it would
+mean requantizing). With grad enabled, the quantized op has a straight-through backward
+through the dequantized weight (`StraightThrough`), so adapters before a quantized layer
+train; the integer kernels themselves have no backward.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DQError
 from ..kernels.dispatch import real_forward, release_runtime
 from ..quant import primitives as P
 from ..quant.packing import WeightLayout
@@ -24,6 +33,50 @@ from .transforms import InputTransform, LowRankBranch
 # Buffers whose dtype is part of the storage format: `Module.to(dtype)` / `.half()` must
 # not cast them (fp8 codes would double in size, float32 scales would lose precision).
 _STORAGE_BUFFERS = ("qweight", "wscale", "wzero", "wmult", "ascale", "azero", "wsum")
+COMPUTE_DTYPE_ATTR = "_dq_compute_dtype"  # the model's float dtype, set with its dtype guard
+
+_WRITE_REFUSED = (
+    "the weight of a dq-quantized layer is a dequantized copy of its low-bit codes and cannot be written back "
+    "(merging a LoRA, `fuse_lora`, would mean requantizing the sum); keep the LoRA unfused (it runs in high "
+    "precision beside the quantized layer), or dequantize the model first (`model.dequantize()` / "
+    "`dq.dequantize(pipe)`), or fuse into the full-precision model and quantize after"
+)
+
+
+class DequantizedWeight(torch.Tensor):
+    """What reading ``QuantLinear.weight`` gives: a plain float tensor (ops on it return plain
+    tensors) that refuses ``.data = ...``, so an in-place merge fails loudly instead of
+    silently changing a throwaway copy."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def wrap(tensor: torch.Tensor) -> DequantizedWeight:
+        return torch.Tensor._make_subclass(DequantizedWeight, tensor.detach(), False)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        raise DQError(_WRITE_REFUSED)
+
+
+class StraightThrough(torch.autograd.Function):
+    """y = the layer's quantized op (integer kernels or simulated); dy/dx through the
+    dequantized weight (activation rounding passes the gradient straight through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantModule) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer.compute(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.layer.input_grad(x, grad), None
 
 
 class QuantModule(nn.Module):
@@ -39,7 +92,7 @@ class QuantModule(nn.Module):
         *,
         storage: str | None = "default",
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear/nn.Conv2d's: no float weight is allocated
         self.weight_spec = weight_spec
         self.act_spec = act_spec
         self.weight_shape = tuple(weight_shape)
@@ -51,8 +104,8 @@ class QuantModule(nn.Module):
                 self.set_weight_layout(WeightLayout.default(self.weight_shape, weight_spec))
             else:
                 self.set_weight_layout(WeightLayout.from_tag(self.weight_shape, weight_spec, storage))
-        else:
-            self.weight = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
+        else:  # activation-only quantization keeps its float weight (set directly: `weight` is a property)
+            self._parameters["weight"] = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if has_bias else None
         if act_spec is not None and not act_spec.dynamic:
             self.register_buffer("ascale", torch.ones(groups))
@@ -148,12 +201,40 @@ class QuantModule(nn.Module):
         release_runtime(self)  # dq.kernels' weight copies and path choices are per device and dtype
         return self
 
+    # -- the float layer's face ----------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight: the activation-only layer's parameter, or a dequantized copy
+        (`DequantizedWeight`, in `compute_dtype`) made on each read; not in the state dict."""
+        param = self._parameters.get("weight")
+        if param is not None:
+            return param
+        return DequantizedWeight.wrap(self.dequantized_weight(self.compute_dtype))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype around this layer: its model's (set with the dtype guard), else its
+        bias's, else float32. peft gives LoRA adapters this dtype."""
+        dtype = self.__dict__.get(COMPUTE_DTYPE_ATTR)
+        if dtype is not None:
+            return dtype
+        return self.bias.dtype if self.bias is not None else torch.float32
+
     # -- computation --------------------------------------------------------------
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (float32 unless `dtype` is given)."""
         if self.weight_spec is None:
-            return self.weight if dtype is None else self.weight.to(dtype)
+            weight = self._parameters["weight"]
+            return weight if dtype is None else weight.to(dtype)
         return self.weight_layout.decode(self.qweight, self.wscale, self.wzero, self.wmult, dtype or torch.float32)
+
+    def input_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d(loss)/dx of the float op with the dequantized weight (the straight-through backward)."""
+        w = self.dequantized_weight(grad.dtype)
+        with torch.enable_grad():
+            leaf = x.detach().to(grad.dtype).requires_grad_()
+            (gx,) = torch.autograd.grad(self.float_op(leaf, w, None), leaf, grad)
+        return gx.to(x.dtype)
 
     def static_act_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scale, zero) [1] of the current timestep group (static activations).
@@ -178,7 +259,10 @@ class QuantModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
-        y = self.compute(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = StraightThrough.apply(x, self)  # the integer matmul has no backward
+        else:
+            y = self.compute(x)
         if self.branch is not None:
             y = y + self.branch(x)
         return y
@@ -219,7 +303,7 @@ class QuantModule(nn.Module):
         return f"{self.weight_shape}, w={ws}, a={acts}"
 
 
-class QuantLinear(QuantModule):
+class QuantLinear(QuantModule, nn.Linear):
     channel_dim = -1
 
     @classmethod
@@ -237,9 +321,15 @@ class QuantLinear(QuantModule):
     def float_op(self, x, w, bias):
         return F.linear(x, w, bias)
 
+    def input_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad.matmul(self.dequantized_weight(grad.dtype)).to(x.dtype)
 
-class QuantConv2d(QuantModule):
+
+class QuantConv2d(QuantModule, nn.Conv2d):
     channel_dim = 1
+    padding_mode = "zeros"  # the only one supported (shell_like refuses the others)
+    transposed = False
+    output_padding = (0, 0)
 
     def __init__(
         self, weight_shape, has_bias, weight_spec, act_spec, groups=1, *, conv: dict[str, Any] | None = None,
@@ -267,6 +357,14 @@ class QuantConv2d(QuantModule):
     @property
     def out_channels(self) -> int:
         return self.weight_shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    @property
+    def groups(self) -> int:  # nn.Conv2d's name for the convolution groups
+        return self.conv_groups
 
     def float_op(self, x, w, bias):
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.conv_groups)
