@@ -18,6 +18,7 @@ from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
 from .kernels import check_execution, set_execution
+from .mixed import apply_allocation, resolve_budget
 from .nn.attention import quantize_attention
 from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
@@ -120,7 +121,7 @@ def plan_model(model: nn.Module, recipe: Recipe, keep_rules: str = "the recipe's
     quantized or that has nothing left to quantize (`keep_rules` names what to check then)."""
     if is_quantized(model):
         raise DQError(f"{type(model).__name__} is already quantized; load the full-precision model again")
-    plan = plan_layers(model, recipe)
+    plan = apply_allocation(model, plan_layers(model, recipe), recipe)  # mixed precision (dq.mixed)
     if not plan:
         raise DQError(
             f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
@@ -302,11 +303,12 @@ def quantize(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
+    steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
+    recipe = resolve_budget(pipe, model, recipe, calib_prompts, steps, call_kwargs)  # a budget -> recipe.allocation
     plan, works = plan_model(model, recipe)
     source = describe_source(model)  # hash of the float weights, before any layer is swapped
     store, groups, prepared = calibrate_and_prepare(
-        pipe, model, plan, works, recipe, calib_prompts,
-        recipe.calib_steps if num_inference_steps is None else num_inference_steps, call_kwargs
+        pipe, model, plan, works, recipe, calib_prompts, steps, call_kwargs
     )
     apply_quantization(model, plan, store, groups, prepared, recipe, source)
     install_pipeline_guard(pipe)
