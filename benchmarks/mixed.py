@@ -63,6 +63,8 @@ def main() -> None:
             "weight_bytes": module_bytes(model), "avg_bits": average_bits(model), "generate_s": time.perf_counter() - t, **extra,
         }
         print(json.dumps(row), flush=True)
+        with open(args.out + ".partial", "a") as f:  # a killed run keeps what it measured
+            f.write(json.dumps(row) + "\n")
         return row
 
     rows = []
