@@ -25,7 +25,15 @@ import dq
 from dq.engine import find_denoiser
 from dq.eval import generate_images
 from dq.eval.metrics import psnr, ssim
-from dq.mixed import Budget, MixedPlan, allocate, layer_report, measure_sensitivity, plot_allocation, spearman
+from dq.mixed import (
+    Budget,
+    MixedPlan,
+    allocate,
+    layer_report,
+    measure_sensitivity,
+    plot_allocation,
+    spearman,
+)
 from dq.prompts import load_prompts
 
 

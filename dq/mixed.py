@@ -659,11 +659,10 @@ def layer_report(model_or_pipe) -> list[dict[str, Any]]:
     model = model_or_pipe if isinstance(model_or_pipe, nn.Module) else find_denoiser(model_or_pipe)[1]
     plan: MixedPlan | None = getattr(model, "_dq_mixed", None)
     known = {r.name: r for r in plan.rows()} if plan is not None else {}
+    float_layers = dict(quantizable_layers(model))
     rows = []
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantModule, nn.Linear, nn.Conv2d)) or name.endswith((".down", ".up")):
-            continue
-        if not isinstance(module, QuantModule) and name not in dict(quantizable_layers(model)):
+        if not isinstance(module, QuantModule) and name not in float_layers:
             continue
         fmt = format_of(module)
         nbytes, weights = layer_bytes(module), weight_count(module)

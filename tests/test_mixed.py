@@ -198,6 +198,13 @@ def test_plan_saved_and_reloaded_identical_without_resolving(mixed_pipe, tmp_pat
     finally:
         rec.model = model
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # and compiles like any dq model (dynamo traces the mixed int4/int8/float layers)
+    torch._dynamo.reset()
+    compiled = torch.compile(lmodel, backend="eager")
+    args, kwargs = rec.calls[0]
+    with torch.no_grad():
+        got = compiled(*args, **{**kwargs, "return_dict": False})[0]
+    assert torch.allclose(got, after[0], rtol=1e-4, atol=1e-4 * float(after[0].abs().max()))
     # the saved recipe re-quantizes a fresh model into the same layers, following its allocation
     fresh = tiny_pipeline(KIND)
     quantize(fresh, lmodel._dq_recipe)
