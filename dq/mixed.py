@@ -344,6 +344,11 @@ class Sensitivity:
     mode: str
     rank_correlation: float | None = None
     sample: list[str] = field(default_factory=list)
+    # with keep_built: every format's built layers ({format: {layer: module}}), the override
+    # layers', and the timestep router they were calibrated with (see `install_allocation`)
+    built: dict[str, dict[str, nn.Module]] = field(default_factory=dict, repr=False)
+    fixed_layers: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    router: nn.Module | None = field(default=None, repr=False)
 
 
 def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
@@ -400,9 +405,11 @@ class _Swapped:
 
 def measure_sensitivity(
     pipe, model: nn.Module, recipe: Recipe, calib_prompts, steps: int, call_kwargs: dict[str, Any],
-    mode: str | None = None,
+    mode: str | None = None, keep_built: bool = False,
 ) -> Sensitivity:
-    """Storage and damage of every (layer in scope, candidate format); see the module docstring."""
+    """Storage and damage of every (layer in scope, candidate format); see the module docstring.
+    keep_built: keep the built layers (memory: one quantized copy of the model per format) for
+    `install_allocation`."""
     from .engine import LayerChoice, _fits, plan_layers
     from .prompts import resolve_prompts
 
@@ -430,7 +437,10 @@ def measure_sensitivity(
         logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cfg.weights))
         built, routers[fmt] = _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs)
         if i == 0:
-            fixed_bytes = sum(layer_bytes(built.pop(c.name)) for c in fixed_plan)
+            fixed_layers = {c.name: built.pop(c.name) for c in fixed_plan}
+            fixed_bytes = sum(layer_bytes(m) for m in fixed_layers.values())
+        elif not torch.equal(routers[fmt].boundaries, routers[cfg.weights[0]].boundaries):
+            raise DQError("the formats' calibrations saw different timesteps; calibrate with the same prompts and steps")
         built_all[fmt] = built
         for name, module, wo in scope.free:
             est = estimate_damage(name, module, store, plan[[c.name for c in plan].index(name)].weight,
@@ -464,7 +474,37 @@ def measure_sensitivity(
     other = weight_nbytes(model) - free_float - fixed_float - kept_bytes
     fixed_weights = sum(layers[n].weight.numel() for n in scope.fixed)
     fixed_bytes += sum(float_bytes(layers[n]) for n in scope.fixed if n not in base_plan)  # overridden to float
-    return Sensitivity(list(sens.values()), fixed_bytes, fixed_weights, kept_bytes, other, mode, rho, sample)
+    sensitivity = Sensitivity(list(sens.values()), fixed_bytes, fixed_weights, kept_bytes, other, mode, rho, sample)
+    if keep_built:
+        sensitivity.built, sensitivity.fixed_layers, sensitivity.router = built_all, fixed_layers, routers[cfg.weights[0]]
+    return sensitivity
+
+
+def install_allocation(pipe, sens: Sensitivity, recipe: Recipe) -> None:
+    """Quantize a fresh full-precision copy of the pipeline to `recipe.allocation` from the layers
+    `measure_sensitivity(..., keep_built=True)` built, with no calibration: the same layers
+    `dq.quantize(pipe, recipe)` builds (tests/test_mixed.py checks it), for comparing many budgets
+    cheaply (benchmarks/mixed.py). The execution mode and recipe are set; nothing else."""
+    import copy
+
+    from .engine import find_denoiser, swap_modules
+    from .kernels import set_execution
+    from .nn.router import attach_router
+
+    if sens.router is None:
+        raise DQError("install_allocation needs measure_sensitivity(..., keep_built=True)")
+    _, model = find_denoiser(pipe)
+    router = copy.deepcopy(sens.router)
+    layers = {n: sens.built[f][n] for n, f in recipe.allocation.items() if f != FLOAT}
+    layers.update(sens.fixed_layers)
+    replacements = {}
+    for name, layer in layers.items():
+        replacements[name] = copy.deepcopy(layer)
+        replacements[name].bind_router(router)
+    attach_router(model, router)
+    swap_modules(model, replacements)
+    set_execution(model, recipe.execution)
+    model._dq_recipe = recipe
 
 
 # -- budgets ----------------------------------------------------------------------------------

@@ -302,3 +302,25 @@ def test_cli_budget_and_memory_options(tmp_path, capsys):
     recipe = recipe_with_overrides("w4a8", budget=4.5)
     assert recipe.budget == 4.5 and recipe.mixed is not None and recipe.allocation is None
     assert recipe_with_overrides("w4a8", memory=parse_memory("2GB")).memory == 2 * 10**9
+
+
+def test_installed_allocation_equals_dq_quantize_with_it():
+    """The benchmark's shortcut (layers built once per format, installed per budget) builds exactly
+    what dq.quantize builds for the same allocation."""
+    from dq.mixed import install_allocation
+
+    recipe = budget_recipe(budget=6.0)
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    allocation = allocate(sens, Budget("bits", 6.0))
+    solved = Recipe.from_dict({**recipe.to_dict(), "allocation": allocation})
+    installed = tiny_pipeline(KIND)
+    install_allocation(installed, sens, solved)
+    quantized = tiny_pipeline(KIND)
+    quantize(quantized, solved)
+    a = find_denoiser(installed)[1].state_dict()
+    b = find_denoiser(quantized)[1].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6), key
