@@ -52,7 +52,14 @@ def main() -> None:
     parser.add_argument("--budgets", default="4.6,5,6,7,8")
     parser.add_argument("--presets", default="w8a8", help="comma-separated presets also quantized with dq.quantize")
     parser.add_argument("--out", default=str(RESULTS / "mixed.json"))
+    parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            table = render(json.load(f))
+        print(table)
+        update_section("mixed", table)
+        return
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("dq.mixed").setLevel(logging.INFO)
     torch.set_num_threads(2)
@@ -145,7 +152,7 @@ def main() -> None:
         json.dump(result, f, indent=2)
     table = render(result)
     print(table)
-    if args.num_prompts >= 32:
+    if args.num_prompts >= 16:
         update_section("mixed", table)
 
 
