@@ -173,7 +173,7 @@ def plot_sweep(rows: list[dict], fp_bytes: int, path) -> None:
             ax.annotate(f"{r['budget']:g}b", (r["weight_bytes"] / 2**20, r[metric]), fontsize=7)
         for r in rows:
             if r.get("kind") in ("uniform", "preset"):
-                ax.plot(r["weight_bytes"] / 2**20, r[metric], "s", label=f"uniform {r['variant']}")
+                ax.plot(r["weight_bytes"] / 2**20, r[metric], "s", label=r["variant"])
         ax.set_xlabel("denoiser MiB")
         ax.set_ylabel(f"{metric.upper()} vs full precision")
         ax.legend(fontsize=7)
