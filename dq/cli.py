@@ -59,6 +59,27 @@ def guidance_float(text: str) -> float:
     return value
 
 
+def budget_float(text: str) -> float:
+    """Average weight bits: a finite number > 0 (the achievable range is checked against the model)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of average weight bits such as 4.5, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of average weight bits such as 4.5, got {text!r}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    """A size: 2GB, 1.5GiB, 800MB or a number of bytes."""
+    from .recipe import parse_memory
+
+    try:
+        return parse_memory(text, "--memory")
+    except DQError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def check_writable(path: str | Path, option: str, *, folder: bool) -> Path:
     """Refuse an output path that cannot be written, before any work: a part of it that is a
     file, an existing file where a folder goes (or the reverse), or a parent where a probe file
@@ -210,6 +231,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if distributed.is_main():  # every process holds the same quantized model; one writes it
         with quiet_third_party():
             io.save(pipe, out, overwrite=args.overwrite)
+        plan = getattr(engine.find_denoiser(pipe)[1], "_dq_mixed", None)
+        if plan is not None:
+            print(plan.table() if not getattr(args, "quiet", False) else plan.summary())
+            if args.plot:
+                from .mixed import plot_allocation
+
+                print(f"per-layer plot -> {plot_allocation(plan.rows(), args.plot)}")
         print(f"quantized with recipe {recipe.name!r} -> {out}")
     distributed.barrier("the save")  # no process reports success before the checkpoint is complete
     return 0
@@ -244,20 +272,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _recipe_with_overrides(args: argparse.Namespace):
-    return recipe_with_overrides(args.recipe, num_prompts=args.num_prompts)
+    plot, budget, memory = (getattr(args, k, None) for k in ("plot", "budget", "memory"))
+    if plot is not None and budget is None and memory is None:
+        raise DQError("--plot draws a mixed-precision plan: give --budget BITS or --memory SIZE too")
+    if plot is not None:
+        check_writable(plot, "--plot", folder=False)
+    return recipe_with_overrides(args.recipe, num_prompts=args.num_prompts, budget=budget, memory=memory)
 
 
-def recipe_with_overrides(recipe, *, num_prompts: int | None = None):
-    """``Recipe.from_any(recipe)`` with ``--num-prompts`` (the calibration prompt count) applied;
-    shared by the CLI and app.py."""
+def recipe_with_overrides(recipe, *, num_prompts: int | None = None, budget: float | None = None, memory: int | str | None = None):
+    """``Recipe.from_any(recipe)`` with ``--num-prompts`` (the calibration prompt count) and a
+    mixed-precision ``--budget`` (average weight bits) or ``--memory`` (bytes) applied (either
+    replaces the recipe's own budget and any solved allocation); shared by the CLI and app.py."""
     from .recipe import Recipe
 
     chosen = Recipe.from_any(recipe)
-    if num_prompts is None:
+    if num_prompts is None and budget is None and memory is None:
         return chosen
-    if num_prompts < 1:
+    if num_prompts is not None and num_prompts < 1:
         raise DQError(f"--num-prompts must be at least 1, got {num_prompts}")
-    return Recipe.from_dict({**chosen.to_dict(), "calib_num_prompts": num_prompts})
+    data = chosen.to_dict()
+    if num_prompts is not None:
+        data["calib_num_prompts"] = num_prompts
+    if budget is not None and memory is not None:
+        raise DQError("give either --budget (average weight bits) or --memory (bytes), not both")
+    if budget is not None or memory is not None:
+        data.update(budget=budget, memory=memory, allocation=None)
+    return Recipe.from_dict(data)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -344,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
     q.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    q.add_argument("--budget", type=budget_float, default=None, metavar="BITS",
+                   help="mixed precision: average weight bits per layer weight, scales included (e.g. 4.5); "
+                   "each layer gets int4, int8 or float by measured sensitivity")
+    q.add_argument("--memory", type=memory_size, default=None, metavar="SIZE",
+                   help="mixed precision: the quantized denoiser's size at most SIZE (2GB, 1.5GiB, 800MB or bytes)")
+    q.add_argument("--plot", default=None, metavar="PNG", help="with --budget/--memory: write the per-layer plan as a PNG plot")
     add_output_args(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -19,6 +19,7 @@ from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
 from .kernels import check_execution, set_execution
+from .mixed import apply_allocation, resolve_budget
 from .nn.attention import quantize_attention
 from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
@@ -117,7 +118,7 @@ def plan_model(model: nn.Module, recipe: Recipe, keep_rules: str = "the recipe's
     quantized or that has nothing left to quantize (`keep_rules` names what to check then)."""
     if is_quantized(model):
         raise DQError(f"{type(model).__name__} is already quantized; load the full-precision model again")
-    plan = plan_layers(model, recipe)
+    plan = apply_allocation(model, plan_layers(model, recipe), recipe)  # mixed precision (dq.mixed)
     if not plan:
         raise DQError(
             f"{type(model).__name__} has no quantizable Linear/Conv2d layer left after the keep rules; "
@@ -274,8 +275,9 @@ def calibrate_pipeline(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
-    cal = Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats)
     steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
+    recipe = resolve_budget(pipe, model, recipe, calib_prompts, steps, call_kwargs)  # a budget -> recipe.allocation
+    cal = Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats)
     prompts = None
     while not cal.ready:
         prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)

@@ -58,12 +58,16 @@ class Calibration:
 
     def __init__(self, model: nn.Module, recipe: str | Recipe | dict[str, Any], *, pipe=None,
                  reduce: Reduce | None = None, keep_stats: bool = False,
-                 keep_rules: str = "the recipe's keep/overrides"):
+                 keep_rules: str = "the recipe's keep/overrides", plan: list | None = None):
         from .engine import plan_model
+        from .outliers import plan_components
 
         self.model = model
         self.recipe = Recipe.from_any(recipe)
-        self.plan, self.works = plan_model(model, self.recipe, keep_rules)
+        if plan is None:
+            self.plan, self.works = plan_model(model, self.recipe, keep_rules)
+        else:  # an explicit layer plan (dq.mixed builds each candidate format's layers)
+            self.plan, self.works = list(plan), plan_components(plan, self.recipe)
         self.source = describe_source(model)  # hash of the float weights, before any swap
         self.pipe = pipe
         self.reduce = reduce

@@ -8,6 +8,7 @@ a file path, which is what `dq.quantize` and the CLI take.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -343,6 +344,88 @@ class AttentionConfig(Component):
             raise DQError("attention quantizes nothing: set probs to 'log2' or 'uniform', or give a qkv quantizer")
 
 
+SENSITIVITY_MODES = ("auto", "estimate", "measure")
+# Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
+WEIGHT_FORMATS = ("int4", "int8", "fp8")
+
+
+@dataclass
+class MixedConfig:
+    """Options of the mixed-precision allocation (used when a recipe has a `budget` or `memory`).
+
+    weights: candidate weight formats per layer ("int4": 4-bit groups of 64, "int8": per channel,
+        "fp8": e4m3 per channel), each with the recipe's activation format; float is always a
+        candidate. sensitivity: "measure" (each layer alone quantized, damage on the denoiser
+        output over recorded calibration calls), "estimate" (analytic from the inputs' second
+        moments) or "auto" (estimate, validated against measurement on `sample` layers; measure
+        everything when their rank correlation is below 0.8). num_prompts / steps: calibration
+        prompts and sampler steps of the recorded calls (steps null: the recipe's calib_steps)."""
+
+    weights: list[str] = field(default_factory=lambda: ["int4", "int8"])
+    sensitivity: str = "auto"
+    num_prompts: int = 2
+    steps: int | None = 8
+    sample: int = 12
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, str):
+            self.weights = [self.weights]
+        if not isinstance(self.weights, (list, tuple)) or not self.weights:
+            raise _type_error("mixed.weights", self.weights, f"a non-empty list of weight formats from {list(WEIGHT_FORMATS)}")
+        bad = [w for w in self.weights if w not in WEIGHT_FORMATS]
+        if bad:
+            raise DQError(f"unknown mixed.weights format(s) {bad}; choose from {list(WEIGHT_FORMATS)} (float is always a candidate)")
+        self.weights = list(dict.fromkeys(self.weights))
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise DQError(f"mixed.sensitivity must be one of {list(SENSITIVITY_MODES)}, got {self.sensitivity!r}")
+        _positive_int(self.num_prompts, "mixed.num_prompts")
+        _positive_int(self.sample, "mixed.sample")
+        if self.steps is not None:
+            _positive_int(self.steps, "mixed.steps")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(getattr(self, f.name)) if f.name == "weights" else getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_any(cls, value: Any) -> MixedConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise _type_error("recipe field mixed", value, "a mapping of mixed-precision options or null")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise DQError(f"unknown mixed option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**value)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(value: Any, where: str = "memory") -> int:
+    """Bytes from an integer or a size string: "2GB" (10^9), "1.5GiB" (2^30), "800MB", "512KiB", "123456"."""
+    if isinstance(value, bool):
+        raise _type_error(where, value, "a size such as 2GB, 1.5GiB or a number of bytes")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match is None or match[2].upper() not in _UNITS:
+            raise DQError(
+                f"{where} {value!r} is not a size: write a number with an optional unit B, KB, MB, GB, TB "
+                "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2GB or 1.5MiB"
+            )
+        number, unit = float(match[1]), match[2].upper()
+    else:
+        raise _type_error(where, value, "a size such as 2GB, 1.5GiB or a number of bytes")
+    size = number * _UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise DQError(f"{where} must be at least 1 byte, got {value!r}")
+    return int(size)
+
+
 # The outlier-handling stages a recipe can switch on, in the order they are applied to a layer
 # (attention acts on attention modules, beside the layers).
 COMPONENTS: dict[str, type[Component]] = {
@@ -368,6 +451,11 @@ class Recipe:
     overrides: per-layer specs (mixed precision).
     execution: "real" runs low-bit kernels (int8/fp8 matmuls, packed 4-bit weights),
         "sim" fake-quantizes in float (research), "auto" picks real where supported.
+    budget / memory: mixed precision (dq.mixed): choose each layer's weight format (or float)
+        to minimize the measured damage under an average of `budget` weight bits or a denoiser
+        of at most `memory` bytes (an integer or a size string such as "2GB"); `mixed` holds
+        its options (`MixedConfig`), `allocation` the solved plan ({layer: format}), which
+        `dq.quantize` fills in and follows as is when given (no re-solving).
     smooth / rotate / lowrank / gptq / attention: outlier-handling components (see
         `COMPONENTS`), each null (off), true (defaults) or a mapping of its options. Per
         layer they apply as: x -> (x / s) R,  W -> ((W * s) R = L1 L2 + R_w),  R_w rounded by
@@ -393,6 +481,10 @@ class Recipe:
     lowrank: LowRankConfig | None = None
     gptq: GPTQConfig | None = None
     attention: AttentionConfig | None = None
+    budget: float | None = None
+    memory: int | str | None = None
+    mixed: MixedConfig | None = None
+    allocation: dict[str, str] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -425,6 +517,27 @@ class Recipe:
         self.overrides = [o if isinstance(o, LayerOverride) else _override_from_dict(o) for o in self.overrides]
         for key, cls in COMPONENTS.items():
             setattr(self, key, cls.from_any(getattr(self, key)))
+        self._check_mixed()
+
+    def _check_mixed(self) -> None:
+        if self.budget is not None:
+            _check_type(self.budget, "number", "recipe field budget (average weight bits)", nullable=True)
+            if not math.isfinite(self.budget) or self.budget <= 0:
+                raise DQError(f"recipe field budget must be a positive number of average weight bits, got {self.budget!r}")
+            self.budget = float(self.budget)
+        if self.memory is not None:
+            self.memory = parse_memory(self.memory, "recipe field memory")
+        if self.budget is not None and self.memory is not None:
+            raise DQError("give a recipe either a budget (average weight bits) or a memory budget (bytes), not both")
+        self.mixed = None if self.mixed is None and self.budget is None and self.memory is None else MixedConfig.from_any(self.mixed)
+        if self.allocation is not None:
+            if not isinstance(self.allocation, dict):
+                raise _type_error("recipe field allocation", self.allocation, "a mapping of layer names to formats")
+            allowed = (*WEIGHT_FORMATS, "float")
+            bad = {k: v for k, v in self.allocation.items() if not isinstance(k, str) or v not in allowed}
+            if bad:
+                raise DQError(f"recipe field allocation: formats must be one of {list(allowed)}, got {bad}")
+            self.allocation = dict(self.allocation)
 
     def components(self) -> dict[str, Component]:
         """The outlier-handling components switched on, by name, in application order."""
@@ -440,8 +553,10 @@ class Recipe:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (QuantSpec, Component)):
+            if isinstance(value, (QuantSpec, Component, MixedConfig)):
                 value = value.to_dict()
+            elif isinstance(value, dict):
+                value = dict(value)
             elif f.name == "overrides":
                 value = [o.to_dict() for o in value]
             elif isinstance(value, list):

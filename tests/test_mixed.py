@@ -1,0 +1,326 @@
+"""Mixed precision (dq.mixed): the exact allocation, budgets, the plan in the recipe and the
+checkpoint, and real execution of a model with int4, int8 and float layers."""
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from conftest import DenoiserRecorder, sqnr_db
+
+import dq
+from dq.cli import main as cli_main
+from dq.engine import find_denoiser
+from dq.errors import DQError
+from dq.kernels import set_execution
+from dq.mixed import (
+    Budget,
+    allocate,
+    format_of,
+    layer_report,
+    measure_sensitivity,
+    solve_allocation,
+    spearman,
+)
+from dq.nn import QuantModule
+from dq.recipe import Recipe, parse_memory
+from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+KIND = "pixart"
+STEPS = 3
+
+
+def call_kwargs():
+    return {k: v for k, v in default_call_kwargs(KIND).items() if k not in ("num_inference_steps", "output_type")}
+
+
+def budget_recipe(**extra):
+    return Recipe.from_dict({"base": "w4a8", "calib_num_prompts": 2, "calib_batch_size": 2,
+                             "mixed": {"num_prompts": 2, "steps": STEPS, "sensitivity": "measure"}, **extra})
+
+
+def quantize(pipe, recipe):
+    return dq.quantize(pipe, recipe, calib_prompts=prompts_for(KIND, 2), num_inference_steps=STEPS, **call_kwargs())
+
+
+# -- the integer program ----------------------------------------------------------------------
+def brute_force(damage, cost, capacity):
+    best, pick = math.inf, None
+    for choice in itertools.product(*[range(len(d)) for d in damage]):
+        if sum(cost[i][j] for i, j in enumerate(choice)) <= capacity:
+            value = sum(damage[i][j] for i, j in enumerate(choice))
+            if value < best:
+                best, pick = value, choice
+    return best, pick
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_milp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    items = rng.randint(2, 7)
+    damage, cost = [], []
+    for _ in range(items):
+        options = rng.randint(1, 3)
+        # float-like option: zero damage, big cost; quantized ones: cheaper, damaging
+        damage.append([0.0] + [rng.random() * 10 ** rng.uniform(-6, 0) for _ in range(options)])
+        cost.append([rng.randint(200, 400)] + [rng.randint(20, 150) for _ in range(options)])
+    low = sum(min(c) for c in cost)
+    high = sum(max(c) for c in cost)
+    capacity = rng.randint(low, high)
+    best, _ = brute_force(damage, cost, capacity)
+    picks = solve_allocation(damage, cost, capacity)
+    assert sum(cost[i][j] for i, j in enumerate(picks)) <= capacity
+    assert sum(damage[i][j] for i, j in enumerate(picks)) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
+def test_milp_beats_greedy_on_a_knapsack_trap():
+    # greedy by damage-per-byte takes item 0's upgrade first and then cannot afford item 1's
+    damage = [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    cost = [[1, 2], [1, 3], [1, 3]]
+    picks = solve_allocation(damage, cost, 7)
+    assert sorted(picks) == [0, 1, 1] and picks[0] == 0
+
+
+def test_milp_refuses_an_impossible_budget():
+    with pytest.raises(DQError, match="cannot be met"):
+        solve_allocation([[0.0, 1.0]], [[10, 5]], 4)
+
+
+def test_spearman_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    a = [rng.random() for _ in range(30)]
+    b = [x + rng.random() for x in a]
+    b[3] = b[4]  # a tie
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+# -- recipe fields ----------------------------------------------------------------------------
+def test_parse_memory_units_and_errors():
+    assert parse_memory("2GB") == 2 * 10**9
+    assert parse_memory("1.5MiB") == 3 * 2**19
+    assert parse_memory(123456) == 123456
+    for bad in ("2XB", "GB", "-1MB", "", "1..5GB"):
+        with pytest.raises(DQError, match="not a size|at least 1 byte"):
+            parse_memory(bad)
+
+
+def test_budget_recipe_round_trips_through_dict_file_and_dqconfig(tmp_path):
+    recipe = budget_recipe(budget=4.5, allocation={"proj_out": "int8", "pos_embed.proj": "float"})
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path = tmp_path / "mixed.yaml"
+    recipe.save(path)
+    loaded = Recipe.from_file(path)
+    assert loaded.budget == 4.5 and loaded.allocation == recipe.allocation and loaded.mixed == recipe.mixed
+    config = dq.DQConfig(recipe=recipe)
+    assert config.recipe_object() == recipe
+    memory = Recipe.from_dict({"base": "w4a8", "memory": "2GB"})
+    assert memory.memory == 2 * 10**9 and Recipe.from_dict(memory.to_dict()) == memory
+
+
+def test_recipe_refuses_bad_budget_fields():
+    with pytest.raises(DQError, match="either a budget"):
+        Recipe.from_dict({"budget": 5, "memory": "1GB"})
+    with pytest.raises(DQError, match="positive number"):
+        Recipe.from_dict({"budget": -2})
+    with pytest.raises(DQError, match="not a size"):
+        Recipe.from_dict({"memory": "2XB"})
+    with pytest.raises(DQError, match="unknown mixed.weights"):
+        Recipe.from_dict({"budget": 5, "mixed": {"weights": ["int3"]}})
+    with pytest.raises(DQError, match="allocation"):
+        Recipe.from_dict({"allocation": {"proj_out": "int5"}})
+
+
+# -- on a tiny pipeline -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_pipe():
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    with DenoiserRecorder(model) as rec:
+        pipe(prompt=prompts_for(KIND, 2), generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
+             **{**call_kwargs(), "output_type": "latent"})
+    ref = rec.replay()
+    quantize(pipe, budget_recipe(budget=6.0))
+    return pipe, rec, ref
+
+
+def test_budget_respected_exactly_with_mixed_formats(mixed_pipe):
+    pipe, _, _ = mixed_pipe
+    _, model = find_denoiser(pipe)
+    plan = model._dq_mixed
+    rows = layer_report(model)
+    # the real layers' storage, not the plan's prediction
+    real_bits = 8 * sum(r["bytes"] for r in rows) / sum(r["weights"] for r in rows)
+    assert real_bits <= 6.0
+    assert real_bits == pytest.approx(plan.average_bits(), rel=1e-12)
+    formats = {r["format"] for r in rows}
+    assert {"int4", "int8"} <= formats, formats
+    # every allocated layer is installed in its format
+    for r in rows:
+        assert r["format"] == model._dq_recipe.allocation[r["name"]]
+    # the plan is optimal for its sensitivity: the solver's damage is the brute-force one on a subset
+    assert plan.sensitivity.mode == "measure"
+    assert all(o.measured is not None for s in plan.sensitivity.layers for o in s.options if o.format != "float")
+
+
+def test_mixed_model_real_execution_matches_simulation(mixed_pipe):
+    pipe, rec, ref = mixed_pipe
+    _, model = find_denoiser(pipe)
+    kernels = {format_of(m) for m in model.modules() if isinstance(m, QuantModule)}
+    assert {"int4", "int8"} <= kernels
+    set_execution(model, "real")
+    real = rec.replay()
+    set_execution(model, "sim")
+    sim = rec.replay()
+    set_execution(model, "auto")
+    assert min(sqnr_db(s, r) for s, r in zip(sim, real)) > 35
+    assert min(sqnr_db(f, r) for f, r in zip(ref, real)) > 20
+
+
+def test_plan_saved_and_reloaded_identical_without_resolving(mixed_pipe, tmp_path, monkeypatch):
+    pipe, rec, _ = mixed_pipe
+    _, model = find_denoiser(pipe)
+    before = rec.replay()
+    dq.save(pipe, tmp_path / "mixed")
+
+    def no_solving(*a, **k):
+        raise AssertionError("the saved plan must not be solved again")
+
+    monkeypatch.setattr("dq.mixed.measure_sensitivity", no_solving)
+    loaded = dq.load(tmp_path / "mixed")
+    _, lmodel = find_denoiser(loaded)
+    assert layer_report(lmodel) == [{**r, "damage": None, "sqnr_db": None, "damages": None} for r in layer_report(model)]
+    assert lmodel._dq_recipe.allocation == model._dq_recipe.allocation
+    rec.model = lmodel
+    try:
+        after = rec.replay()
+    finally:
+        rec.model = model
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # and compiles like any dq model (dynamo traces the mixed int4/int8/float layers)
+    torch._dynamo.reset()
+    compiled = torch.compile(lmodel, backend="eager")
+    args, kwargs = rec.calls[0]
+    with torch.no_grad():
+        got = compiled(*args, **{**kwargs, "return_dict": False})[0]
+    assert torch.allclose(got, after[0], rtol=1e-4, atol=1e-4 * float(after[0].abs().max()))
+    # the saved recipe re-quantizes a fresh model into the same layers, following its allocation
+    fresh = tiny_pipeline(KIND)
+    quantize(fresh, lmodel._dq_recipe)
+    again = {r["name"]: (r["format"], r["bytes"]) for r in layer_report(find_denoiser(fresh)[1])}
+    assert again == {r["name"]: (r["format"], r["bytes"]) for r in layer_report(model)}
+
+
+def test_report_data_and_plot(mixed_pipe, tmp_path):
+    pipe, _, _ = mixed_pipe
+    _, model = find_denoiser(pipe)
+    rows = layer_report(pipe)
+    assert rows and all({"name", "format", "bits", "damage", "damages"} <= set(r) for r in rows)
+    quantized = [r for r in rows if r["format"] != "float"]
+    assert all(r["damage"] > 0 for r in quantized)
+    table = model._dq_mixed.table()
+    assert "average" in table and rows[0]["name"] in table
+    pytest.importorskip("matplotlib")
+    from dq.mixed import plot_allocation
+
+    path = plot_allocation(rows, tmp_path / "plan.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keep_and_overrides_win_over_the_allocation():
+    pipe = tiny_pipeline(KIND)
+    recipe = budget_recipe(
+        budget=6.5, keep=["attn2\\.to_q$"],
+        overrides=[{"pattern": "ff\\.net\\.2$", "weight": {"bits": 8, "granularity": "channel"}}],
+    )
+    quantize(pipe, recipe)
+    _, model = find_denoiser(pipe)
+    alloc = model._dq_recipe.allocation
+    assert not any(n.endswith(("attn2.to_q", "ff.net.2")) for n in alloc)
+    for name, module in model.named_modules():
+        if name.endswith("attn2.to_q"):
+            assert not isinstance(module, QuantModule)
+        if name.endswith("ff.net.2"):
+            assert format_of(module) == "int8"
+    assert model._dq_mixed.average_bits() <= 6.5
+
+
+def test_memory_budget_and_estimated_sensitivity():
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    recipe = budget_recipe(memory=10**9)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), mode="estimate")
+    assert sens.mode == "estimate"
+    assert all(o.estimated is not None and o.estimated > 0 for s in sens.layers for o in s.options if o.format != "float")
+    from dq.mixed import achievable
+
+    lo, hi = achievable(sens, "memory")
+    target = (lo + hi) / 2
+    allocation = allocate(sens, Budget("memory", target))
+    chosen = sum(next(o.bytes for o in s.options if o.format == allocation[s.name]) for s in sens.layers)
+    assert chosen + sens.fixed_bytes + sens.kept_bytes + sens.other_bytes <= target
+    for bad, match in ((lo - 1, "cannot be met"), (hi + 1, "already holds")):
+        with pytest.raises(DQError, match=match) as err:
+            allocate(sens, Budget("memory", bad))
+        assert "achievable range" in str(err.value) or "lower it" in str(err.value)
+
+
+@pytest.mark.parametrize("budget, match", [(1.0, "below the smallest plan"), (40.0, "at or above float")])
+def test_bad_bit_budgets_refused_before_calibration(budget, match, monkeypatch):
+    pipe = tiny_pipeline(KIND)
+    monkeypatch.setattr("dq.mixed.measure_sensitivity", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    with pytest.raises(DQError, match=match) as err:
+        quantize(pipe, budget_recipe(budget=budget))
+    assert "achievable range" in str(err.value)
+    assert not any(isinstance(m, QuantModule) for m in find_denoiser(pipe)[1].modules())
+
+
+def test_memory_budget_that_cannot_be_met_is_refused():
+    pipe = tiny_pipeline(KIND)
+    with pytest.raises(DQError, match="cannot be met.*achievable range"):
+        quantize(pipe, budget_recipe(memory="1KB"))
+
+
+def test_budget_recipe_at_load_needs_calibration():
+    from dq.mixed import apply_allocation
+
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    with pytest.raises(DQError, match="dq.quantize"):
+        apply_allocation(model, [], budget_recipe(budget=5.0))
+
+
+def test_cli_budget_and_memory_options(tmp_path, capsys):
+    assert cli_main(["quantize", "--memory", "2XB", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "2XB" in err and "GiB" in err
+    assert cli_main(["quantize", "--budget", "abc", "--out", str(tmp_path / "o")]) == 2
+    assert "average weight bits" in capsys.readouterr().err
+    from dq.cli import recipe_with_overrides
+
+    recipe = recipe_with_overrides("w4a8", budget=4.5)
+    assert recipe.budget == 4.5 and recipe.mixed is not None and recipe.allocation is None
+    assert recipe_with_overrides("w4a8", memory=parse_memory("2GB")).memory == 2 * 10**9
+
+
+def test_installed_allocation_equals_dq_quantize_with_it():
+    """The benchmark's shortcut (layers built once per format, installed per budget) builds exactly
+    what dq.quantize builds for the same allocation."""
+    from dq.mixed import install_allocation
+
+    recipe = budget_recipe(budget=6.0)
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    allocation = allocate(sens, Budget("bits", 6.0))
+    solved = Recipe.from_dict({**recipe.to_dict(), "allocation": allocation})
+    installed = tiny_pipeline(KIND)
+    install_allocation(installed, sens, solved)
+    quantized = tiny_pipeline(KIND)
+    quantize(quantized, solved)
+    a = find_denoiser(installed)[1].state_dict()
+    b = find_denoiser(quantized)[1].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6), key
