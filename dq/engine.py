@@ -261,8 +261,8 @@ def apply_quantization(
     swap_modules(model, replacements)
     if recipe.attention is not None:
         quantize_attention(model, recipe.attention)
+    model._dq_recipe = recipe  # set_execution reads weight_only_int8_activations from it
     set_execution(model, recipe.execution)
-    model._dq_recipe = recipe
     model._dq_source = source
     install_dtype_guard(model)  # its float dtype is the one it was quantized in
     attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)

@@ -9,11 +9,18 @@ on an AMD EPYC). So nothing is chosen by availability:
 - "onednn": the fused oneDNN int8 linear on a prepacked weight copy (CPU, static
   per-tensor activations, 8-bit weights; one more byte per weight);
 - "int_mm": `torch._int_mm` and a fused epilogue (4-bit weights unpacked per call);
+- "int8_copy": the same with the int8 weight kept unpacked beside the packed codes (4-bit and
+  two-level weights: one more byte per weight at run time, no unpacking per call);
 - "float_copy": a dequantized weight kept in the input's dtype and the float op on the
   (fake-)quantized input: the same function in float, fastest where a layer is too small
   for integer matmuls to pay; only for layers whose copy is at most `FLOAT_COPY_MAX_BYTES`
   (large layers would lose the memory saving quantization is for);
-- "dequant": the weight dequantized on every call (the simulated path; no extra memory).
+- "dequant": the weight dequantized on every call (the simulated path; no extra memory);
+- "int_mm_a8": weight-only layers (W4A16, W8A16) run as int8 x int8 with dynamic per-token
+  int8 activations (`dispatch.A8_SPEC`) and a kept int8 weight copy. It changes the
+  numerics (the activations are rounded), so it is a candidate only where the recipe allows
+  it (`Recipe.weight_only_int8_activations`, `set_execution(weight_only_int8=True)`), and
+  it is checked against the simulated layer *with* those activations, not the float one.
 
 On a layer's first eager call for a row count (bucketed to a power of two), each path its
 formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than
@@ -48,8 +55,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn", "int_mm", "float_copy", "dequant")
-CACHE_VERSION = 1
+PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8")
+# Paths that keep a runtime copy of the weight: a tie goes to one that does not.
+COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8")
+CACHE_VERSION = 2  # 2: int8_copy and int_mm_a8 (older choices never saw them)
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
@@ -211,14 +220,14 @@ def cache() -> ChoiceCache:
 # -- deciding --------------------------------------------------------------------------
 def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     """The fastest path that was not dropped ("dequant", the simulated path, if none is left).
-    Paths within 3% of the fastest count as tied; a tie goes to one that keeps no float
-    copy of the weight, then to the first in `PATHS` order."""
+    Paths within 3% of the fastest count as tied; a tie goes to one that keeps no runtime
+    copy of the weight (`COPY_PATHS`), then to the first in `PATHS` order."""
     usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
     if not usable:
         return "dequant"
     best = min(usable.values())
     near = [p for p in PATHS if p in usable and usable[p] <= best * 1.03]
-    lean = [p for p in near if p != "float_copy"]
+    lean = [p for p in near if p not in COPY_PATHS]
     return lean[0] if lean else near[0]
 
 
@@ -267,8 +276,11 @@ def measure(
     probe: torch.Tensor,
     *,
     tolerance: float = MAX_REL_ERROR,
+    references: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> Measurement:
-    """Screen each candidate on `probe`, check it against `reference`, time the survivors on `x`."""
+    """Screen each candidate on `probe`, check it against `reference` (or its own entry of
+    `references`: a path that computes another function, e.g. with rounded activations, is
+    checked against a simulation of that function), time the survivors on `x`."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     dropped: dict[str, str] = {}
     screen: dict[str, float] = {}
@@ -276,12 +288,13 @@ def measure(
         ref = reference(probe)
         for path, fn in candidates.items():
             try:
+                expected = ref if not references or path not in references else references[path](probe)
                 sync()
                 start = time.perf_counter()
                 out = fn(probe)
                 sync()
                 first = time.perf_counter() - start  # with one-time costs (weight copies, JIT)
-                error = _rel_error(out, ref)
+                error = _rel_error(out, expected)
                 if not error <= tolerance:
                     dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
                     continue
@@ -323,7 +336,8 @@ def describe(layer: QuantModule) -> str:
     geometry = "linear"
     if getattr(layer, "conv_groups", None) is not None:
         geometry = f"conv{'x'.join(map(str, layer.weight_shape[2:]))}-s{'x'.join(map(str, layer.stride))}"
-    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}"
+    a8 = "|a8ok" if layer.__dict__.get("_dq_weight_only_int8") else ""
+    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}{a8}"
 
 
 def log_choice(key: str, m: Measurement) -> None:
