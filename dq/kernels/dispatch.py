@@ -523,6 +523,10 @@ def set_execution(
             m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
         _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8)
         counts[m.kernel or "sim"] += 1
+    for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
+        processor = getattr(m, "processor", None)
+        if getattr(processor, "int8", False):
+            processor.execution = "sim" if mode == "sim" else "real"
     for why, names in why_sim.items():
         logger.info("execution %s: %d layer(s) run simulated: %s (e.g. %s)", mode, len(names), why, names[0])
     if counts.get("fp8") and not fp8.any_device():
