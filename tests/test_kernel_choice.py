@@ -152,9 +152,9 @@ def test_a_second_process_measures_nothing(cache_folder):
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "fingerprint": "someone-else", "entries": {}}),
-                                     json.dumps({"version": 1, "fingerprint": "FP", "entries": {"k": {"choice": "rm -rf"}}})])
+                                     json.dumps({"version": choice.CACHE_VERSION, "fingerprint": "FP", "entries": {"k": {"choice": "rm -rf"}}})])
 def test_a_corrupted_or_foreign_cache_is_ignored_and_rewritten(cache_folder, content, caplog):
-    path = cache_folder / f"kernels-{choice.fingerprint()}.json"
+    path = cache_folder / f"kernels-{choice.fingerprint()}-v{choice.CACHE_VERSION}.json"
     path.write_text(content.replace("FP", choice.fingerprint()))
     with caplog.at_level(logging.WARNING, logger="dq.kernels"):
         q = linear()

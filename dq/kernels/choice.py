@@ -154,7 +154,8 @@ class ChoiceCache:
     def __init__(self, folder: Path | None = None):
         self.info = machine()
         self.key = fingerprint(self.info)
-        self.path = (folder or cache_dir()) / f"kernels-{self.key}.json"
+        # the version in the name: processes of another dq version (other checkouts) keep their own file
+        self.path = (folder or cache_dir()) / f"kernels-{self.key}-v{CACHE_VERSION}.json"
         self.entries: dict[str, Measurement] = {}
         self._lock = threading.Lock()
         self._read()
