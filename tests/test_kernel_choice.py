@@ -47,11 +47,15 @@ def test_decide_takes_the_fastest_path_left(times, dropped, expected):
     assert choice.decide(times, dropped) == expected
 
 
-def test_measure_drops_wrong_raising_and_pathologically_slow_paths():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_measure_drops_wrong_raising_and_pathologically_slow_paths(threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     x, probe = torch.randn(64, 16), torch.randn(8, 16)
 
-    def slow(t):
-        time.sleep(0.05)
+    def slow(t):  # busy, not asleep: with one thread the chooser times CPU time
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
         return t * 2
 
     def broken(t):
@@ -204,3 +208,11 @@ def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
     before = choice.cache().path.stat().st_mtime_ns
     assert main(["doctor", "--widths", "32", "--rows", "16", "--fresh"]) == 0  # re-measures and rewrites
     assert choice.cache().path.stat().st_mtime_ns > before
+
+
+def test_one_thread_on_the_cpu_is_timed_in_cpu_time(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert choice.clock_for(x) is time.thread_time
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert choice.clock_for(x) is time.perf_counter

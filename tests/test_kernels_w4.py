@@ -104,7 +104,7 @@ def test_the_chooser_can_pick_the_new_paths_and_checks_a8_against_its_own_refere
     set_execution(q, "real", weight_only_int8=True)
     seen = {}
 
-    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S):
+    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
         seen.update(fns)
         return {p: (1e-4 if p == "int_mm_a8" else 1e-3) for p in fns}
 
@@ -114,7 +114,7 @@ def test_the_chooser_can_pick_the_new_paths_and_checks_a8_against_its_own_refere
     assert q._dq_paths[64] == "int_mm_a8" and "int_mm_a8" in seen  # not dropped as "wrong" against float
     q4 = layer("w4a8")
     set_execution(q4, "real")
-    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0: {p: (1e-4 if p == "int8_copy" else 1e-3) for p in fns})
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == "int8_copy" else 1e-3) for p in fns})
     q4(x)
     assert q4._dq_paths[64] == "int8_copy" and "_dq_int8_weight" in q4.__dict__
 
@@ -131,7 +131,7 @@ def test_the_chooser_drops_a_new_path_that_fails(monkeypatch, failure):
         return run["int8_copy"](layer_, x) * 1.1
 
     monkeypatch.setitem(dispatch._RUN, "int8_copy", broken)
-    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0: {p: (1e-5 if p == "int8_copy" else 1e-3) for p in fns})
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-5 if p == "int8_copy" else 1e-3) for p in fns})
     x = torch.randn(32, 128)
     q(x)
     found = choice.cache().get(next(iter(choice.cache().entries)))

@@ -232,36 +232,45 @@ def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     return lean[0] if lean else near[0]
 
 
-def _time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def _time_once(fn: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
     sync()
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def _best_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> float:
+def clock_for(x: torch.Tensor) -> Callable[[], float]:
+    """The clock that times calls on `x`: with one torch thread on the CPU, the calling
+    thread's CPU time (all the work runs in it, and other processes on a shared machine do
+    not inflate it as they do wall-clock time); wall-clock time otherwise."""
+    return time.thread_time if x.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _best_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S,
+               clock: Callable[[], float] = time.perf_counter) -> float:
     """Best of a few timed calls after one warm-up call (that call alone if it overran the
     budget: a reference kernel is not run twice). The minimum, not the median: on a shared
     machine a call is only ever slowed down by others, never sped up."""
-    first = _time_once(fn, sync)
+    first = _time_once(fn, sync, clock)
     if first > budget:
         return first
     reps = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(first, 1e-9))))
-    return min(_time_once(fn, sync) for _ in range(reps))
+    return min(_time_once(fn, sync, clock) for _ in range(reps))
 
 
-def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> dict[str, float]:
+def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S,
+          clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """The best time of each function over rounds that run them in turn (interleaved, so a
     busy spell of the machine hits all alike; the minimum is the least disturbed run)."""
-    best = {name: _time_once(fn, sync) for name, fn in fns.items()}  # warm-up round
+    best = {name: _time_once(fn, sync, clock) for name, fn in fns.items()}  # warm-up round
     if not best:
         return best
     rounds = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
     best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], _time_once(fn, sync))
+            best[name] = min(best[name], _time_once(fn, sync, clock))
     return best
 
 
@@ -283,6 +292,7 @@ def measure(
     `references`: a path that computes another function, e.g. with rounded activations, is
     checked against a simulation of that function), time the survivors on `x`."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    clock = clock_for(x)
     dropped: dict[str, str] = {}
     screen: dict[str, float] = {}
     with torch.no_grad():
@@ -291,15 +301,15 @@ def measure(
             try:
                 expected = ref if not references or path not in references else references[path](probe)
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 out = fn(probe)
                 sync()
-                first = time.perf_counter() - start  # with one-time costs (weight copies, JIT)
+                first = clock() - start  # with one-time costs (weight copies, JIT)
                 error = _rel_error(out, expected)
                 if not error <= tolerance:
                     dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
                     continue
-                screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S)
+                screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S, clock)
             except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
                 dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
         if screen:
@@ -309,12 +319,12 @@ def measure(
                     dropped[path] = f"{t / best:.0f}x slower than the best path on {probe.shape[0]} rows"
         survivors = {p: (lambda fn=fn: fn(x)) for p, fn in candidates.items() if p not in dropped}
         try:
-            times = _race(survivors, sync)
+            times = _race(survivors, sync, clock=clock)
         except Exception:  # one raised on the full shape: find which, time the rest alone
             times = {}
             for path, fn in survivors.items():
                 try:
-                    times[path] = _best_time(fn, sync)
+                    times[path] = _best_time(fn, sync, clock=clock)
                 except Exception as exc:
                     dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
     return Measurement(decide(times, dropped), times, dropped)
