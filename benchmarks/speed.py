@@ -310,8 +310,9 @@ def cpu_slice(args) -> list[dict[str, Any]]:
         make = pixart_call(tokens, args.text_tokens, 1152)
         side = int(round(tokens**0.5)) * 2
         recipes = [r for r in CPU_RECIPES if not args.recipes or r in args.recipes]
+        baselines = {} if args.no_torchao else {"torchao-int8-dyn": torchao_int8}
         variants = denoiser_variants(lambda s=side: pixart_slice(args.blocks, sample_size=s), make, recipes,
-                                     {"torchao-int8-dyn": torchao_int8}, bare=args.bare)
+                                     baselines, bare=args.bare)
         logger.info("PixArt-Sigma slice, %d blocks, %d tokens", args.blocks, tokens)
         res = measure_step(variants, make(500), args)
         results.append({"model": f"pixart-sigma-slice-{args.blocks}blocks", "tokens": tokens, "batch": 2, **res})
@@ -767,6 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--skip", nargs="*", default=[], choices=["slice", "attention", "default", "memory", "gpu"])
     parser.add_argument("--recipes", nargs="*", default=None, help=f"slice variants (default: all of {list(CPU_RECIPES)})")
+    parser.add_argument("--no-torchao", action="store_true", help="slice: without the torchao baseline")
     parser.add_argument("--bare", action="store_true", help="slice: formats only, without the presets' smoothing, "
                         "low-rank branch and attention option")
     parser.add_argument("--gpu-models", default="", help="comma list of flux.1,pixart-sigma,sdxl (default: all)")
