@@ -230,6 +230,8 @@ def _release_unused(layer: QuantModule) -> None:
         layer.__dict__.pop("_dq_float_weight", None)
     if not used & {"int8_copy", "int_mm_a8"}:
         layer.__dict__.pop("_dq_int8_weight", None)
+    if "int_mm_a8" not in used:
+        layer.__dict__.pop("_dq_int8_wsum", None)
 
 
 def runtime_nbytes(module: nn.Module) -> int:
