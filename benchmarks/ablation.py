@@ -6,8 +6,11 @@ For each bit width the rows are:
 - "base": the preset's quantizers without any outlier handling (MSE ranges, timestep
   groups; per-token activations at W4A4);
 - "+smooth", "+rotate", "+lowrank", "+gptq", "+attention": base plus one component;
+  "+attention-int8": base plus real int8 attention (`attention: {int8: true}`: int8 Q K^T
+  and P V with smoothed K, dq.nn.attention.int8_attention);
 - "smooth+lowrank", ..., "all": components stacked in application order;
-- "preset": the shipped preset (its measured best combination).
+- "preset": the shipped preset (its measured best combination);
+- "preset+attention-int8": the preset with real int8 attention added.
 
 Metrics: PSNR and SSIM of each variant's images against the full-precision images of the
 same prompts and seeds (plus LPIPS and CLIP score when their weights are available), and
@@ -46,6 +49,7 @@ COMPONENT_ROWS: dict[str, dict[str, Any]] = {
     "+lowrank": {"lowrank": {"rank": 32}},
     "+gptq": {"gptq": True},
     "+attention": {"attention": {"probs": "log2", "probs_bits": 4}},
+    "+attention-int8": {"attention": {"int8": True}},
 }
 STACKS: dict[str, tuple[str, ...]] = {
     "smooth+gptq": ("+smooth", "+gptq"),
@@ -75,6 +79,7 @@ def variants(bits: str) -> dict[str, dict[str, Any] | str]:
             recipe.update(rows[part] if isinstance(rows[part], str) else {k: v for k, v in rows[part].items() if k in NO_COMPONENTS and v is not None})
         rows[name] = recipe
     rows["preset"] = bits
+    rows["preset+attention-int8"] = {"base": bits, **COMPONENT_ROWS["+attention-int8"]}
     return rows
 
 

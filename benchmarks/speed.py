@@ -9,7 +9,13 @@ CPU part:
       is absent): one denoiser step and a whole pipeline call;
   (b) a random-weight PixArt-Sigma-shaped transformer slice (hidden 1152, 16 heads x 72,
       `--blocks` blocks, 300 text tokens of width 1152) at 256 and 1024 image tokens, batch 2
-      (classifier-free guidance): one denoiser step.
+      (classifier-free guidance): one denoiser step. Each preset runs as it ships: its
+      smoothing as an input transform, its low-rank branch (w4a4: rank 32), its attention
+      option (`--bare`: formats only, as measured before 2026-12-01). "w4a16-a8" is w4a16
+      with `weight_only_int8_activations` (kernel path int_mm_a8 allowed);
+      "w8a8+attn-int8" is w8a8 with real int8 attention;
+  (c) the attention core alone: float SDPA against dq's int8 attention
+      (`dq.nn.attention.int8_attention`), eager and compiled, at the slice's token counts.
   Memory: bytes of the quantized modules (dq storage + runtime copies), a 4-bit
   PixArt-Sigma-size transformer (28 blocks, rank-32 low-rank branch) counted on the meta
   device, and the peak RSS of a fresh process that holds a slice and runs a step.
@@ -18,6 +24,8 @@ PixArt-Sigma and SDXL denoisers at 1024x1024.
 
     python benchmarks/speed.py            # the full run (tens of minutes on a 2-core CPU)
     python benchmarks/speed.py --quick    # smoke test: tiny shapes, one round
+    # issue 11's CPU targets (slice at 256 and 1024 tokens, one thread, attention core):
+    python benchmarks/speed.py --threads 1 --skip default memory gpu
 
 Writes benchmarks/results/speed-<date>-<machine>.json and prints a markdown table.
 """
@@ -58,19 +66,37 @@ from dq.recipe import Recipe, preset  # noqa: E402
 
 logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU_RECIPES = ("w8a8", "w8a8-dynamic", "w4a8", "w4a16", "w4a4")
+CPU_RECIPES = ("w8a8", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8")
+# variants that are a preset plus one option
+DERIVED = {
+    "w4a16-a8": {"base": "w4a16", "weight_only_int8_activations": True},
+    "w8a8+attn-int8": {"base": "w8a8", "attention": {"int8": True}},
+}
+# issue 11's CPU targets: compiled speed-up over fp32 on the slice at 256 tokens, one thread
+TARGETS_256 = {"dq-w4a8": 2.5, "dq-w4a4": 2.5, "dq-w4a16": 1.0, "dq-w4a16-a8": 1.0}
+
+
+def recipe_named(name: str) -> Recipe:
+    if name in DERIVED:
+        return Recipe.from_dict({**DERIVED[name], "name": name})
+    return preset(name)
 GPU_RECIPES = ("fp8", "w8a8")
 CALIB_TIMESTEPS = (999, 800, 600, 400, 200, 1)
 
 
 # -- quantizing a bare denoiser (no pipeline to calibrate with) -------------------------
 def quantize_denoiser(model: nn.Module, recipe: Recipe, make_call: Callable[[int], dict[str, Any]],
-                      execution: str = "real") -> nn.Module:
+                      execution: str = "real", bare: bool = False) -> nn.Module:
     """Static ranges from min/max per timestep group over `make_call(t)` calls.
 
     Speed does not depend on the ranges' values; `dq.quantize` does the real thing with a
-    pipeline. Ranges are min/max (not the recipe's MSE search) to keep this fast.
+    pipeline. Ranges are min/max (not the recipe's MSE search) to keep this fast. Unless
+    `bare`, the recipe's smoothing (an input transform), low-rank branch and attention
+    option are installed as `dq.quantize` would (random branch values: speed only).
     """
+    from dq.nn.attention import quantize_attention
+    from dq.nn.transforms import InputTransform, LowRankBranch
+
     plan = plan_layers(model, recipe)
     boundaries = torch.tensor([250.0, 500.0, 750.0])
     groups = len(boundaries) + 1
@@ -100,11 +126,22 @@ def quantize_denoiser(model: nn.Module, recipe: Recipe, make_call: Callable[[int
             static = c.activation is not None and not c.activation.dynamic
             r = [tuple(x) if x[1] > x[0] else (-1.0, 1.0) for x in ranges[c.name]] if static else None
             cls = QuantConv2d if isinstance(c.module, nn.Conv2d) else QuantLinear
-            new[c.name] = cls.from_float(c.module, c.weight, c.activation, r, router)
+            transform = branch = None
+            linear = isinstance(c.module, nn.Linear)
+            if not bare and linear and recipe.smooth is not None and c.activation is not None:
+                transform = InputTransform(c.module.in_features, smooth=True)
+            if not bare and linear and recipe.lowrank is not None:
+                branch = LowRankBranch(c.module.in_features, c.module.out_features, recipe.lowrank.rank)
+                branch.down.normal_(0, 0.01)
+                branch.up.normal_(0, 0.01)
+            new[c.name] = cls.from_float(c.module, c.weight, c.activation, r, router,
+                                         input_transform=transform, branch=branch)
     attach_router(model, router)
     swap_modules(model, new)
-    set_execution(model, execution)
+    if not bare and recipe.attention is not None:
+        quantize_attention(model, recipe.attention)
     model._dq_recipe = recipe
+    set_execution(model, execution)
     return model
 
 
@@ -131,17 +168,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# What `time_interleaved` reads: wall-clock time, or (`--clock cpu`) this process's CPU time,
+# which other processes on a shared machine disturb far less; with one torch thread it is the
+# compute time of a call (with several threads it adds them up: use wall time then).
+CLOCK = {"clock": time.perf_counter}
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int, device: str = "cpu") -> dict[str, dict]:
     """Milliseconds per call: each round times every variant once (`inner` calls), in turn."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    clock = CLOCK["clock"] if device == "cpu" else time.perf_counter
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner):
                 fn()
             _sync(device)
-            times[name].append((time.perf_counter() - start) / inner * 1e3)
+            times[name].append((clock() - start) / inner * 1e3)
     return {k: {"min_ms": min(v), "median_ms": statistics.median(v), "rounds": v} for k, v in times.items()}
 
 
@@ -212,12 +256,12 @@ def quant_names(model: nn.Module, recipe: str) -> set[str]:
     return {c.name for c in plan_layers(model, preset(recipe))}
 
 
-def denoiser_variants(build: Callable[[], nn.Module], make_call, recipes, baselines) -> dict[str, nn.Module]:
+def denoiser_variants(build: Callable[[], nn.Module], make_call, recipes, baselines, bare: bool = False) -> dict[str, nn.Module]:
     base = build()
     names = quant_names(base, "w8a8")
     variants = {"fp": base}
     for recipe in recipes:
-        variants[f"dq-{recipe}"] = quantize_denoiser(copy.deepcopy(base), preset(recipe), make_call)
+        variants[f"dq-{recipe}"] = quantize_denoiser(copy.deepcopy(base), recipe_named(recipe), make_call, bare=bare)
     for name, fn in baselines.items():
         variants[name] = fn(copy.deepcopy(base), names)
     return variants
@@ -265,8 +309,10 @@ def cpu_slice(args) -> list[dict[str, Any]]:
     for tokens in args.tokens:
         make = pixart_call(tokens, args.text_tokens, 1152)
         side = int(round(tokens**0.5)) * 2
-        variants = denoiser_variants(lambda s=side: pixart_slice(args.blocks, sample_size=s), make, CPU_RECIPES,
-                                     {"torchao-int8-dyn": torchao_int8})
+        recipes = [r for r in CPU_RECIPES if not args.recipes or r in args.recipes]
+        baselines = {} if args.no_torchao else {"torchao-int8-dyn": torchao_int8}
+        variants = denoiser_variants(lambda s=side: pixart_slice(args.blocks, sample_size=s), make, recipes,
+                                     baselines, bare=args.bare)
         logger.info("PixArt-Sigma slice, %d blocks, %d tokens", args.blocks, tokens)
         res = measure_step(variants, make(500), args)
         results.append({"model": f"pixart-sigma-slice-{args.blocks}blocks", "tokens": tokens, "batch": 2, **res})
@@ -330,6 +376,38 @@ def cpu_default_pipeline(args) -> dict[str, Any]:
             res["pipeline_compiled"] = time_interleaved(fns, max(1, args.rounds // 2), 1)
             log_ratios("pipeline compiled", res["pipeline_compiled"])
     return {"model": name, "pipeline_steps": steps, **res}
+
+
+# -- attention core -----------------------------------------------------------------------
+def attention_core(args) -> list[dict[str, Any]]:
+    """Float SDPA against dq's int8 attention on the slice's attention shapes (batch 2, 16
+    heads x 72), eager and compiled, interleaved; SQNR of int8 against float."""
+    import torch.nn.functional as F
+
+    from dq.nn.attention import int8_attention
+
+    results = []
+    sdpa = F.scaled_dot_product_attention
+    for tokens in args.tokens:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 16, tokens, 72, generator=g) for _ in range(3))
+        qkv = (q, k, v)
+        fns = {"fp": lambda a=qkv: sdpa(*a), "dq-int8": lambda a=qkv: int8_attention(*a)}
+        with torch.no_grad():
+            ref, out = sdpa(q, k, v), int8_attention(q, k, v)
+            sqnr = float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+            warm_up(fns)
+            res: dict[str, Any] = {"tokens": tokens, "shape": [2, 16, tokens, 72], "sqnr_db": sqnr,
+                                   "eager": time_interleaved(fns, args.rounds, args.inner)}
+            log_ratios(f"attention {tokens} eager", res["eager"])
+            if not args.no_compile:
+                compiled = {"fp": torch.compile(sdpa), "dq-int8": torch.compile(int8_attention)}
+                cfns = {n: (lambda c=c, a=qkv: c(*a)) for n, c in compiled.items()}
+                res["compile_s"] = warm_up(cfns)
+                res["compiled"] = time_interleaved(cfns, args.rounds, args.inner)
+                log_ratios(f"attention {tokens} compiled", res["compiled"])
+        results.append(res)
+    return results
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -589,7 +667,7 @@ def markdown(report: dict[str, Any]) -> str:
     cpu = report.get("cpu", {})
     lines = [f"Machine: {report['machine']} ({report['date']}); CPU {cpu.get('cpu')} ({cpu.get('vendor')} "
              f"{cpu.get('family_model_stepping')}), ISA {', '.join(cpu.get('isa', [])) or 'none'}; torch {report['torch']}, threads {report['threads']}; "
-             f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report.get('load_after', report['load_before'])['loadavg_1m']:.1f}",
+             f"load average before/after: {report['load_before']['loadavg_1m']:.1f} / {report.get('load_after', report['load_before'])['loadavg_1m']:.1f}; clock: {report.get('clock', 'wall')}",
              "", "| model | tokens | variant | eager ms | eager x | compiled ms | compiled x | weight MB | kernel paths |",
              "|---|---|---|---|---|---|---|---|---|"]
     sections = [*report.get("cpu_slice", []), report.get("cpu_default", {})]
@@ -610,6 +688,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {sec['model']} | {sec.get('tokens', '')} | {variant} | {t['min_ms']:.1f} | "
                          f"{e0 / t['min_ms']:.2f} | {comp} | {sec['bytes'][variant] / 2**20:.1f} | "
                          f"{', '.join(f'{p} {n}' for p, n in sorted(sec.get('paths', {}).get(variant, {}).items()))} |")
+    lines += targets(report)
+    for att in report.get("attention", []):
+        if not lines[-1].startswith("| attention"):
+            lines += ["", "| attention core | tokens | eager fp ms | eager int8 ms | int8 x fp | compiled fp ms | "
+                      "compiled int8 ms | int8 x fp | int8 SQNR dB |", "|---|---|---|---|---|---|---|---|---|"]
+        e, c = att["eager"], att.get("compiled")
+        comp = (f"{c['fp']['min_ms']:.1f} | {c['dq-int8']['min_ms']:.1f} | {c['fp']['min_ms'] / c['dq-int8']['min_ms']:.2f}"
+                if c else "- | - | -")
+        lines.append(f"| attention 2x16x72 | {att['tokens']} | {e['fp']['min_ms']:.1f} | {e['dq-int8']['min_ms']:.1f} | "
+                     f"{e['fp']['min_ms'] / e['dq-int8']['min_ms']:.2f} | {comp} | {att['sqnr_db']:.1f} |")
     default = report.get("cpu_default", {})
     if "pipeline_eager" in default:
         lines += ["", f"Whole pipeline ({default['model']}, {default['pipeline_steps']} steps):", "",
@@ -644,6 +732,30 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets(report: dict[str, Any]) -> list[str]:
+    """Issue 11's CPU targets, met or missed, from the slice's compiled (else eager) times."""
+    lines = []
+    for sec in report.get("cpu_slice", []):
+        mode = "compiled" if "compiled" in sec else "eager"
+        t = sec[mode]
+        fp = t["fp"]["min_ms"]
+        ratio = {k: fp / v["min_ms"] for k, v in t.items() if k != "fp"}
+        if sec["tokens"] == 256:
+            for variant, goal in TARGETS_256.items():
+                if variant in ratio:
+                    met = "met" if ratio[variant] >= goal else "MISSED"
+                    lines.append(f"- 256 tokens, {mode}: {variant} {ratio[variant]:.2f}x fp32 (target >= {goal}x): {met}")
+        if sec["tokens"] == 1024:
+            for m in ("eager", "compiled"):
+                if m not in sec:
+                    continue
+                fp_m = sec[m]["fp"]["min_ms"]
+                slower = {k: fp_m / v["min_ms"] for k, v in sec[m].items() if k.startswith("dq-") and v["min_ms"] > fp_m}
+                lines.append(f"- 1024 tokens, {m}: no dq variant slower than fp32: "
+                             + ("met" if not slower else "MISSED (" + ", ".join(f"{k} {r:.2f}x" for k, r in slower.items()) + ")"))
+    return ["", "Targets (issue 11):", *lines] if lines else []
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, one round")
@@ -654,9 +766,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--inner", type=int, default=None, help="calls per variant per round (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["slice", "default", "memory", "gpu"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["slice", "attention", "default", "memory", "gpu"])
+    parser.add_argument("--recipes", nargs="*", default=None, help=f"slice variants (default: all of {list(CPU_RECIPES)})")
+    parser.add_argument("--no-torchao", action="store_true", help="slice: without the torchao baseline")
+    parser.add_argument("--bare", action="store_true", help="slice: formats only, without the presets' smoothing, "
+                        "low-rank branch and attention option")
     parser.add_argument("--gpu-models", default="", help="comma list of flux.1,pixart-sigma,sdxl (default: all)")
     parser.add_argument("--gpu-variants", default="", help="comma list of dq-fp8,dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn (default: all)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="CPU timings: wall-clock, or process CPU time (shared machines, with --threads 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.blocks = args.blocks or (1 if args.quick else 4)
@@ -667,6 +785,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.text_tokens = min(args.text_tokens, 32)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK["clock"] = time.process_time
     # every variant is its own set of module objects: one compiled graph each
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 1024
@@ -675,11 +795,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(), "machine": machine_name(), "cpu": choice.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "quick": args.quick, "args": {k: str(v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(), "clock": args.clock, "quick": args.quick, "args": {k: str(v) for k, v in vars(args).items()},
         "load_before": contention(),
     }
     if "slice" not in args.skip:
         report["cpu_slice"] = cpu_slice(args)
+    if "attention" not in args.skip:
+        report["attention"] = attention_core(args)
     if "default" not in args.skip:
         report["cpu_default"] = cpu_default_pipeline(args)
     if "memory" not in args.skip:

@@ -211,8 +211,8 @@ def apply_quantization(
     swap_modules(model, replacements)
     if recipe.attention is not None:
         quantize_attention(model, recipe.attention)
+    mark_quantized(model, recipe, source)  # set_execution reads weight_only_int8_activations from it
     set_execution(model, recipe.execution)
-    mark_quantized(model, recipe, source)
     install_dtype_guard(model)  # its float dtype is the one it was quantized in
     attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)
     return replacements

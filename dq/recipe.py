@@ -320,14 +320,18 @@ class AttentionConfig(Component):
     "none"; probs_bits: its width (log2 is the better choice up to 4 bits, where uniform levels
     round most probabilities to zero; from 6 bits on, uniform is more accurate); qkv:
     quantizer of Q, K and V (dynamic per token and head),
-    or null. include / exclude match attention module names (e.g. 'attn1' for self-attention)."""
+    or null. include / exclude match attention module names (e.g. 'attn1' for self-attention).
+    int8: run Q K^T and P V as real int8 matmuls instead (`dq.nn.attention.int8_attention`:
+    K smoothed by its mean over tokens, Q and K int8 per token, V int8 per channel, P as 7-bit
+    codes of exp(s - max)); probs, probs_bits and qkv are then not used (qkv must be null)."""
 
     probs: str = "log2"
     probs_bits: int = 4
     qkv: QuantSpec | None = None
+    int8: bool = False
 
     name = "attention"
-    option_types: ClassVar[dict[str, str]] = {"probs": "str", "probs_bits": "int"}
+    option_types: ClassVar[dict[str, str]] = {"probs": "str", "probs_bits": "int", "int8": "bool"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -340,7 +344,11 @@ class AttentionConfig(Component):
             if self.qkv.granularity not in ("token", "tensor") or self.qkv.log:
                 raise DQError("attention.qkv must be a dynamic 'token' or 'tensor' quantizer without log")
             self.qkv = self.qkv.replace(dynamic=True)
-        if self.probs == "none" and self.qkv is None:
+        if not isinstance(self.int8, bool):
+            raise DQError(f"attention.int8 must be true or false, got {self.int8!r}")
+        if self.int8 and self.qkv is not None:
+            raise DQError("attention.int8 quantizes Q, K and V itself; set attention.qkv to null")
+        if self.probs == "none" and self.qkv is None and not self.int8:
             raise DQError("attention quantizes nothing: set probs to 'log2' or 'uniform', or give a qkv quantizer")
 
 
@@ -456,6 +464,9 @@ class Recipe:
         of at most `memory` bytes (an integer or a size string such as "2GB"); `mixed` holds
         its options (`MixedConfig`), `allocation` the solved plan ({layer: format}), which
         `dq.quantize` fills in and follows as is when given (no re-solving).
+    weight_only_int8_activations: weight-only layers (activation null, e.g. w4a16) may run
+        as int8 x int8 with dynamic per-token int8 activations where that is faster (kernel
+        path "int_mm_a8"): it rounds their inputs, so it is off unless set.
     smooth / rotate / lowrank / gptq / attention: outlier-handling components (see
         `COMPONENTS`), each null (off), true (defaults) or a mapping of its options. Per
         layer they apply as: x -> (x / s) R,  W -> ((W * s) R = L1 L2 + R_w),  R_w rounded by
@@ -476,6 +487,7 @@ class Recipe:
     keep_defaults: bool = True
     overrides: list[LayerOverride] = field(default_factory=list)
     execution: str = "auto"
+    weight_only_int8_activations: bool = False
     smooth: SmoothConfig | None = None
     rotate: RotateConfig | None = None
     lowrank: LowRankConfig | None = None
@@ -491,6 +503,7 @@ class Recipe:
         for key in ("name", "calib_prompts", "execution", "description"):
             _check_type(getattr(self, key), "str", f"recipe field {key}")
         _check_type(self.keep_defaults, "bool", "recipe field keep_defaults")
+        _check_type(self.weight_only_int8_activations, "bool", "recipe field weight_only_int8_activations")
         for key in ("timestep_groups", "calib_num_prompts", "calib_steps", "calib_batch_size", "histogram_bins"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

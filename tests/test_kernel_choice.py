@@ -47,11 +47,15 @@ def test_decide_takes_the_fastest_path_left(times, dropped, expected):
     assert choice.decide(times, dropped) == expected
 
 
-def test_measure_drops_wrong_raising_and_pathologically_slow_paths():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_measure_drops_wrong_raising_and_pathologically_slow_paths(threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     x, probe = torch.randn(64, 16), torch.randn(8, 16)
 
-    def slow(t):
-        time.sleep(0.05)
+    def slow(t):  # busy, not asleep: with one thread the chooser times CPU time
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
         return t * 2
 
     def broken(t):
@@ -152,9 +156,9 @@ def test_a_second_process_measures_nothing(cache_folder):
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "fingerprint": "someone-else", "entries": {}}),
-                                     json.dumps({"version": 1, "fingerprint": "FP", "entries": {"k": {"choice": "rm -rf"}}})])
+                                     json.dumps({"version": choice.CACHE_VERSION, "fingerprint": "FP", "entries": {"k": {"choice": "rm -rf"}}})])
 def test_a_corrupted_or_foreign_cache_is_ignored_and_rewritten(cache_folder, content, caplog):
-    path = cache_folder / f"kernels-{choice.fingerprint()}.json"
+    path = cache_folder / f"kernels-{choice.fingerprint()}-v{choice.CACHE_VERSION}.json"
     path.write_text(content.replace("FP", choice.fingerprint()))
     with caplog.at_level(logging.WARNING, logger="dq.kernels"):
         q = linear()
@@ -204,3 +208,11 @@ def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
     before = choice.cache().path.stat().st_mtime_ns
     assert main(["doctor", "--widths", "32", "--rows", "16", "--fresh"]) == 0  # re-measures and rewrites
     assert choice.cache().path.stat().st_mtime_ns > before
+
+
+def test_one_thread_on_the_cpu_is_timed_in_cpu_time(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert choice.clock_for(x) is time.thread_time
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert choice.clock_for(x) is time.perf_counter

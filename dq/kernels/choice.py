@@ -9,11 +9,18 @@ on an AMD EPYC). So nothing is chosen by availability:
 - "onednn": the fused oneDNN int8 linear on a prepacked weight copy (CPU, static
   per-tensor activations, 8-bit weights; one more byte per weight);
 - "int_mm": `torch._int_mm` and a fused epilogue (4-bit weights unpacked per call);
+- "int8_copy": the same with the int8 weight kept unpacked beside the packed codes (4-bit and
+  two-level weights: one more byte per weight at run time, no unpacking per call);
 - "float_copy": a dequantized weight kept in the input's dtype and the float op on the
   (fake-)quantized input: the same function in float, fastest where a layer is too small
   for integer matmuls to pay; only for layers whose copy is at most `FLOAT_COPY_MAX_BYTES`
   (large layers would lose the memory saving quantization is for);
-- "dequant": the weight dequantized on every call (the simulated path; no extra memory).
+- "dequant": the weight dequantized on every call (the simulated path; no extra memory);
+- "int_mm_a8": weight-only layers (W4A16, W8A16) run as int8 x int8 with dynamic per-token
+  int8 activations (`dispatch.A8_SPEC`) and a kept int8 weight copy. It changes the
+  numerics (the activations are rounded), so it is a candidate only where the recipe allows
+  it (`Recipe.weight_only_int8_activations`, `set_execution(weight_only_int8=True)`), and
+  it is checked against the simulated layer *with* those activations, not the float one.
 
 On a layer's first eager call for a row count (bucketed to a power of two), each path its
 formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than
@@ -48,8 +55,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn", "int_mm", "float_copy", "dequant")
-CACHE_VERSION = 1
+PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8")
+# Paths that keep a runtime copy of the weight: a tie goes to one that does not.
+COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8")
+CACHE_VERSION = 2  # 2: int8_copy and int_mm_a8 (older choices never saw them)
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
@@ -145,7 +154,8 @@ class ChoiceCache:
     def __init__(self, folder: Path | None = None):
         self.info = machine()
         self.key = fingerprint(self.info)
-        self.path = (folder or cache_dir()) / f"kernels-{self.key}.json"
+        # the version in the name: processes of another dq version (other checkouts) keep their own file
+        self.path = (folder or cache_dir()) / f"kernels-{self.key}-v{CACHE_VERSION}.json"
         self.entries: dict[str, Measurement] = {}
         self._lock = threading.Lock()
         self._read()
@@ -211,47 +221,56 @@ def cache() -> ChoiceCache:
 # -- deciding --------------------------------------------------------------------------
 def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     """The fastest path that was not dropped ("dequant", the simulated path, if none is left).
-    Paths within 3% of the fastest count as tied; a tie goes to one that keeps no float
-    copy of the weight, then to the first in `PATHS` order."""
+    Paths within 3% of the fastest count as tied; a tie goes to one that keeps no runtime
+    copy of the weight (`COPY_PATHS`), then to the first in `PATHS` order."""
     usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
     if not usable:
         return "dequant"
     best = min(usable.values())
     near = [p for p in PATHS if p in usable and usable[p] <= best * 1.03]
-    lean = [p for p in near if p != "float_copy"]
+    lean = [p for p in near if p not in COPY_PATHS]
     return lean[0] if lean else near[0]
 
 
-def _time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def _time_once(fn: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
     sync()
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def _best_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> float:
+def clock_for(x: torch.Tensor) -> Callable[[], float]:
+    """The clock that times calls on `x`: with one torch thread on the CPU, the calling
+    thread's CPU time (all the work runs in it, and other processes on a shared machine do
+    not inflate it as they do wall-clock time); wall-clock time otherwise."""
+    return time.thread_time if x.device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _best_time(fn: Callable[[], object], sync: Callable[[], None], budget: float = TIME_BUDGET_S,
+               clock: Callable[[], float] = time.perf_counter) -> float:
     """Best of a few timed calls after one warm-up call (that call alone if it overran the
     budget: a reference kernel is not run twice). The minimum, not the median: on a shared
     machine a call is only ever slowed down by others, never sped up."""
-    first = _time_once(fn, sync)
+    first = _time_once(fn, sync, clock)
     if first > budget:
         return first
     reps = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(first, 1e-9))))
-    return min(_time_once(fn, sync) for _ in range(reps))
+    return min(_time_once(fn, sync, clock) for _ in range(reps))
 
 
-def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S) -> dict[str, float]:
+def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], budget: float = TIME_BUDGET_S,
+          clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """The best time of each function over rounds that run them in turn (interleaved, so a
     busy spell of the machine hits all alike; the minimum is the least disturbed run)."""
-    best = {name: _time_once(fn, sync) for name, fn in fns.items()}  # warm-up round
+    best = {name: _time_once(fn, sync, clock) for name, fn in fns.items()}  # warm-up round
     if not best:
         return best
     rounds = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
     best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], _time_once(fn, sync))
+            best[name] = min(best[name], _time_once(fn, sync, clock))
     return best
 
 
@@ -267,25 +286,30 @@ def measure(
     probe: torch.Tensor,
     *,
     tolerance: float = MAX_REL_ERROR,
+    references: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> Measurement:
-    """Screen each candidate on `probe`, check it against `reference`, time the survivors on `x`."""
+    """Screen each candidate on `probe`, check it against `reference` (or its own entry of
+    `references`: a path that computes another function, e.g. with rounded activations, is
+    checked against a simulation of that function), time the survivors on `x`."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    clock = clock_for(x)
     dropped: dict[str, str] = {}
     screen: dict[str, float] = {}
     with torch.no_grad():
         ref = reference(probe)
         for path, fn in candidates.items():
             try:
+                expected = ref if not references or path not in references else references[path](probe)
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 out = fn(probe)
                 sync()
-                first = time.perf_counter() - start  # with one-time costs (weight copies, JIT)
-                error = _rel_error(out, ref)
+                first = clock() - start  # with one-time costs (weight copies, JIT)
+                error = _rel_error(out, expected)
                 if not error <= tolerance:
                     dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
                     continue
-                screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S)
+                screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S, clock)
             except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
                 dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
         if screen:
@@ -295,12 +319,12 @@ def measure(
                     dropped[path] = f"{t / best:.0f}x slower than the best path on {probe.shape[0]} rows"
         survivors = {p: (lambda fn=fn: fn(x)) for p, fn in candidates.items() if p not in dropped}
         try:
-            times = _race(survivors, sync)
+            times = _race(survivors, sync, clock=clock)
         except Exception:  # one raised on the full shape: find which, time the rest alone
             times = {}
             for path, fn in survivors.items():
                 try:
-                    times[path] = _best_time(fn, sync)
+                    times[path] = _best_time(fn, sync, clock=clock)
                 except Exception as exc:
                     dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
     return Measurement(decide(times, dropped), times, dropped)
@@ -323,7 +347,8 @@ def describe(layer: QuantModule) -> str:
     geometry = "linear"
     if getattr(layer, "conv_groups", None) is not None:
         geometry = f"conv{'x'.join(map(str, layer.weight_shape[2:]))}-s{'x'.join(map(str, layer.stride))}"
-    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}"
+    a8 = "|a8ok" if layer.__dict__.get("_dq_weight_only_int8") else ""
+    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}{a8}"
 
 
 def log_choice(key: str, m: Measurement) -> None:

@@ -11,6 +11,11 @@ Kernels:
 - "fp8": float8 x float8, `torch._scaled_mm` (CUDA, compute capability >= 8.9).
 - "dequant": weight-only quantization: the stored (packed) weight is dequantized
   per call into the input's dtype and the float op runs; what it saves is memory.
+  Where the recipe allows it (`Recipe.weight_only_int8_activations`), such a layer may
+  also run as int8 x int8 with dynamic per-token activations (path "int_mm_a8").
+
+A low-rank branch (`dq.nn.transforms.LowRankBranch`) is added into the kernel's output
+in place (`real_forward(..., branch=)`): one `addmm_`, no second output pass.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import DQError
+from ..quant import primitives as P
+from ..quant.spec import QuantSpec
 from . import choice, fp8, int8, onednn
 
 if TYPE_CHECKING:
@@ -32,6 +39,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXECUTION_MODES = ("auto", "real", "sim")
+# The activations of weight-only layers on path "int_mm_a8": dynamic, per token, asymmetric
+# (the format of the w8a8-dynamic preset, its best-quality W8A8).
+A8_SPEC = QuantSpec(bits=8, granularity="token", symmetric=False, dynamic=True)
 
 
 # -- choosing -----------------------------------------------------------------------
@@ -86,8 +96,17 @@ def _fallback(layer: QuantModule, x: torch.Tensor, reason: str, level: int = log
     return layer.simulated(x)
 
 
-def real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """The layer's quantized op (`QuantModule.compute`) through the path chosen for it."""
+def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None = None) -> torch.Tensor:
+    """The layer's quantized op (`QuantModule.compute`) through the path chosen for it;
+    with `branch` (its low-rank branch), that branch added into the output in place."""
+    y = _real_forward(layer, x)
+    if branch is None:
+        return y
+    add_to = getattr(branch, "add_to", None)
+    return add_to(y, x) if add_to is not None else y + branch(x)
+
+
+def _real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     if layer.kernel == "fp8":
         reason = fp8.device_unsupported(x.device)
         if reason is not None:
@@ -133,10 +152,36 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
                 and not act.dynamic and onednn.available()):
             paths.append("onednn")
         paths.append("int_mm")
+        if _unpacks_per_call(layer) and layer.__dict__.get("_dq_allow_int8_copy", True):
+            paths.append("int8_copy")
+    if (layer.kernel == "dequant" and layer.__dict__.get("_dq_weight_only_int8") and layout.integer_matmul_ready
+            and _conv_geometry(layer) is None):
+        paths.append("int_mm_a8")
     if _float_copy_nbytes(layer, dtype) <= layer.__dict__.get("_dq_float_copy_max_bytes", choice.FLOAT_COPY_MAX_BYTES):
         paths.append("float_copy")
     paths.append("dequant")
     return paths
+
+
+def _unpacks_per_call(layer: QuantModule) -> bool:
+    """Whether `_integer_weight` computes a new tensor on every call (packed 4-bit codes,
+    two-level scales, weight zero points) rather than viewing the stored codes."""
+    layout = layer.weight_layout
+    return layout.packed or layout.two_level or getattr(layer, "wzero", None) is not None
+
+
+def _references(layer: QuantModule, allowed: list[str]) -> dict[str, object]:
+    """Paths that compute another function than the simulated layer, with its simulation."""
+    if "int_mm_a8" not in allowed:
+        return {}
+    return {"int_mm_a8": lambda t: simulated_a8(layer, t)}
+
+
+def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """What path "int_mm_a8" computes, in float: the weight-only layer with its input
+    fake-quantized to `A8_SPEC` (dynamic per-token int8)."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return layer.float_op(P.fake_quantize(x, A8_SPEC), layer.dequantized_weight(x.dtype), bias)
 
 
 def _default_path(layer: QuantModule) -> str:
@@ -166,7 +211,8 @@ def _path(layer: QuantModule, x: torch.Tensor) -> str:
     allowed = candidate_paths(layer, x.device, x.dtype)
     if found is None or found.choice not in allowed:
         found = choice.measure(
-            {p: (lambda t, p=p: _RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x)
+            {p: (lambda t, p=p: _RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x),
+            references=_references(layer, allowed),
         )
         store.put(key, found)
         choice.log_choice(key, found)
@@ -182,16 +228,21 @@ def _release_unused(layer: QuantModule) -> None:
         layer.__dict__.pop("_dq_prepacked", None)
     if "float_copy" not in used:
         layer.__dict__.pop("_dq_float_weight", None)
+    if not used & {"int8_copy", "int_mm_a8"}:
+        layer.__dict__.pop("_dq_int8_weight", None)
+    if "int_mm_a8" not in used:
+        layer.__dict__.pop("_dq_int8_wsum", None)
 
 
 def runtime_nbytes(module: nn.Module) -> int:
-    """Bytes of the runtime weight copies (oneDNN layout, float copies) the chosen paths keep."""
+    """Bytes of the runtime weight copies (oneDNN layout, float and int8 copies) the chosen paths keep."""
     total = 0
     for m in module.modules():
         packed = m.__dict__.get("_dq_prepacked")
-        copy = m.__dict__.get("_dq_float_weight")
         total += packed.nbytes if packed is not None else 0
-        total += copy.numel() * copy.element_size() if copy is not None else 0
+        for name in ("_dq_float_weight", "_dq_int8_weight"):
+            copy = m.__dict__.get(name)
+            total += copy.numel() * copy.element_size() if copy is not None else 0
     return total
 
 
@@ -199,6 +250,18 @@ def _integer_weight(layer: QuantModule) -> torch.Tensor:
     """int8 weight [n, k], columns in the order the kernel's rows use."""
     weight = layer.weight_layout.integer_weight(layer.qweight, layer.wzero, layer.wmult)
     return weight if _conv_geometry(layer) is None else int8.patch_order(weight, layer.weight_shape)
+
+
+def _kept_integer_weight(layer: QuantModule) -> torch.Tensor:
+    """`_integer_weight`, made once and kept (paths "int8_copy", "int_mm_a8"). Inside
+    torch.compile a missing copy is computed per call (a graph cannot store it)."""
+    copy = layer.__dict__.get("_dq_int8_weight")
+    if copy is None:
+        copy = _integer_weight(layer).contiguous()
+        if torch.compiler.is_compiling():
+            return copy
+        layer.__dict__["_dq_int8_weight"] = copy
+    return copy
 
 
 def _prepacked(layer: QuantModule) -> onednn.Prepacked:
@@ -222,22 +285,41 @@ def _float_copy_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     return layer.float_op(layer.quantize_input(x), _float_weight(layer, x.dtype), bias)
 
 
-def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero, fused: bool) -> torch.Tensor:
+def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero, fused: bool, kept: bool = False) -> torch.Tensor:
     if fused and codes.device.type == "cpu" and a_scale.numel() == 1:
         return _prepacked(layer)(codes, a_scale, a_zero, layer.bias)
+    weight = _kept_integer_weight(layer) if kept else _integer_weight(layer)
     return int8.int_linear(
-        codes, a_scale, a_zero, _integer_weight(layer), layer.weight_layout.channel_scale(layer.wscale),
+        codes, a_scale, a_zero, weight, layer.weight_layout.channel_scale(layer.wscale),
         getattr(layer, "wsum", None), layer.bias,
     )
 
 
-def _int8_forward(layer: QuantModule, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+def _int8_forward(layer: QuantModule, x: torch.Tensor, fused: bool = False, kept: bool = False) -> torch.Tensor:
     if _conv_geometry(layer) is None:
-        return _int8_linear(layer, x, fused)
-    return _int8_conv(layer, x, fused)
+        return _int8_linear(layer, x, fused, kept)
+    return _int8_conv(layer, x, fused, kept)
 
 
-def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tensor:
+def _a8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """A weight-only linear layer as int8 x int8, its input quantized per token (`A8_SPEC`)."""
+    layout = layer.weight_layout
+    k, n = layout.cols, layout.out_features
+    reason = int8.int_mm_unsupported(x.numel() // k, k, n, x.device)
+    if reason is not None:
+        return _fallback(layer, x, reason)
+    codes, a_scale, a_zero = int8.quantize_dynamic(x.reshape(-1, k).float(), A8_SPEC)
+    weight = _kept_integer_weight(layer)
+    w_sum = layer.__dict__.get("_dq_int8_wsum")
+    if w_sum is None or w_sum.device != weight.device:
+        w_sum = weight.sum(dim=1, dtype=torch.int32).float()
+        if not torch.compiler.is_compiling():
+            layer.__dict__["_dq_int8_wsum"] = w_sum
+    y = int8.int_linear(codes, a_scale, a_zero, weight, layout.channel_scale(layer.wscale), w_sum, layer.bias)
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool, kept: bool = False) -> torch.Tensor:
     spec, layout = layer.act_spec, layer.weight_layout
     k, n = layout.cols, layout.out_features
     reason = int8.int_mm_unsupported(x.numel() // k, k, n, x.device)
@@ -248,15 +330,17 @@ def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tens
     else:
         a_scale, a_zero = layer.static_act_params()
         codes = int8.quantize_static(x, a_scale, a_zero, spec).reshape(-1, k)
-    y = _int8_matmul(layer, codes, a_scale, a_zero, fused)
+    y = _int8_matmul(layer, codes, a_scale, a_zero, fused, kept)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
 _RUN = {
     "onednn": lambda layer, x: _int8_forward(layer, x, fused=True),
     "int_mm": _int8_forward,
+    "int8_copy": lambda layer, x: _int8_forward(layer, x, kept=True),
     "float_copy": _float_copy_forward,
     "dequant": lambda layer, x: layer.simulated(x),
+    "int_mm_a8": _a8_forward,
 }
 
 
@@ -276,7 +360,7 @@ def _channels_last_input(layer: QuantModule, x: torch.Tensor) -> tuple[torch.Ten
     return x, (x.shape[2], x.shape[3])
 
 
-def _int8_conv(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tensor:
+def _int8_conv(layer: QuantModule, x: torch.Tensor, fused: bool, kept: bool = False) -> torch.Tensor:
     spec, layout = layer.act_spec, layer.weight_layout
     kernel = tuple(layer.weight_shape[2:])
     pads = int8.conv_padding(layer.padding, kernel, layer.dilation)
@@ -297,7 +381,7 @@ def _int8_conv(layer: QuantModule, x: torch.Tensor, fused: bool) -> torch.Tensor
             codes = nhwc.reshape(-1, nhwc.shape[3])
         else:
             codes, ho, wo = int8.im2col_int8(nhwc, kernel, layer.stride, layer.dilation)
-    y = _int8_matmul(layer, codes, a_scale, a_zero, fused)
+    y = _int8_matmul(layer, codes, a_scale, a_zero, fused, kept)
     return y.reshape(b, ho, wo, n).permute(0, 3, 1, 2).to(x.dtype)
 
 
@@ -322,7 +406,9 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- setting the mode -----------------------------------------------------------------
-RUNTIME_STATE = ("_dq_prepacked", "_dq_float_weight", "_dq_paths", "_dq_forced_path", "_dq_fallbacks")
+RUNTIME_STATE = (
+    "_dq_prepacked", "_dq_float_weight", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+)
 
 
 def release_runtime(layer: nn.Module) -> None:
@@ -332,7 +418,10 @@ def release_runtime(layer: nn.Module) -> None:
         layer.__dict__.pop(name, None)
 
 
-def _prepare(layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int) -> None:
+def _prepare(
+    layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int,
+    int8_copy: bool = True, weight_only_int8: bool = False,
+) -> None:
     """Runtime state of a layer's kernel (never saved): weight row sums, the path options, the
     choices this machine's cache already holds for the layer's shape class."""
     layer._buffers.pop("wsum", None)
@@ -340,6 +429,8 @@ def _prepare(layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy
     release_runtime(layer)
     layer.__dict__["_dq_allow_prepack"] = cpu_prepack
     layer.__dict__["_dq_float_copy_max_bytes"] = float_copy_max_bytes
+    layer.__dict__["_dq_allow_int8_copy"] = int8_copy
+    layer.__dict__["_dq_weight_only_int8"] = weight_only_int8 and layer.kernel == "dequant"
     if layer.kernel is None or layer.kernel == "fp8" or layer.qweight.is_meta:
         return
     if layer.kernel == "int8" and not layer.act_spec.symmetric:
@@ -357,8 +448,11 @@ def _prepare(layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy
             if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
                 known[int(key[len(prefix):-len(suffix)])] = found.choice
         layer.__dict__["_dq_paths"] = known
-    if device.type == "cpu" and "onednn" in {path, *layer.__dict__.get("_dq_paths", {}).values()}:
+    planned = {path, *layer.__dict__.get("_dq_paths", {}).values()}
+    if device.type == "cpu" and "onednn" in planned:
         _prepacked(layer)  # made now, eagerly: a compiled graph cannot make it
+    if planned & {"int8_copy", "int_mm_a8"}:
+        _kept_integer_weight(layer)
 
 
 def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tuple[str | None, str]]:
@@ -383,7 +477,8 @@ def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tupl
 
 def set_execution(
     model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
-    float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES,
+    float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES, int8_copy: bool = True,
+    weight_only_int8: bool | None = None,
 ) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
@@ -399,6 +494,11 @@ def set_execution(
     (tests, benchmarks); the others are measured as usual.
     float_copy_max_bytes: the largest dequantized float weight copy a layer may keep for
     the "float_copy" path (small layers, where integer matmuls do not pay).
+    int8_copy: False removes "int8_copy" (4-bit weights kept unpacked as int8 at run time:
+    faster, one byte per weight instead of half a byte) from the choice.
+    weight_only_int8: let weight-only layers run as int8 x int8 with dynamic per-token int8
+    activations (path "int_mm_a8"; it changes the numerics). None: what the model's recipe
+    says (`Recipe.weight_only_int8_activations`, off unless set).
     Runtime tensors derived from the weights are made here: call it again after
     changing a layer's stored weights in place.
     """
@@ -408,6 +508,9 @@ def set_execution(
         raise DQError(f"unknown kernel path {path!r}; choose one of {list(choice.PATHS)} or None (measure)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     choices = check_execution(layers, mode)
+    if weight_only_int8 is None:
+        recipe = getattr(model, "_dq_recipe", None)
+        weight_only_int8 = bool(getattr(recipe, "weight_only_int8_activations", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for name, m in layers.items():
@@ -420,8 +523,12 @@ def set_execution(
                 why_sim[why].append(name)
         else:
             m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
-        _prepare(m, cpu_prepack, path, float_copy_max_bytes)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8)
         counts[m.kernel or "sim"] += 1
+    for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
+        processor = getattr(m, "processor", None)
+        if getattr(processor, "int8", False):
+            processor.execution = "sim" if mode == "sim" else "real"
     for why, names in why_sim.items():
         logger.info("execution %s: %d layer(s) run simulated: %s (e.g. %s)", mode, len(names), why, names[0])
     if counts.get("fp8") and not fp8.any_device():

@@ -261,6 +261,8 @@ class QuantModule(nn.Module):
             x = self.input_transform(x)
         if torch.is_grad_enabled() and x.requires_grad:
             y = StraightThrough.apply(x, self)  # the integer matmul has no backward
+        elif self.execution == "real":  # the low-rank branch is accumulated into the kernel's output
+            return real_forward(self, x, self.branch)
         else:
             y = self.compute(x)
         if self.branch is not None:

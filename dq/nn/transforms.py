@@ -107,6 +107,17 @@ class LowRankBranch(nn.Module):
         )
         return F.conv2d(hidden, up[:, :, None, None])
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + self(x), the up-projection accumulated into `y` in place where it can be (a
+        linear branch and a contiguous `y` of the input's dtype, as the real kernels return):
+        one `addmm_` instead of a float matmul, a temporary and an addition pass."""
+        if self.conv is not None or not y.is_contiguous() or y.dtype != x.dtype or torch.is_grad_enabled() and y.requires_grad:
+            return y + self(x)
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        hidden = F.linear(x.reshape(-1, self.in_features), down)
+        y.view(-1, self.out_features).addmm_(hidden, up.t())
+        return y
+
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, "in_features": self.in_features, "out_features": self.out_features, "conv": self.conv}
 

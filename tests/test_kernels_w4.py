@@ -1,0 +1,180 @@
+"""4-bit and weight-only kernel paths: int8_copy (unpacked int8 weight kept), int_mm_a8 (weight-only
+layers with dynamic int8 activations, opt-in), the low-rank branch added in place."""
+
+import pytest
+import torch
+
+from dq.kernels import choice, dispatch, set_execution
+from dq.nn import QuantLinear
+from dq.nn.transforms import LowRankBranch
+from dq.quant import primitives as P
+from dq.quant.spec import QuantSpec
+from dq.recipe import Recipe, preset
+
+W4G = QuantSpec(bits=4, granularity="group", group_size=32, range="mse")
+A8 = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+TOKEN4 = QuantSpec(bits=4, granularity="token", symmetric=False)
+FORMATS = {"w4a8": (W4G, A8, [(-3.0, 3.0)]), "w4a4": (W4G, TOKEN4, None), "w4a16": (W4G, None, None)}
+
+
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def layer(fmt, width=128, out=96, rank=0):
+    torch.manual_seed(0)
+    weight, act, ranges = FORMATS[fmt]
+    branch = None
+    if rank:
+        branch = LowRankBranch(width, out, rank)
+        branch.down.normal_(0, 0.1)
+        branch.up.normal_(0, 0.1)
+    return QuantLinear.from_float(torch.nn.Linear(width, out), weight, act, ranges, branch=branch)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_int8_copy_matches_the_simulated_layer_and_counts_its_bytes(fmt, rank):
+    q = layer(fmt, rank=rank)
+    x = torch.randn(3, 40, 128)
+    set_execution(q, "sim")
+    sim = q(x)
+    set_execution(q, "real")
+    assert "int8_copy" in dispatch.candidate_paths(q, x.device, x.dtype)
+    set_execution(q, "real", path="int8_copy")
+    real = q(x)
+    assert rel(real, sim) < 1e-5
+    assert dispatch.runtime_nbytes(q) == 128 * 96  # one byte per weight, beside the packed codes
+    set_execution(q, "real", int8_copy=False)
+    assert "int8_copy" not in dispatch.candidate_paths(q, x.device, x.dtype)
+
+
+def test_int8_codes_stored_unpacked_need_no_copy():
+    q = QuantLinear.from_float(torch.nn.Linear(64, 32), QuantSpec(bits=8), A8, [(-3.0, 3.0)])
+    set_execution(q, "real")
+    assert "int8_copy" not in dispatch.candidate_paths(q, torch.device("cpu"), torch.float32)
+
+
+def test_weight_only_int8_activations_are_opt_in():
+    q = layer("w4a16")
+    cpu = torch.device("cpu")
+    set_execution(q, "real")
+    assert "int_mm_a8" not in dispatch.candidate_paths(q, cpu, torch.float32)
+    set_execution(q, "real", path="int_mm_a8")  # not allowed: the forced path is ignored, measured instead
+    assert q.__dict__.get("_dq_forced_path") is None
+    set_execution(q, "real", weight_only_int8=True)
+    assert "int_mm_a8" in dispatch.candidate_paths(q, cpu, torch.float32)
+    # from the model's recipe when not given
+    model = torch.nn.Sequential(layer("w4a16"))
+    model._dq_recipe = Recipe.from_dict({"base": "w4a16", "weight_only_int8_activations": True})
+    set_execution(model, "real")
+    assert "int_mm_a8" in dispatch.candidate_paths(model[0], cpu, torch.float32)
+    assert preset("w4a16").weight_only_int8_activations is False
+
+
+def test_weight_only_int8_flag_must_be_a_bool():
+    with pytest.raises(Exception, match="weight_only_int8_activations"):
+        Recipe.from_dict({"base": "w4a16", "weight_only_int8_activations": "yes"})
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_int_mm_a8_matches_its_simulation_and_stays_close_to_float(rank):
+    q = layer("w4a16", rank=rank)
+    x = torch.randn(2, 50, 128)
+    set_execution(q, "sim")
+    sim = q(x)
+    set_execution(q, "real", path="int_mm_a8", weight_only_int8=True)
+    assert q.__dict__["_dq_forced_path"] == "int_mm_a8"
+    real = q(x)
+    expected = dispatch.simulated_a8(q, x) + (q.branch(x) if rank else 0)
+    assert rel(real, expected) < 1e-5  # the same function as its simulation
+    # and the stated quality cost: dynamic per-token int8 inputs, about 40 dB layer SQNR here
+    sqnr = 10 * torch.log10(sim.pow(2).sum() / (real - sim).pow(2).sum())
+    assert 30 < float(sqnr) < 80
+
+
+def test_the_chooser_can_pick_the_new_paths_and_checks_a8_against_its_own_reference(monkeypatch):
+    q = layer("w4a16")
+    set_execution(q, "real", weight_only_int8=True)
+    seen = {}
+
+    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
+        seen.update(fns)
+        return {p: (1e-4 if p == "int_mm_a8" else 1e-3) for p in fns}
+
+    monkeypatch.setattr(choice, "_race", fake_race)
+    x = torch.randn(64, 128)
+    q(x)
+    assert q._dq_paths[64] == "int_mm_a8" and "int_mm_a8" in seen  # not dropped as "wrong" against float
+    q4 = layer("w4a8")
+    set_execution(q4, "real")
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == "int8_copy" else 1e-3) for p in fns})
+    q4(x)
+    assert q4._dq_paths[64] == "int8_copy" and "_dq_int8_weight" in q4.__dict__
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_the_chooser_drops_a_new_path_that_fails(monkeypatch, failure):
+    q = layer("w4a8")
+    set_execution(q, "real")
+    run = dict(dispatch._RUN)
+
+    def broken(layer_, x):
+        if failure == "raises":
+            raise RuntimeError("injected")
+        return run["int8_copy"](layer_, x) * 1.1
+
+    monkeypatch.setitem(dispatch._RUN, "int8_copy", broken)
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-5 if p == "int8_copy" else 1e-3) for p in fns})
+    x = torch.randn(32, 128)
+    q(x)
+    found = choice.cache().get(next(iter(choice.cache().entries)))
+    assert q._dq_paths[32] != "int8_copy" and "int8_copy" in found.dropped
+    assert ("RuntimeError" if failure == "raises" else "wrong result") in found.dropped["int8_copy"]
+
+
+def test_a8_wrong_result_is_dropped_too(monkeypatch):
+    q = layer("w4a16")
+    set_execution(q, "real", weight_only_int8=True)
+    # the float layer's result is not int_mm_a8's reference: a path returning it is wrong
+    monkeypatch.setitem(dispatch._RUN, "int_mm_a8", lambda layer_, x: layer_.simulated(x) + 0.05 * x[..., :96])
+    q(torch.randn(32, 128))
+    found = next(iter(choice.cache().entries.values()))
+    assert "wrong result" in found.dropped["int_mm_a8"]
+
+
+def test_branch_is_added_in_place_and_matches_the_separate_sum():
+    b = LowRankBranch(16, 12, 4)
+    b.down.normal_()
+    b.up.normal_()
+    x, y = torch.randn(5, 16), torch.randn(5, 12)
+    expected = y + b(x)
+    out = b.add_to(y.clone(), x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    ys = y.t().contiguous().t()  # not contiguous: the plain sum
+    assert torch.allclose(b.add_to(ys, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["int8_copy", "int_mm_a8"])
+def test_new_paths_under_torch_compile(path):
+    fmt = "w4a16" if path == "int_mm_a8" else "w4a4"
+    q = layer(fmt, rank=4)
+    set_execution(q, "real", path=path, weight_only_int8=True)
+    x = torch.randn(24, 128)
+    eager = q(x)
+    compiled = torch.compile(q, fullgraph=True)
+    assert rel(compiled(x), eager) < 1e-5
+
+
+def test_a8_reference_is_the_documented_activation_format():
+    assert dispatch.A8_SPEC.granularity == "token" and dispatch.A8_SPEC.bits == 8 and dispatch.A8_SPEC.dynamic
+    q = layer("w4a16")
+    x = torch.randn(4, 128)
+    manual = torch.nn.functional.linear(P.fake_quantize(x, dispatch.A8_SPEC), q.dequantized_weight(), q.bias)
+    assert torch.allclose(dispatch.simulated_a8(q, x), manual)
