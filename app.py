@@ -57,8 +57,8 @@ EXAMPLES = [
     "a purple square",
 ]
 EMBEDDED_DEFAULT = "the embedded default"
-# Mixed precision (a recipe field `budget`, the average weight bits) is being built in dq.recipe.
-# HOOK: the page shows a bit-budget slider only once dq.Recipe has that field.
+# Mixed precision (dq.mixed; the recipe field `budget`, the average weight bits): the page shows a
+# bit-budget slider when dq.Recipe has that field (always, since mixed precision landed).
 HAS_BUDGET = "budget" in {f.name for f in dataclasses.fields(dq.Recipe)}
 ERROR_MEASURE = (
     "per-layer error: SQNR (dB, higher is better) of each quantized layer's output against the "

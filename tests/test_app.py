@@ -434,3 +434,24 @@ def test_the_page_in_a_real_browser(served, tmp_path) -> None:
               "the new recipe's metrics")
     finally:
         browser.quit()
+
+
+def test_the_bit_budget_slider_reaches_the_recipe_and_the_cache_key(monkeypatch) -> None:
+    """Mixed precision exists (dq.Recipe has `budget`): the page's slider value becomes the
+    recipe's budget, and each budget is its own cached model (0 = the recipe as is)."""
+    app = _app()
+    assert app.HAS_BUDGET
+    made = []
+
+    def fake_quantize_side(model, recipe, **kwargs):
+        made.append(recipe)
+        return _fake_side(recipe.name)
+
+    monkeypatch.setattr(app, "quantize_side", fake_quantize_side)
+    monkeypatch.setattr(app, "open_full", lambda model, device=None: _fake_side("full"))
+    page = app.App(recipe="w4a8-rtn", num_prompts=1, steps=1, size=64)
+    page.quantized_side(None, "w4a8-rtn", None, budget=6.0)
+    page.quantized_side(None, "w4a8-rtn", None, budget=6.0)  # cached
+    page.quantized_side(None, "w4a8-rtn", None, budget=5.0)
+    page.quantized_side(None, "w4a8-rtn", None, budget=0)
+    assert [r.budget for r in made] == [6.0, 5.0, None]
