@@ -134,9 +134,10 @@ class Calibration:
         if not any(w.static_act for w in self.works.values()):
             self.groups = TimestepGroups([], [[]])  # no static ranges to look up by timestep
 
-    def _collected(self, store: StatsStore) -> StatsStore:
+    def _collected(self, store: StatsStore, reduce: bool = True) -> StatsStore:
         # several processes (torch.distributed / accelerate): merged exactly; a no-op in one
-        store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
+        if reduce:
+            store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
         if not store.entries and not store.moments:
             raise DQError(
                 f"calibration pass {self.pass_number} saw no inputs: none of the {len(self.targets)} hooked layers "
@@ -171,12 +172,13 @@ class Calibration:
         self.feed(calibrator.store)
         self.start_pass()
 
-    def feed(self, store: StatsStore) -> None:
+    def feed(self, store: StatsStore, *, reduce: bool = True) -> None:
         """Finish the current pass with statistics collected elsewhere (`dq.quantize` runs the
-        pipeline with its own hooks; `replay` reads a file; other processes' stores)."""
+        pipeline with its own hooks; `replay` reads a file). reduce=False: `store` already holds
+        every process's statistics (a file), so it is not merged across processes again."""
         if self.ready:
             raise DQError("calibration is complete; no further pass is needed: call dq.convert(model)")
-        self._advance(self._collected(store))
+        self._advance(self._collected(store, reduce))
 
     def stop_hooks(self) -> None:
         if self._calibrator is not None:
@@ -249,7 +251,7 @@ class Calibration:
                     f"{path} has no {stage} statistics for layers {missing[:5]}: it was written for another "
                     "plan; run dq calibrate again with this recipe"
                 )
-            self.feed(stages[stage])
+            self.feed(stages[stage], reduce=False)
         return self
 
 
