@@ -277,10 +277,15 @@ def calibrate_pipeline(
     _, model = find_denoiser(pipe)
     steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
     recipe = resolve_budget(pipe, model, recipe, calib_prompts, steps, call_kwargs)  # a budget -> recipe.allocation
-    cal = Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats)
+    return run_passes(pipe, Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats), calib_prompts, steps, call_kwargs)
+
+
+def run_passes(pipe, cal, calib_prompts, steps: int, call_kwargs: dict[str, Any]):
+    """Feed a `dq.model.Calibration` every pass it still needs by running the pipeline's own
+    sampler over the calibration prompts (resolved once, only if a pass is needed); returns it."""
     prompts = None
     while not cal.ready:
-        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
-        cal.feed(calibrate(pipe, model, cal.plan, prompts, targets=cal.targets, recipe=recipe,
+        prompts = prompts or resolve_prompts(pipe, calib_prompts, cal.recipe)
+        cal.feed(calibrate(pipe, cal.model, cal.plan, prompts, targets=cal.targets, recipe=cal.recipe,
                            num_inference_steps=steps, call_kwargs=call_kwargs))
     return cal

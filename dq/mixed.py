@@ -353,17 +353,11 @@ class Sensitivity:
 
 def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
     """Build (without installing) the quantized layers of `plan` as dq.quantize would."""
-    from .engine import build_layers, calibrate
+    from .engine import build_layers, run_passes
     from .model import Calibration
     from .nn.router import TimestepRouter
-    from .prompts import resolve_prompts
 
-    cal = Calibration(model, recipe, pipe=pipe, plan=plan)
-    prompts = None
-    while not cal.ready:
-        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)
-        cal.feed(calibrate(pipe, model, cal.plan, prompts, targets=cal.targets, recipe=recipe,
-                           num_inference_steps=steps, call_kwargs=call_kwargs))
+    cal = run_passes(pipe, Calibration(model, recipe, pipe=pipe, plan=plan), calib_prompts, steps, call_kwargs)
     router = TimestepRouter(cal.groups.tensor())
     with torch.no_grad():
         return build_layers(plan, cal.store, cal.groups, router, cal.prepared), router
