@@ -349,11 +349,14 @@ def _wait(until, seconds: float, what: str):
     raise AssertionError(f"waited {seconds} s for {what}")
 
 
-def test_the_page_in_a_real_browser(served, tmp_path) -> None:
+def test_the_page_in_a_real_browser(served, tmp_path, monkeypatch) -> None:
+    import threading
+
     from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    seen_progress = threading.Event()
     browser = _browser()
     try:
         browser.get(served.url)
@@ -407,7 +410,17 @@ def test_the_page_in_a_real_browser(served, tmp_path) -> None:
         browser.find_element(By.CSS_SELECTOR, "#generate").click()
         _wait(lambda: "the prompt is empty" in browser.find_element(By.TAG_NAME, "body").text, 30,
               "the empty-prompt message")
-        # a recipe not cached yet: the page shows calibration progress, then its results
+        # a recipe not cached yet: the page shows calibration progress, then its results.
+        # A tiny RTN recipe calibrates in well under a poll interval on a fast machine, so the
+        # build is held until the page has been seen saying so (or 60 s have passed).
+        module = _app()
+        real_quantize_side = module.quantize_side
+
+        def held_quantize_side(*args, **kwargs):
+            seen_progress.wait(60)
+            return real_quantize_side(*args, **kwargs)
+
+        monkeypatch.setattr(module, "quantize_side", held_quantize_side)
         box.send_keys("a purple square")
         recipe = browser.find_element(By.CSS_SELECTOR, "#recipe input")
         recipe.click()
@@ -426,6 +439,8 @@ def test_the_page_in_a_real_browser(served, tmp_path) -> None:
 
         def calibrating() -> bool:
             seen.append(progress_text())
+            if "calibrating" in seen[-1]:
+                seen_progress.set()
             return "calibrating" in seen[-1] or "dq w4a8-rtn" in seen[-1]
 
         _wait(calibrating, 120, "calibration progress in the page")
@@ -433,6 +448,7 @@ def test_the_page_in_a_real_browser(served, tmp_path) -> None:
         _wait(lambda: "dq w4a8-rtn" in browser.find_element(By.CSS_SELECTOR, "#metrics").text, 180,
               "the new recipe's metrics")
     finally:
+        seen_progress.set()  # never leave a held build waiting
         browser.quit()
 
 
