@@ -75,7 +75,7 @@ def child(mode: str, heads: int, depth: int, prompts: int, steps: int, recipe_na
     kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
     plist = prompts_for("pixart", prompts)
     stats_bytes, timing = [], {"passes_s": 0.0, "passes_cpu_s": 0.0, "prepare_s": 0.0, "prepare_cpu_s": 0.0}
-    calibrate, calibrate_and_prepare = engine.calibrate, engine.calibrate_and_prepare
+    calibrate, calibrate_pipeline = engine.calibrate, engine.calibrate_pipeline
 
     def timed(fn, key, record=None):
         def wrapper(*args, **kw):
@@ -91,8 +91,11 @@ def child(mode: str, heads: int, depth: int, prompts: int, steps: int, recipe_na
     # the calibration passes (hooks, merge) and everything up to the layers' preparation (GPTQ,
     # smoothing search); the rest of dq.quantize (building the layers, kernel choice) is apart
     engine.calibrate = timed(calibrate, "passes", lambda store: stats_bytes.append(store.nbytes()))
-    engine.calibrate_and_prepare = timed(calibrate_and_prepare, "prepare")
+    engine.calibrate_pipeline = timed(calibrate_pipeline, "prepare")  # passes + preparing the layers
     after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the ranks finish importing at different times: start every clock together, so the first
+    # collective does not bill one rank for the other's start-up
+    distributed.barrier("the start of the measurement")
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "fp":
         run_pipeline(pipe, plist, num_inference_steps=steps, batch_size=4, seed=0, call_kwargs=kwargs, desc="full precision")
