@@ -29,6 +29,12 @@ class ArchSpec:
     # default: the text-embedding projections, whose T5 inputs carry large outlier channels
     # (weight-only saves their memory without touching those activations)
     weight_only: tuple[str, ...] = ()
+    # regexes of layers whose input a static per-tensor range fits badly: under a recipe with
+    # static activations they get dynamic per-token ranges of the same bits by default. The
+    # cross-attention output projection of PixArt blocks: its input is a text-dependent mix of
+    # the caption's values, whose per-token scale varies from prompt to prompt (measured:
+    # BENCHMARKS.md, "Static W8A8 against torchao").
+    dynamic_inputs: tuple[str, ...] = ()
     # (producer regex, consumer regexes): consumers read the producer's output, so a
     # per-channel scale can be folded into the producer (smoothing, rotation).
     fuse_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -52,6 +58,7 @@ ARCHS: dict[str, ArchSpec] = {
         name="pixart",
         keep=(r"^pos_embed\.", r"^adaln_single\.", r"^proj_out$"),
         weight_only=(r"^caption_projection\.",),
+        dynamic_inputs=(r"\.attn2\.to_out\.0$",),
         fuse_pairs=((r"\.norm1$", (r"\.attn1\.to_q$", r"\.attn1\.to_k$", r"\.attn1\.to_v$")),),
     ),
     "SD3Transformer2DModel": ArchSpec(
@@ -105,6 +112,12 @@ def default_weight_only(model: nn.Module, spec: ArchSpec | None = None) -> set[s
     """Names of the layers the architecture quantizes weight-only by default."""
     spec = spec or arch_for(model)
     return _matching(quantizable_layers(model), spec.weight_only)
+
+
+def default_dynamic_inputs(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
+    """Names of the layers whose static activation ranges become dynamic per-token by default."""
+    spec = spec or arch_for(model)
+    return _matching(quantizable_layers(model), spec.dynamic_inputs)
 
 
 def default_keep(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_for, default_keep, default_weight_only, quantizable_layers
+from .arch import arch_for, default_dynamic_inputs, default_keep, default_weight_only, quantizable_layers
 from .calibrate import distributed
 from .calibrate.hooks import Calibrator, CalibTarget
 from .calibrate.run import run_pipeline
@@ -78,12 +78,19 @@ def _fits(spec: QuantSpec | None, module: nn.Module, name: str, what: str) -> Qu
     return spec.replace(granularity="channel")
 
 
+def dynamic_per_token(spec: QuantSpec) -> QuantSpec:
+    """The same activation format with a dynamic per-token range (the architecture's
+    `dynamic_inputs` layers, under a recipe with static ranges)."""
+    return QuantSpec.from_dict({**spec.to_dict(), "granularity": "token", "dynamic": True, "range": "minmax"})
+
+
 def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
     """Which layers get which quantizers, per the architecture rules and the recipe."""
-    keep, weight_only = set(), set()
+    keep, weight_only, dynamic_inputs = set(), set(), set()
     if recipe.keep_defaults:
         spec = arch_for(model)
         keep, weight_only = default_keep(model, spec), default_weight_only(model, spec)
+        dynamic_inputs = default_dynamic_inputs(model, spec)
     keep_patterns = [re.compile(p) for p in recipe.keep]
     layers = list(quantizable_layers(model))
     # a pattern that matches nothing is a warning, not an error: recipes are shared between models
@@ -102,6 +109,8 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
         weight, act, kept = recipe.weight, recipe.activation, False
         if name in weight_only:
             act = None  # an override below may still give it an activation format
+        elif name in dynamic_inputs and act is not None and not act.dynamic:
+            act = dynamic_per_token(act)
         for override in recipe.overrides:
             if re.search(override.pattern, name):
                 kept = override.keep
