@@ -47,7 +47,8 @@ from .recipe import Recipe
 logger = logging.getLogger(__name__)
 
 CALIBRATION_ATTR = "_dq_calibration"
-STATS_FORMAT = 1
+STATS_FORMAT = 2  # 2: second moments held once per distinct input ("share|" entries)
+READABLE_STATS_FORMATS = ("1", "2")  # format 1 (one moment per layer) reads as is
 Reduce = Callable[[StatsStore], StatsStore]
 
 
@@ -148,7 +149,7 @@ class Calibration:
             self.recorded[self.stage] = store
         logger.info(
             "calibration pass %d: %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
-            self.pass_number, len(store.layers()) or len(store.moments), len(store.timesteps()),
+            self.pass_number, len(store.layers()) or len(store.moment_names()), len(store.timesteps()),
             ", ".join(store.branches()) or "-", store.nbytes() / 2**20,
         )
         return store
@@ -245,7 +246,7 @@ class Calibration:
             stage = self.stage
             if stage not in stages:
                 raise DQError(f"{path} holds no statistics for calibration {stage}; write it again with dq calibrate")
-            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - set(stages[stage].moments))
+            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - stages[stage].moment_names())
             if missing:
                 raise DQError(
                     f"{path} has no {stage} statistics for layers {missing[:5]}: it was written for another "
@@ -268,8 +269,11 @@ def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
         data = load_file(path)
     except (OSError, ValueError, SafetensorError) as exc:
         raise DQError(f"{path} is not a readable dq statistics file ({exc}); write it again with dq calibrate") from exc
-    if meta.get("dq_stats_format") != str(STATS_FORMAT):
-        raise DQError(f"{path} is not a dq statistics file of format {STATS_FORMAT} (metadata: {sorted(meta)}); write it again with dq calibrate")
+    if meta.get("dq_stats_format") not in READABLE_STATS_FORMATS:
+        raise DQError(
+            f"{path} is not a dq statistics file of format {' or '.join(READABLE_STATS_FORMATS)} (format "
+            f"{meta.get('dq_stats_format')!r}, metadata: {sorted(meta)}); write it again with dq calibrate"
+        )
     if meta.get("model_class") != type(cal.model).__name__:
         raise DQError(f"{path} was written for a {meta.get('model_class')}, not a {type(cal.model).__name__}")
     recorded = Recipe.from_dict(json.loads(meta["recipe"]))

@@ -35,6 +35,18 @@ def random_store(rank: int, seed: int = 0):
                 store.add((layer, t, b), ActivationStats.from_rows(rows, 64))
         if rank == 0 or layer != "only1":
             store.add_moment(layer, SecondMoment.from_rows(torch.randn(50, 8, generator=gen)))
+    # moments shared by layers that read one input: on both ranks (stays shared), on rank 0
+    # only (rank 1 saw two inputs: must be split before the sum), on rank 1 only (rank 0 has
+    # neither layer: stays shared)
+    store.add_moment("share.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+    store.shared["share.b"] = "share.a"
+    store.add_moment("split.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+    if rank == 0:
+        store.shared["split.b"] = "split.a"
+    else:
+        store.add_moment("split.b", SecondMoment.from_rows(torch.randn(30, 8, generator=gen) * 3))
+        store.add_moment("one.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+        store.shared["one.b"] = "one.a"
     return store
 
 

@@ -94,6 +94,12 @@ def test_all_reduce_is_the_exact_merge(two_processes):
         for layer, want in expected.moments.items():
             assert got.moments[layer].count == want.count
             torch.testing.assert_close(got.moments[layer].sum, want.sum, rtol=1e-6, atol=1e-6)
+        # one moment per distinct input: kept shared where every rank agrees, split where not
+        assert got.shared == expected.shared == {"share.b": "share.a", "one.b": "one.a"}
+        assert got.moment_names() == expected.moment_names()
+        for layer in expected.moment_names():
+            assert got.moment(layer).count == expected.moment(layer).count, layer
+            torch.testing.assert_close(got.moment(layer).sum, expected.moment(layer).sum, rtol=1e-6, atol=1e-6)
     # the histogram ranges really differed between the processes (rank 1's are 8x wider)
     one, two = _worker_module().random_store(0), _worker_module().random_store(1)
     assert one.entries[("blk.a", 500.0, "uncond")].hist_exp < two.entries[("blk.a", 500.0, "uncond")].hist_exp
