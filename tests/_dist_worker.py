@@ -73,6 +73,25 @@ def scenario_quantize(out: Path, rank: int) -> None:
                out / f"rank{rank}-quantize.pt")
 
 
+def scenario_budget(out: Path, rank: int) -> None:
+    """w4a4 (smoothing search + GPTQ) without a moments budget, then under the smallest one
+    (one layer's moment per pass): both merged across the ranks."""
+    import dq
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    result = {}
+    for budget in ("", "largest"):
+        os.environ["DQ_MOMENTS_BUDGET"] = budget
+        pipe = tiny_pipeline("pixart", seed=0)
+        calls = []
+        pipe.transformer.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        dq.quantize(pipe, "w4a4", calib_prompts=prompts_for("pixart", 3), num_inference_steps=2, **kwargs)
+        result[budget or "none"] = {"state": dict(pipe.transformer.state_dict()), "calls": len(calls)}
+    os.environ.pop("DQ_MOMENTS_BUDGET")
+    torch.save(result, out / f"rank{rank}-budget.pt")
+
+
 def eval_result() -> dict:
     """dq.eval.evaluate of a tiny PixArt against another (as its reference): per-image PSNR,
     SSIM, CLIP score and a CLIP-feature FID (torchmetrics states)."""
@@ -137,7 +156,7 @@ def scenario_hang(out: Path, rank: int) -> None:
     (out / f"rank{rank}-hang.txt").write_text(f"{time.monotonic() - began:.1f}\n{message}")
 
 
-SCENARIOS = {"eval": scenario_eval, "hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "disagree": scenario_disagree, "die": scenario_die}
+SCENARIOS = {"eval": scenario_eval, "hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "budget": scenario_budget, "disagree": scenario_disagree, "die": scenario_die}
 
 
 def main() -> int:

@@ -66,7 +66,7 @@ def _launch(out: Path, scenarios: list[str], timeout: float, wait_for: tuple[int
 def two_processes(tmp_path_factory) -> Path:
     """One launch of two processes running the merge, quantize, disagree and die scenarios."""
     out = tmp_path_factory.mktemp("dist")
-    procs = _launch(out, ["reduce", "quantize", "eval", "disagree", "die"], timeout=30)
+    procs = _launch(out, ["reduce", "quantize", "budget", "eval", "disagree", "die"], timeout=30)
     logs = {r: p.stdout.read() for r, p in procs.items()}
     assert procs[0].returncode == 0, logs[0][-3000:]
     assert procs[1].returncode == 17, logs[1][-3000:]  # rank 1 dies on purpose at the end
@@ -120,6 +120,17 @@ def test_two_processes_quantize_like_one(two_processes):
         torch.testing.assert_close(got[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     for mine, theirs in zip(got[0]["images"], want["images"]):
         assert (mine.float() - theirs.float()).abs().max() <= 2  # 8-bit pixel levels
+
+
+def test_two_processes_under_a_moments_budget(two_processes):
+    """Under DQ_MOMENTS_BUDGET the two processes run more passes (each merged) and end with the
+    model of the unbounded two-process run, bit for bit, both the same."""
+    got = [torch.load(two_processes / f"rank{r}-budget.pt") for r in (0, 1)]
+    for rank in (0, 1):
+        want, have = got[rank]["none"], got[rank]["largest"]
+        assert have["calls"] > want["calls"]
+        assert [k for k in want["state"] if not torch.equal(want["state"][k], have["state"][k])] == []
+    assert all(torch.equal(got[0]["largest"]["state"][k], t) for k, t in got[1]["largest"]["state"].items())
 
 
 def test_two_processes_evaluate_like_one(two_processes):

@@ -1,5 +1,5 @@
-"""One second moment per distinct input: layers fed the identical tensor share H = sum x x^T,
-exactly (bit-identical models and moments), in every consumer and in statistics files."""
+"""Second moments H = sum x x^T: one per distinct input (layers fed the identical tensor share one,
+exactly), and collected under a memory budget in several passes, to the same model bit for bit."""
 
 from __future__ import annotations
 
@@ -167,3 +167,113 @@ def test_statistics_files_of_format_1_still_replay_and_unknown_formats_are_refus
     future = _rewrite(path, tmp_path / "future.safetensors", "3")
     with pytest.raises(DQError, match="format 1 or 2"):
         dq.calibrate(tiny_pipeline(KIND).transformer, "w4a8", stats=future)
+
+
+def _recorded(pipe):
+    """The denoiser's inputs during the calibration run dq.quantize makes."""
+    from dq.calibrate.run import run_pipeline
+
+    seen = []
+
+    def hook(_m, args, kwargs):
+        seen.append((tuple(a.clone() if torch.is_tensor(a) else a for a in args),
+                     {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        recipe = dq.Recipe.from_any("w4a4")
+        run_pipeline(pipe, prompts_for(KIND, 2), num_inference_steps=2, batch_size=recipe.calib_batch_size,
+                     seed=recipe.calib_seed, call_kwargs=_kwargs())
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_parse_budget():
+    from dq.model import parse_bytes
+
+    assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes("100B") == 100
+    assert parse_bytes("largest") == "largest" and parse_bytes(4096) == 4096
+    for bad in ("512", "1.5 parsecs", "-3MB", "0GB", ""):
+        with pytest.raises(DQError, match="explicit units"):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("budget", ["largest", "100KiB"])
+def test_moments_budget_gives_the_unbounded_model_in_more_passes(monkeypatch, budget):
+    """Under a budget, the user's loop runs as many passes as the budget needs; each holds the
+    moments of at most `budget` bytes of layers (or one layer larger than it), freed once those
+    layers are prepared; the model equals the unbounded one bit for bit."""
+    from dq.calibrate.hooks import moment_bytes
+    from dq.model import moment_chunks, parse_bytes
+    from dq.outliers import calibration_targets
+
+    monkeypatch.delenv("DQ_SHARE_MOMENTS", raising=False)
+    inputs = _recorded(tiny_pipeline(KIND))
+
+    def run(budget):
+        model = tiny_pipeline(KIND).transformer
+        held = []  # bytes of second moments alive at the end of each pass: its own and any kept
+        mine = []
+
+        def reduce(store):
+            kept = mine[0]._first.moments if mine and mine[0]._first is not None else {}
+            held.append(sum(m.sum.numel() * 4 for m in [*store.moments.values(), *kept.values()]))
+            return store
+
+        cal = dq.prepare(model, "w4a4", reduce=reduce) if budget is None else None
+        if budget is not None:
+            monkeypatch.setenv("DQ_MOMENTS_BUDGET", budget)
+            cal = dq.prepare(model, "w4a4", reduce=reduce)
+            monkeypatch.delenv("DQ_MOMENTS_BUDGET")
+        mine.append(cal)
+        passes = 0
+        for _ in cal.passes():
+            passes += 1
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    model(*args, **kwargs)
+        dq.convert(model)
+        return model.state_dict(), passes, held, cal
+
+    want, passes, held, _ = run(None)
+    got, passes_b, held_b, cal = run(budget)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    first = calibration_targets(cal.works, first_pass=True)
+    chunks = moment_chunks(first, parse_bytes(budget))
+    sizes = {t.name: moment_bytes(t) for t in first if t.second_moment}
+    limit = max(sizes.values()) if budget == "largest" else max(parse_bytes(budget), max(sizes.values()))
+    assert len(chunks) > 2 and passes_b == passes + len(chunks) - 1
+    assert max(held_b) <= limit < max(held)
+    assert sum(held_b) >= sum(held)  # the same moments, spread over the passes
+
+
+def test_moments_budget_through_dq_quantize(monkeypatch, tmp_path):
+    """dq.quantize (the pipeline's own sampler) runs the extra passes itself: same model; kept
+    statistics hold every pass's moments and replay to it."""
+    monkeypatch.delenv("DQ_SHARE_MOMENTS", raising=False)
+    pipe = tiny_pipeline(KIND)
+    dq.quantize(pipe, "w4a8", calib_prompts=prompts_for(KIND, 2), num_inference_steps=2, **_kwargs())
+    want = pipe.transformer.state_dict()
+    monkeypatch.setenv("DQ_MOMENTS_BUDGET", "largest")
+    pipe = tiny_pipeline(KIND)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    dq.quantize(pipe, "w4a8", calib_prompts=prompts_for(KIND, 2), num_inference_steps=2, **_kwargs())
+    got = pipe.transformer.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert len(calls) > 2 * 2 * 2  # more than two passes of 2 prompts x 2 steps
+    cal = calibrate_pipeline(tiny_pipeline(KIND), "w4a8", calib_prompts=prompts_for(KIND, 2), num_inference_steps=2,
+                             keep_stats=True, **_kwargs())
+    path = cal.save_stats(tmp_path / "stats.safetensors")
+    for budget in ("largest", None):
+        if budget is None:
+            monkeypatch.delenv("DQ_MOMENTS_BUDGET")
+        model = tiny_pipeline(KIND).transformer
+        dq.calibrate(model, "w4a8", stats=path)
+        state = model.state_dict()
+        assert [k for k in want if not torch.equal(want[k], state[k])] == []
+    monkeypatch.setenv("DQ_MOMENTS_BUDGET", "largest")
+    monkeypatch.setenv("DQ_MOMENTS_BUDGET", "12")
+    with pytest.raises(DQError, match="explicit units"):
+        dq.quantize(tiny_pipeline(KIND), "w4a8", calib_prompts=prompts_for(KIND, 2), num_inference_steps=2, **_kwargs())
