@@ -68,9 +68,10 @@ class Calibration:
                  reduce: Reduce | None = None, keep_stats: bool = False,
                  keep_rules: str = "the recipe's keep/overrides", plan: list | None = None,
                  moments_budget: int | str | None = None):
-        from .engine import plan_model
+        from .engine import check_offload, plan_model
         from .outliers import plan_components
 
+        check_offload(model)
         self.model = model
         self.recipe = Recipe.from_any(recipe)
         if plan is None:
