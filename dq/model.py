@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .calibrate import distributed
 from .calibrate.hooks import Calibrator, CalibTarget, moment_bytes
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
@@ -96,6 +97,8 @@ class Calibration:
         self.moments_budget = env_moments_budget() if moments_budget is None else parse_bytes(moments_budget)
         self._chunks: list[list[str]] = []
         self._first: StatsStore | None = None  # pass 1's channel statistics while chunks remain
+        self._split_prepare = False  # the statistics were merged across processes: split the work
+        self._loads: list[float] | None = None  # preparation cost given to each process so far
         self._advance(None)
 
     # -- the state machine ------------------------------------------------------------
@@ -158,8 +161,14 @@ class Calibration:
     def _prepare_layers(self, store: StatsStore | None, names: list[str] | None = None) -> None:
         if self.prepared is None:
             self.prepared = {}
+        names = list(self.works) if names is None else names
+        if self._split_prepare:  # each process prepares a share, then all exchange the results
+            if self._loads is None:
+                self._loads = [0.0] * distributed.world_size()
+            self.prepared.update(prepare_split(self.works, names, store, self.groups, self._loads))
+            return
         with torch.no_grad():
-            for name in self.works if names is None else names:
+            for name in names:
                 self.prepared[name] = prepare_layer(self.works[name], store, self.groups)
         if len(self.prepared) == len(self.works):  # in plan order, whatever pass prepared them
             self.prepared = {name: self.prepared[name] for name in self.works}
@@ -182,6 +191,8 @@ class Calibration:
         # several processes (torch.distributed / accelerate): merged exactly; a no-op in one
         if reduce:
             store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
+            # every process now holds the same statistics: each prepares a share of the layers
+            self._split_prepare = self.reduce is None and distributed.active() and split_enabled()
         if not store.entries and not store.moments:
             raise DQError(
                 f"calibration pass {self.pass_number} saw no inputs: none of the {len(self.targets)} hooked layers "
@@ -300,6 +311,68 @@ class Calibration:
                 )
             self.feed(stages[stage], reduce=False)
         return self
+
+
+SPLIT_ENV = "DQ_SPLIT_PREPARE"  # "0": every process prepares every layer
+
+
+def split_enabled() -> bool:
+    return os.environ.get(SPLIT_ENV, "1") != "0"
+
+
+def prepare_cost(work) -> float:
+    """Rough cost of preparing one layer: D^2 (D + out) for H's D x D work (GPTQ's Cholesky and
+    column sweep, the smoothing search's error tr(E H E^T) per alpha); 0 without components."""
+    if not (work.has_transform or work.lowrank or work.gptq):
+        return 0.0
+    width = float(work.channels * work.kernel)
+    return width * width * (width + work.module.weight.shape[0])
+
+
+def assign_shares(costs: dict[str, float], world: int, loads: list[float] | None = None) -> list[list[str]]:
+    """Layers per process, balanced by cost (largest first onto the least loaded process; the
+    same on every process: the order and ties are fixed). loads: each process's cost so far
+    (updated), so that successive calls (the passes under a moments budget) balance too."""
+    loads = [0.0] * world if loads is None else loads
+    shares: list[list[str]] = [[] for _ in range(world)]
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += costs[name]
+    return shares
+
+
+def _prepared_to(prepared: PreparedLayer, device: torch.device | str) -> PreparedLayer:
+    if prepared.weight is not None:
+        prepared.weight = prepared.weight.to(device)
+    if prepared.weight_codes is not None:
+        prepared.weight_codes = tuple(None if t is None else t.to(device) for t in prepared.weight_codes)
+    for part in ("input_transform", "branch"):
+        module = getattr(prepared, part)
+        if module is not None:
+            setattr(prepared, part, module.to(device))
+    return prepared
+
+
+def prepare_split(works: dict, names: list[str], store: StatsStore | None, groups: TimestepGroups,
+                  loads: list[float] | None = None) -> dict[str, PreparedLayer]:
+    """Prepare `names` across the processes: each prepares its share (balanced by
+    `prepare_cost`), then every process receives every prepared layer, so all hold the model one
+    process preparing all would make, bit for bit (the statistics are the same everywhere)."""
+    world, me = distributed.world_size(), distributed.rank()
+    costly = {n: prepare_cost(works[n]) for n in names}
+    shares = assign_shares({n: c for n, c in costly.items() if c > 0}, world, loads)
+    out: dict[str, PreparedLayer] = {}
+    with torch.no_grad():
+        for name in names:
+            if costly[name] == 0:  # nothing to prepare: no exchange
+                out[name] = prepare_layer(works[name], store, groups)
+        mine = {name: _prepared_to(prepare_layer(works[name], store, groups), "cpu") for name in shares[me]}
+    logger.info("preparing %d of %d layers on this process (%d processes)", len(mine), sum(map(len, shares)), world)
+    for theirs in distributed.gather_objects(mine, "the exchange of the prepared layers"):
+        for name, prepared in theirs.items():
+            out[name] = _prepared_to(prepared, works[name].module.weight.device)
+    return out
 
 
 MOMENTS_BUDGET_ENV = "DQ_MOMENTS_BUDGET"

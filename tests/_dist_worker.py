@@ -74,21 +74,36 @@ def scenario_quantize(out: Path, rank: int) -> None:
 
 
 def scenario_budget(out: Path, rank: int) -> None:
-    """w4a4 (smoothing search + GPTQ) without a moments budget, then under the smallest one
-    (one layer's moment per pass): both merged across the ranks."""
+    """w4a4 (smoothing search + GPTQ) on both ranks: the layers' preparation split between them
+    or not, without a moments budget or under the smallest one (one layer's moment per pass)."""
     import dq
+    import dq.model
     from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
 
     kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
     result = {}
-    for budget in ("", "largest"):
-        os.environ["DQ_MOMENTS_BUDGET"] = budget
+    prepare_layer = dq.model.prepare_layer
+    prepared: list[str] = []
+
+    def counting(work, store, groups):
+        if dq.model.prepare_cost(work) > 0:
+            prepared.append(work.name)
+        return prepare_layer(work, store, groups)
+
+    dq.model.prepare_layer = counting
+    # without a budget (each process prepares its share of the layers), under the smallest one,
+    # and with every process preparing every layer (DQ_SPLIT_PREPARE=0)
+    for run, budget, split in (("none", "", "1"), ("largest", "largest", "1"), ("unsplit", "", "0")):
+        os.environ["DQ_MOMENTS_BUDGET"], os.environ["DQ_SPLIT_PREPARE"] = budget, split
         pipe = tiny_pipeline("pixart", seed=0)
         calls = []
+        prepared.clear()
         pipe.transformer.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         dq.quantize(pipe, "w4a4", calib_prompts=prompts_for("pixart", 3), num_inference_steps=2, **kwargs)
-        result[budget or "none"] = {"state": dict(pipe.transformer.state_dict()), "calls": len(calls)}
+        result[run] = {"state": dict(pipe.transformer.state_dict()), "calls": len(calls), "prepared": list(prepared)}
+    dq.model.prepare_layer = prepare_layer
     os.environ.pop("DQ_MOMENTS_BUDGET")
+    os.environ.pop("DQ_SPLIT_PREPARE")
     torch.save(result, out / f"rank{rank}-budget.pt")
 
 

@@ -133,6 +133,22 @@ def test_two_processes_under_a_moments_budget(two_processes):
     assert all(torch.equal(got[0]["largest"]["state"][k], t) for k, t in got[1]["largest"]["state"].items())
 
 
+def test_two_processes_split_the_preparation(two_processes):
+    """Each process prepares (smoothing search, GPTQ) a share of the layers, disjoint and
+    together all of them, and receives the others': both hold the model each would make
+    preparing every layer itself, bit for bit."""
+    got = [torch.load(two_processes / f"rank{r}-budget.pt") for r in (0, 1)]
+    everything = got[0]["unsplit"]["prepared"]
+    assert sorted(everything) == sorted(got[1]["unsplit"]["prepared"]) and len(everything) > 4
+    for run in ("none", "largest"):
+        shares = [set(got[r][run]["prepared"]) for r in (0, 1)]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(everything), run
+        assert all(shares), run  # balanced by cost, not count (see test_shares_are_balanced_by_cost)
+    for rank in (0, 1):
+        want, have = got[rank]["unsplit"]["state"], got[rank]["none"]["state"]
+        assert [k for k in want if not torch.equal(want[k], have[k])] == []
+
+
 def test_two_processes_evaluate_like_one(two_processes):
     """dq.eval.evaluate on 2 processes: the same per-image scores in the same order, the same
     means, and the FID of all images (torchmetrics reduced the feature statistics)."""
@@ -187,3 +203,14 @@ def test_accelerate_launch_dq_quantize(tmp_path):
     assert "calibrating on 2 processes" in run.stderr
     assert run.stdout.count("quantized with recipe") == 1  # the main process alone reports and writes
     assert (out / "model_index.json").is_file()
+
+
+def test_shares_are_balanced_by_cost():
+    from dq.model import assign_shares
+
+    costs = {"big": 100.0, "a": 30.0, "b": 30.0, "c": 20.0, "d": 10.0, "e": 10.0}
+    shares = assign_shares(costs, 2)
+    loads = [sum(costs[n] for n in share) for share in shares]
+    assert shares[0] == ["big"] and sorted(shares[1]) == ["a", "b", "c", "d", "e"] and loads == [100.0, 100.0]
+    assert assign_shares(costs, 2) == shares  # the same on every process
+    assert sorted(n for share in assign_shares(costs, 3) for n in share) == sorted(costs)
