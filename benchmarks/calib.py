@@ -215,7 +215,7 @@ def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, 
             "one_process_wall_s": one["prepare_s"], "two_processes_wall_s": max(r["prepare_s"] for r in two),
             "one_process_passes_wall_s": one["passes_s"], "two_processes_passes_wall_s": max(r["passes_s"] for r in two),
             "one_process_cpu_s": one["prepare_cpu_s"], "two_processes_cpu_s_per_rank": [r["prepare_cpu_s"] for r in two],
-            "loadavg": os.getloadavg(),
+            "loadavg": os.getloadavg(), "split_prepare": os.environ.get("DQ_SPLIT_PREPARE", "1") != "0",
         })
         rows[-1]["speedup_wall"] = rows[-1]["one_process_wall_s"] / rows[-1]["two_processes_wall_s"]
         rows[-1]["speedup_passes_wall"] = rows[-1]["one_process_passes_wall_s"] / rows[-1]["two_processes_passes_wall_s"]
@@ -260,6 +260,8 @@ def main() -> None:
             result = sweep_procs(args.heads, args.depth, args.prompts, args.steps, args.repeats, args.recipe or "w8a8-rtn")
         result = {"recipe": RECIPE, "machine": note, "loadavg_at_end": os.getloadavg(), **result}
         suffix = f"-budget-{MOMENTS_BUDGET}" if MOMENTS_BUDGET and what == "size" else ""
+        if what == "procs" and args.recipe and args.recipe != "w8a8-rtn":
+            suffix = f"-{args.recipe}" + ("-unsplit" if os.environ.get("DQ_SPLIT_PREPARE") == "0" else "")
         (RESULTS / f"calib-{what}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
 
