@@ -14,6 +14,10 @@ adds: statistics, second moments, the prepared layers).
     python benchmarks/calib.py procs     # one process of one thread against two
     python benchmarks/calib.py all       # the three, then results/calib.json
 
+    python benchmarks/calib.py size --moments-budget largest --sizes 2x2,4x2,4x4
+                                         # second moments under DQ_MOMENTS_BUDGET (one layer's
+                                         # at a time); results/calib-size-budget-largest.json
+
 The results go to benchmarks/results/calib-<what>.json; see BENCHMARKS.md for the numbers and
 the FLUX.1 projection made from them.
 """
@@ -124,9 +128,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MOMENTS_BUDGET: str | None = None  # --moments-budget: DQ_MOMENTS_BUDGET of the calibrating children
+
+
 def run(mode: str, heads: int, depth: int, prompts: int, steps: int, processes: int = 1, recipe: str = RECIPE) -> list[dict]:
     """One measurement in `processes` fresh processes (gloo on CPU for 2); each row per rank."""
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DQ_DIST_TIMEOUT": "1800"}
+    base.pop("DQ_MOMENTS_BUDGET", None)
+    if MOMENTS_BUDGET and mode != "fp":
+        base["DQ_MOMENTS_BUDGET"] = MOMENTS_BUDGET
     port = _free_port()
     procs = []
     for r in range(processes):
@@ -177,10 +187,10 @@ def sweep_work(heads: int, depth: int) -> dict:
             "passes_per_prompt_step_over_fp": pb / fb}
 
 
-def sweep_size(prompts: int, steps: int) -> dict:
+def sweep_size(prompts: int, steps: int, sizes=SIZES) -> dict:
     """Time and peak memory against width (heads of 64) and depth."""
     rows = []
-    for heads, depth in SIZES:
+    for heads, depth in sizes:
         cal = run("calibrate", heads, depth, prompts, steps)[0]
         fp = run("fp", heads, depth, prompts, steps)[0]
         rows.append({
@@ -189,6 +199,7 @@ def sweep_size(prompts: int, steps: int) -> dict:
             "passes_cpu_s": cal["passes_cpu_s"], "calibrate_cpu_s": cal["prepare_cpu_s"], "fp_cpu_s": fp["passes_cpu_s"],
             "calibrate_peak_mb": cal["peak_rss_mb"], "fp_peak_mb": fp["peak_rss_mb"],
             "overhead_mb": cal["peak_rss_mb"] - fp["peak_rss_mb"], "stats_mb_per_pass": cal["stats_mb_per_pass"],
+            "moments_budget": MOMENTS_BUDGET, "loadavg": os.getloadavg(),
         })
         print(json.dumps(rows[-1]), flush=True)
     return {"prompts": prompts, "steps": steps, "rows": rows}
@@ -204,7 +215,7 @@ def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, 
             "one_process_wall_s": one["prepare_s"], "two_processes_wall_s": max(r["prepare_s"] for r in two),
             "one_process_passes_wall_s": one["passes_s"], "two_processes_passes_wall_s": max(r["passes_s"] for r in two),
             "one_process_cpu_s": one["prepare_cpu_s"], "two_processes_cpu_s_per_rank": [r["prepare_cpu_s"] for r in two],
-            "loadavg": os.getloadavg(),
+            "loadavg": os.getloadavg(), "split_prepare": os.environ.get("DQ_SPLIT_PREPARE", "1") != "0",
         })
         rows[-1]["speedup_wall"] = rows[-1]["one_process_wall_s"] / rows[-1]["two_processes_wall_s"]
         rows[-1]["speedup_passes_wall"] = rows[-1]["one_process_passes_wall_s"] / rows[-1]["two_processes_passes_wall_s"]
@@ -228,7 +239,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--recipe", default=None, help=f"recipe (default: {RECIPE}; procs: w8a8-rtn, whose cost is the passes)")
+    parser.add_argument("--moments-budget", default=None, help="DQ_MOMENTS_BUDGET for the calibrating runs (e.g. largest, 64MiB)")
+    default_sizes = ",".join(f"{h}x{d}" for h, d in SIZES)
+    parser.add_argument("--sizes", default=None, help=f"size sweep: HEADSxBLOCKS,... (default: {default_sizes})")
     args = parser.parse_args()
+    global MOMENTS_BUDGET
+    MOMENTS_BUDGET = args.moments_budget
+    sizes = tuple(tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")) if args.sizes else SIZES
     if args.what == "child":
         print(json.dumps(child(args.mode, args.heads, args.depth, args.prompts, args.steps, args.recipe or RECIPE)))
         return
@@ -238,11 +255,14 @@ def main() -> None:
         if what == "work":
             result = sweep_work(args.heads, args.depth)
         elif what == "size":
-            result = sweep_size(args.prompts, args.steps)
+            result = sweep_size(args.prompts, args.steps, sizes)
         else:
             result = sweep_procs(args.heads, args.depth, args.prompts, args.steps, args.repeats, args.recipe or "w8a8-rtn")
         result = {"recipe": RECIPE, "machine": note, "loadavg_at_end": os.getloadavg(), **result}
-        (RESULTS / f"calib-{what}.json").write_text(json.dumps(result, indent=2) + "\n")
+        suffix = f"-budget-{MOMENTS_BUDGET}" if MOMENTS_BUDGET and what == "size" else ""
+        if what == "procs" and args.recipe and args.recipe != "w8a8-rtn":
+            suffix = f"-{args.recipe}" + ("-unsplit" if os.environ.get("DQ_SPLIT_PREPARE") == "0" else "")
+        (RESULTS / f"calib-{what}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
 
 

@@ -224,7 +224,44 @@ def apply_quantization(
     set_execution(model, recipe.execution)
     install_dtype_guard(model)  # its float dtype is the one it was quantized in
     attach_quantizer(model)  # `save_pretrained` writes the quantization_config (dq.backend)
+    reapply_group_offloading(model)
     return replacements
+
+
+def group_offloaded(model: nn.Module) -> bool:
+    """Whether diffusers' group offloading (`enable_group_offload`) is on for `model`."""
+    try:
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    except ImportError:
+        return False
+    return bool(_is_group_offload_enabled(model))
+
+
+def reapply_group_offloading(model: nn.Module) -> None:
+    """Group offloading keeps references to the layers it moves (leaf level: a hook on each
+    layer; with streams: its tensors): after the swap it must be laid again over the quantized
+    layers, as diffusers does after fusing QKV or loading LoRA."""
+    if not group_offloaded(model):
+        return
+    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+    _maybe_remove_and_reapply_group_offloading(model)
+    logger.info("group offloading re-applied over the quantized layers")
+
+
+def check_offload(model: nn.Module) -> None:
+    """Refuse, before anything changes, a denoiser whose weights are not in memory: accelerate's
+    sequential CPU offload or a disk offload keep them on the meta device and load them per
+    forward, so there is nothing to quantize. (Model CPU offload moves the whole model and
+    group offloading is laid again over the quantized layers: both work.)"""
+    meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise DQError(
+            f"{type(model).__name__}'s weights are offloaded to the meta device ({len(meta)} tensors, e.g. "
+            f"{meta[0]!r}: accelerate's sequential CPU offload or a disk offload), so there is nothing to "
+            "quantize: call dq.quantize before pipe.enable_sequential_cpu_offload() (or after "
+            "pipe.remove_all_hooks()); enable_model_cpu_offload() and enable_group_offload() work as they are"
+        )
 
 
 def quantize(
@@ -284,6 +321,7 @@ def calibrate_pipeline(
             f"pass None for the recipe's calib_steps ({recipe.calib_steps})"
         )
     _, model = find_denoiser(pipe)
+    check_offload(model)
     steps = recipe.calib_steps if num_inference_steps is None else num_inference_steps
     recipe = resolve_budget(pipe, model, recipe, calib_prompts, steps, call_kwargs)  # a budget -> recipe.allocation
     return run_passes(pipe, Calibration(model, recipe, pipe=pipe, keep_stats=keep_stats), calib_prompts, steps, call_kwargs)

@@ -17,6 +17,11 @@ the layers are then prepared. Pass 2 collects the histograms of the *transformed
 remaining static layers (what they will quantize). Calibration-free recipes (weight-only,
 dynamic activations) need no pass at all.
 
+Under a second-moment budget (``DQ_MOMENTS_BUDGET`` / ``moments_budget=``) pass 1 collects the
+moments of the first layers that fit only; each further pass over the same inputs collects the
+next layers' moments, which are prepared and freed before the next: the moments held at once
+follow the budget (at least the largest layer's), not the model, and the model is the same.
+
 Each pass's statistics (`dq.calibrate.stats.StatsStore`: streaming, mergeable by sum/max/min)
 go through `reduce` when the pass ends (several processes merge theirs there) and can be
 saved with `Calibration.save_stats` and replayed with `Calibration.replay` (what
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibrate.hooks import Calibrator, CalibTarget
+from .calibrate import distributed
+from .calibrate.hooks import Calibrator, CalibTarget, moment_bytes
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
@@ -47,7 +55,8 @@ from .recipe import Recipe
 logger = logging.getLogger(__name__)
 
 CALIBRATION_ATTR = "_dq_calibration"
-STATS_FORMAT = 1
+STATS_FORMAT = 2  # 2: second moments held once per distinct input ("share|" entries)
+READABLE_STATS_FORMATS = ("1", "2")  # format 1 (one moment per layer) reads as is
 Reduce = Callable[[StatsStore], StatsStore]
 
 
@@ -58,10 +67,12 @@ class Calibration:
 
     def __init__(self, model: nn.Module, recipe: str | Recipe | dict[str, Any], *, pipe=None,
                  reduce: Reduce | None = None, keep_stats: bool = False,
-                 keep_rules: str = "the recipe's keep/overrides", plan: list | None = None):
-        from .engine import plan_model
+                 keep_rules: str = "the recipe's keep/overrides", plan: list | None = None,
+                 moments_budget: int | str | None = None):
+        from .engine import check_offload, plan_model
         from .outliers import plan_components
 
+        check_offload(model)
         self.model = model
         self.recipe = Recipe.from_any(recipe)
         if plan is None:
@@ -82,6 +93,12 @@ class Calibration:
         self.targets: list[CalibTarget] = []
         self._calibrator: Calibrator | None = None
         self._done_first: set[str] = set()
+        # second moments under a memory budget: the moment layers in chunks, one pass each
+        self.moments_budget = env_moments_budget() if moments_budget is None else parse_bytes(moments_budget)
+        self._chunks: list[list[str]] = []
+        self._first: StatsStore | None = None  # pass 1's channel statistics while chunks remain
+        self._split_prepare = False  # the statistics were merged across processes: split the work
+        self._loads: list[float] | None = None  # preparation cost given to each process so far
         self._advance(None)
 
     # -- the state machine ------------------------------------------------------------
@@ -101,13 +118,29 @@ class Calibration:
         if self.stage == "pass1" and store is None:
             first = calibration_targets(works, first_pass=True)
             if any(w.needs_channel_stats or w.needs_moment for w in works.values()):
-                self.targets = first
+                self._chunks = moment_chunks(first, self.moments_budget)
+                self.targets = self._with_moments(first, self._chunks[0] if self._chunks else [])
                 return  # pass 1 waits for inputs
             self._prepare_layers(None)
         elif self.stage == "pass1":
-            first = calibration_targets(works, first_pass=True)
-            self.groups = TimestepGroups.from_timesteps(store.timesteps(), self.recipe.timestep_groups)
-            self._prepare_layers(store)
+            if self._first is None:  # pass 1 proper: channel statistics, histograms, first moments
+                self.groups = TimestepGroups.from_timesteps(store.timesteps(), self.recipe.timestep_groups)
+                self._first = store
+                self.prepared = {}
+            view = StatsStore()  # pass 1's channel statistics with this pass's moments
+            view.by_layer, view.moments, view.shared = self._first.by_layer, store.moments, store.shared
+            have = view.moment_names()
+            self._chunks = [left for left in ([n for n in chunk if n not in have] for chunk in self._chunks) if left]
+            waiting = {n for chunk in self._chunks for n in chunk}
+            self._prepare_layers(view, [n for n in self.works if n not in self.prepared and n not in waiting])
+            if store is not self._first or not self.keep_stats:  # prepared: their moments go
+                store.moments, store.shared = {}, {}
+            if self._chunks:  # moments of the next layers, in another pass over the same inputs
+                logger.info("second moments under the budget of %s: %d more pass(es) over the inputs",
+                            format_bytes(self.moments_budget), len(self._chunks))
+                self.targets = self._with_moments([], self._chunks[0])
+                return
+            first, store, self._first = calibration_targets(works, first_pass=True), self._first, None
             # H is only needed to prepare the layers; the ranges need the histograms of the
             # layers whose input stays untransformed (copied: `store` may be kept as recorded)
             self._done_first = {t.name for t in first if t.histogram}
@@ -125,9 +158,29 @@ class Calibration:
             return
         self._finish()
 
-    def _prepare_layers(self, store: StatsStore | None) -> None:
+    def _prepare_layers(self, store: StatsStore | None, names: list[str] | None = None) -> None:
+        if self.prepared is None:
+            self.prepared = {}
+        names = list(self.works) if names is None else names
+        if self._split_prepare:  # each process prepares a share, then all exchange the results
+            if self._loads is None:
+                self._loads = [0.0] * distributed.world_size()
+            self.prepared.update(prepare_split(self.works, names, store, self.groups, self._loads))
+            return
         with torch.no_grad():
-            self.prepared = {name: prepare_layer(work, store, self.groups) for name, work in self.works.items()}
+            for name in names:
+                self.prepared[name] = prepare_layer(self.works[name], store, self.groups)
+        if len(self.prepared) == len(self.works):  # in plan order, whatever pass prepared them
+            self.prepared = {name: self.prepared[name] for name in self.works}
+
+    def _with_moments(self, first: list[CalibTarget], chunk: list[str]) -> list[CalibTarget]:
+        """Pass 1's targets collecting second moments for the layers of `chunk` only (first
+        empty: moment-only targets for `chunk`, a further pass under the budget)."""
+        wanted = set(chunk)
+        if first:
+            return [replace(t, second_moment=t.second_moment and t.name in wanted) for t in first]
+        return [replace(t, histogram=False, second_moment=True) for t in calibration_targets(self.works, first_pass=True)
+                if t.name in wanted]
 
     def _finish(self) -> None:
         self.stage, self.targets = "ready", []
@@ -138,17 +191,22 @@ class Calibration:
         # several processes (torch.distributed / accelerate): merged exactly; a no-op in one
         if reduce:
             store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
+            # every process now holds the same statistics: each prepares a share of the layers
+            self._split_prepare = self.reduce is None and distributed.active() and split_enabled()
         if not store.entries and not store.moments:
             raise DQError(
                 f"calibration pass {self.pass_number} saw no inputs: none of the {len(self.targets)} hooked layers "
                 f"of {type(self.model).__name__} ran. Run the model (its forward, with a timestep) between "
                 "dq.prepare and dq.convert, or inside `for _ in cal.passes(): ...`"
             )
-        if self.keep_stats:  # a replay prepares the layers again: pass 1's moments included
+        if self.keep_stats and self.stage == "pass1" and self._first is not None:
+            self.recorded["pass1"].moments.update(store.moments)  # a further pass's moments
+            self.recorded["pass1"].shared.update(store.shared)
+        elif self.keep_stats:  # a replay prepares the layers again: pass 1's moments included
             self.recorded[self.stage] = store
         logger.info(
             "calibration pass %d: %d layers over %d timesteps (branches: %s); statistics: %.1f MB",
-            self.pass_number, len(store.layers()) or len(store.moments), len(store.timesteps()),
+            self.pass_number, len(store.layers()) or len(store.moment_names()), len(store.timesteps()),
             ", ".join(store.branches()) or "-", store.nbytes() / 2**20,
         )
         return store
@@ -245,7 +303,7 @@ class Calibration:
             stage = self.stage
             if stage not in stages:
                 raise DQError(f"{path} holds no statistics for calibration {stage}; write it again with dq calibrate")
-            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - set(stages[stage].moments))
+            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - stages[stage].moment_names())
             if missing:
                 raise DQError(
                     f"{path} has no {stage} statistics for layers {missing[:5]}: it was written for another "
@@ -253,6 +311,126 @@ class Calibration:
                 )
             self.feed(stages[stage], reduce=False)
         return self
+
+
+SPLIT_ENV = "DQ_SPLIT_PREPARE"  # "0": every process prepares every layer
+
+
+def split_enabled() -> bool:
+    return os.environ.get(SPLIT_ENV, "1") != "0"
+
+
+def prepare_cost(work) -> float:
+    """Rough cost of preparing one layer: D^2 (D + out) for H's D x D work (GPTQ's Cholesky and
+    column sweep, the smoothing search's error tr(E H E^T) per alpha); 0 without components."""
+    if not (work.has_transform or work.lowrank or work.gptq):
+        return 0.0
+    width = float(work.channels * work.kernel)
+    return width * width * (width + work.module.weight.shape[0])
+
+
+def assign_shares(costs: dict[str, float], world: int, loads: list[float] | None = None) -> list[list[str]]:
+    """Layers per process, balanced by cost (largest first onto the least loaded process; the
+    same on every process: the order and ties are fixed). loads: each process's cost so far
+    (updated), so that successive calls (the passes under a moments budget) balance too."""
+    loads = [0.0] * world if loads is None else loads
+    shares: list[list[str]] = [[] for _ in range(world)]
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += costs[name]
+    return shares
+
+
+def _prepared_to(prepared: PreparedLayer, device: torch.device | str) -> PreparedLayer:
+    if prepared.weight is not None:
+        prepared.weight = prepared.weight.to(device)
+    if prepared.weight_codes is not None:
+        prepared.weight_codes = tuple(None if t is None else t.to(device) for t in prepared.weight_codes)
+    for part in ("input_transform", "branch"):
+        module = getattr(prepared, part)
+        if module is not None:
+            setattr(prepared, part, module.to(device))
+    return prepared
+
+
+def prepare_split(works: dict, names: list[str], store: StatsStore | None, groups: TimestepGroups,
+                  loads: list[float] | None = None) -> dict[str, PreparedLayer]:
+    """Prepare `names` across the processes: each prepares its share (balanced by
+    `prepare_cost`), then every process receives every prepared layer, so all hold the model one
+    process preparing all would make, bit for bit (the statistics are the same everywhere)."""
+    world, me = distributed.world_size(), distributed.rank()
+    costly = {n: prepare_cost(works[n]) for n in names}
+    shares = assign_shares({n: c for n, c in costly.items() if c > 0}, world, loads)
+    out: dict[str, PreparedLayer] = {}
+    with torch.no_grad():
+        for name in names:
+            if costly[name] == 0:  # nothing to prepare: no exchange
+                out[name] = prepare_layer(works[name], store, groups)
+        mine = {name: _prepared_to(prepare_layer(works[name], store, groups), "cpu") for name in shares[me]}
+    logger.info("preparing %d of %d layers on this process (%d processes)", len(mine), sum(map(len, shares)), world)
+    for theirs in distributed.gather_objects(mine, "the exchange of the prepared layers"):
+        for name, prepared in theirs.items():
+            out[name] = _prepared_to(prepared, works[name].module.weight.device)
+    return out
+
+
+MOMENTS_BUDGET_ENV = "DQ_MOMENTS_BUDGET"
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int | str:
+    """A byte count with explicit units ("512MiB", "2 GB", "100B"), or "largest" (one layer's
+    second moment at a time)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise DQError(f"moments budget must be positive, got {text}")
+        return text
+    raw = str(text).strip().lower().replace(" ", "")
+    if raw == "largest":
+        return "largest"
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise DQError(
+            f"moments budget {text!r}: give bytes with explicit units (e.g. 512MiB, 2GB, 100B) or 'largest'"
+        )
+    return int(value * _UNITS[unit])
+
+
+def format_bytes(budget: int | str | None) -> str:
+    return budget if isinstance(budget, str) else "-" if budget is None else f"{budget / 2**20:.1f} MiB"
+
+
+def env_moments_budget() -> int | str | None:
+    """The second-moment budget from ``DQ_MOMENTS_BUDGET`` (None: no budget, one pass)."""
+    raw = os.environ.get(MOMENTS_BUDGET_ENV, "").strip()
+    return parse_bytes(raw) if raw else None
+
+
+def moment_chunks(targets: list[CalibTarget], budget: int | str | None) -> list[list[str]]:
+    """The layers that collect second moments, in consecutive groups whose float32 moments fit
+    in `budget` bytes together (a layer larger than the budget alone; "largest": one layer per
+    group). Counted unshared: layers that share an input only make a group smaller."""
+    chunks: list[list[str]] = []
+    size = 0
+    for target in targets:
+        if not target.second_moment:
+            continue
+        need = moment_bytes(target)
+        fits = budget is None or (isinstance(budget, int) and size + need <= budget)
+        if chunks and fits:
+            chunks[-1].append(target.name)
+            size += need
+        else:
+            chunks.append([target.name])
+            size = need
+    return chunks
 
 
 def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
@@ -268,8 +446,11 @@ def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
         data = load_file(path)
     except (OSError, ValueError, SafetensorError) as exc:
         raise DQError(f"{path} is not a readable dq statistics file ({exc}); write it again with dq calibrate") from exc
-    if meta.get("dq_stats_format") != str(STATS_FORMAT):
-        raise DQError(f"{path} is not a dq statistics file of format {STATS_FORMAT} (metadata: {sorted(meta)}); write it again with dq calibrate")
+    if meta.get("dq_stats_format") not in READABLE_STATS_FORMATS:
+        raise DQError(
+            f"{path} is not a dq statistics file of format {' or '.join(READABLE_STATS_FORMATS)} (format "
+            f"{meta.get('dq_stats_format')!r}, metadata: {sorted(meta)}); write it again with dq calibrate"
+        )
     if meta.get("model_class") != type(cal.model).__name__:
         raise DQError(f"{path} was written for a {meta.get('model_class')}, not a {type(cal.model).__name__}")
     recorded = Recipe.from_dict(json.loads(meta["recipe"]))
@@ -293,7 +474,8 @@ def read_stats(path: str | Path, cal: Calibration) -> dict[str, StatsStore]:
 
 
 def prepare(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", *, pipe=None,
-            reduce: Reduce | None = None, keep_stats: bool = False) -> Calibration:
+            reduce: Reduce | None = None, keep_stats: bool = False,
+            moments_budget: int | str | None = None) -> Calibration:
     """Plan `model`'s quantization with `recipe` and hook the layers whose statistics the recipe
     needs. Run the model over calibration inputs (inside ``for _ in cal.passes():`` when the
     recipe may need two passes), then call `dq.convert(model)`.
@@ -302,13 +484,18 @@ def prepare(model: nn.Module, recipe: str | Recipe | dict[str, Any] = "w8a8", *,
     batches). reduce: applied to each pass's statistics when it ends; default: the exact merge
     across the processes of a torch.distributed / accelerate launch (`StatsStore.all_reduce_`,
     `dq.calibrate.distributed`; nothing in a single process). keep_stats: keep every pass's statistics
-    for `Calibration.save_stats` (costs the second moments' memory until convert)."""
+    for `Calibration.save_stats` (costs the second moments' memory until convert).
+    moments_budget: bytes (an int, or text with explicit units: "4GiB") of second moments
+    held at once, or "largest" (one layer's); default ``DQ_MOMENTS_BUDGET``, else no bound.
+    Under a budget `cal.passes()` yields further passes over the same inputs, each collecting
+    the moments of the next layers that fit, which are then prepared and freed: the model is
+    the unbounded one, bit for bit."""
     if not isinstance(model, nn.Module):
         raise DQError(f"dq.prepare takes the denoiser module (pipe.transformer or pipe.unet), got {type(model).__name__}")
     current = getattr(model, CALIBRATION_ATTR, None)
     if current is not None:
         raise DQError(f"{type(model).__name__} is already being calibrated (dq.prepare was called); call dq.convert(model) or cal.close() first")
-    cal = Calibration(model, recipe, pipe=pipe, reduce=reduce, keep_stats=keep_stats)
+    cal = Calibration(model, recipe, pipe=pipe, reduce=reduce, keep_stats=keep_stats, moments_budget=moments_budget)
     setattr(model, CALIBRATION_ATTR, cal)
     cal.start_pass()
     return cal

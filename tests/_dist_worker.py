@@ -35,6 +35,18 @@ def random_store(rank: int, seed: int = 0):
                 store.add((layer, t, b), ActivationStats.from_rows(rows, 64))
         if rank == 0 or layer != "only1":
             store.add_moment(layer, SecondMoment.from_rows(torch.randn(50, 8, generator=gen)))
+    # moments shared by layers that read one input: on both ranks (stays shared), on rank 0
+    # only (rank 1 saw two inputs: must be split before the sum), on rank 1 only (rank 0 has
+    # neither layer: stays shared)
+    store.add_moment("share.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+    store.shared["share.b"] = "share.a"
+    store.add_moment("split.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+    if rank == 0:
+        store.shared["split.b"] = "split.a"
+    else:
+        store.add_moment("split.b", SecondMoment.from_rows(torch.randn(30, 8, generator=gen) * 3))
+        store.add_moment("one.a", SecondMoment.from_rows(torch.randn(30, 8, generator=gen)))
+        store.shared["one.b"] = "one.a"
     return store
 
 
@@ -59,6 +71,40 @@ def scenario_quantize(out: Path, rank: int) -> None:
     images = generate_images(pipe, prompts[:2], num_inference_steps=3, progress=False, **kwargs)
     torch.save({"state": state, "images": [torch.tensor(list(im.getdata())) for im in images]},
                out / f"rank{rank}-quantize.pt")
+
+
+def scenario_budget(out: Path, rank: int) -> None:
+    """w4a4 (smoothing search + GPTQ) on both ranks: the layers' preparation split between them
+    or not, without a moments budget or under the smallest one (one layer's moment per pass)."""
+    import dq
+    import dq.model
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    kwargs = {k: v for k, v in default_call_kwargs("pixart").items() if k not in ("num_inference_steps", "output_type")}
+    result = {}
+    prepare_layer = dq.model.prepare_layer
+    prepared: list[str] = []
+
+    def counting(work, store, groups):
+        if dq.model.prepare_cost(work) > 0:
+            prepared.append(work.name)
+        return prepare_layer(work, store, groups)
+
+    dq.model.prepare_layer = counting
+    # without a budget (each process prepares its share of the layers), under the smallest one,
+    # and with every process preparing every layer (DQ_SPLIT_PREPARE=0)
+    for run, budget, split in (("none", "", "1"), ("largest", "largest", "1"), ("unsplit", "", "0")):
+        os.environ["DQ_MOMENTS_BUDGET"], os.environ["DQ_SPLIT_PREPARE"] = budget, split
+        pipe = tiny_pipeline("pixart", seed=0)
+        calls = []
+        prepared.clear()
+        pipe.transformer.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        dq.quantize(pipe, "w4a4", calib_prompts=prompts_for("pixart", 3), num_inference_steps=2, **kwargs)
+        result[run] = {"state": dict(pipe.transformer.state_dict()), "calls": len(calls), "prepared": list(prepared)}
+    dq.model.prepare_layer = prepare_layer
+    os.environ.pop("DQ_MOMENTS_BUDGET")
+    os.environ.pop("DQ_SPLIT_PREPARE")
+    torch.save(result, out / f"rank{rank}-budget.pt")
 
 
 def eval_result() -> dict:
@@ -125,7 +171,7 @@ def scenario_hang(out: Path, rank: int) -> None:
     (out / f"rank{rank}-hang.txt").write_text(f"{time.monotonic() - began:.1f}\n{message}")
 
 
-SCENARIOS = {"eval": scenario_eval, "hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "disagree": scenario_disagree, "die": scenario_die}
+SCENARIOS = {"eval": scenario_eval, "hang": scenario_hang, "reduce": scenario_reduce, "quantize": scenario_quantize, "budget": scenario_budget, "disagree": scenario_disagree, "die": scenario_die}
 
 
 def main() -> int:

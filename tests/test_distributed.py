@@ -66,7 +66,7 @@ def _launch(out: Path, scenarios: list[str], timeout: float, wait_for: tuple[int
 def two_processes(tmp_path_factory) -> Path:
     """One launch of two processes running the merge, quantize, disagree and die scenarios."""
     out = tmp_path_factory.mktemp("dist")
-    procs = _launch(out, ["reduce", "quantize", "eval", "disagree", "die"], timeout=30)
+    procs = _launch(out, ["reduce", "quantize", "budget", "eval", "disagree", "die"], timeout=30)
     logs = {r: p.stdout.read() for r, p in procs.items()}
     assert procs[0].returncode == 0, logs[0][-3000:]
     assert procs[1].returncode == 17, logs[1][-3000:]  # rank 1 dies on purpose at the end
@@ -94,6 +94,12 @@ def test_all_reduce_is_the_exact_merge(two_processes):
         for layer, want in expected.moments.items():
             assert got.moments[layer].count == want.count
             torch.testing.assert_close(got.moments[layer].sum, want.sum, rtol=1e-6, atol=1e-6)
+        # one moment per distinct input: kept shared where every rank agrees, split where not
+        assert got.shared == expected.shared == {"share.b": "share.a", "one.b": "one.a"}
+        assert got.moment_names() == expected.moment_names()
+        for layer in expected.moment_names():
+            assert got.moment(layer).count == expected.moment(layer).count, layer
+            torch.testing.assert_close(got.moment(layer).sum, expected.moment(layer).sum, rtol=1e-6, atol=1e-6)
     # the histogram ranges really differed between the processes (rank 1's are 8x wider)
     one, two = _worker_module().random_store(0), _worker_module().random_store(1)
     assert one.entries[("blk.a", 500.0, "uncond")].hist_exp < two.entries[("blk.a", 500.0, "uncond")].hist_exp
@@ -114,6 +120,33 @@ def test_two_processes_quantize_like_one(two_processes):
         torch.testing.assert_close(got[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     for mine, theirs in zip(got[0]["images"], want["images"]):
         assert (mine.float() - theirs.float()).abs().max() <= 2  # 8-bit pixel levels
+
+
+def test_two_processes_under_a_moments_budget(two_processes):
+    """Under DQ_MOMENTS_BUDGET the two processes run more passes (each merged) and end with the
+    model of the unbounded two-process run, bit for bit, both the same."""
+    got = [torch.load(two_processes / f"rank{r}-budget.pt") for r in (0, 1)]
+    for rank in (0, 1):
+        want, have = got[rank]["none"], got[rank]["largest"]
+        assert have["calls"] > want["calls"]
+        assert [k for k in want["state"] if not torch.equal(want["state"][k], have["state"][k])] == []
+    assert all(torch.equal(got[0]["largest"]["state"][k], t) for k, t in got[1]["largest"]["state"].items())
+
+
+def test_two_processes_split_the_preparation(two_processes):
+    """Each process prepares (smoothing search, GPTQ) a share of the layers, disjoint and
+    together all of them, and receives the others': both hold the model each would make
+    preparing every layer itself, bit for bit."""
+    got = [torch.load(two_processes / f"rank{r}-budget.pt") for r in (0, 1)]
+    everything = got[0]["unsplit"]["prepared"]
+    assert sorted(everything) == sorted(got[1]["unsplit"]["prepared"]) and len(everything) > 4
+    for run in ("none", "largest"):
+        shares = [set(got[r][run]["prepared"]) for r in (0, 1)]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(everything), run
+        assert all(shares), run  # balanced by cost, not count (see test_shares_are_balanced_by_cost)
+    for rank in (0, 1):
+        want, have = got[rank]["unsplit"]["state"], got[rank]["none"]["state"]
+        assert [k for k in want if not torch.equal(want[k], have[k])] == []
 
 
 def test_two_processes_evaluate_like_one(two_processes):
@@ -170,3 +203,14 @@ def test_accelerate_launch_dq_quantize(tmp_path):
     assert "calibrating on 2 processes" in run.stderr
     assert run.stdout.count("quantized with recipe") == 1  # the main process alone reports and writes
     assert (out / "model_index.json").is_file()
+
+
+def test_shares_are_balanced_by_cost():
+    from dq.model import assign_shares
+
+    costs = {"big": 100.0, "a": 30.0, "b": 30.0, "c": 20.0, "d": 10.0, "e": 10.0}
+    shares = assign_shares(costs, 2)
+    loads = [sum(costs[n] for n in share) for share in shares]
+    assert shares[0] == ["big"] and sorted(shares[1]) == ["a", "b", "c", "d", "e"] and loads == [100.0, 100.0]
+    assert assign_shares(costs, 2) == shares  # the same on every process
+    assert sorted(n for share in assign_shares(costs, 3) for n in share) == sorted(costs)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DQError
-from .stats import ActivationStats, SecondMoment, StatsStore
+from .stats import ActivationStats, SecondMoment, StatsStore, unshared_layers
 
 logger = logging.getLogger(__name__)
 
@@ -213,14 +213,27 @@ def all_reduce_store(store: StatsStore, group=None) -> StatsStore:
     meta = {
         "entries": {layer: {k: _entry_meta(s) for k, s in steps.items()} for layer, steps in store.by_layer.items()},
         "moments": {layer: (tuple(m.sum.shape), m.count) for layer, m in store.moments.items()},
+        "shared": dict(store.shared),
     }
     metas = gather_objects(meta, "the merge of calibration statistics", group)
     device = _comm_device(group)
     layers = sorted({layer for m in metas for layer in m["entries"]})
     for layer in layers:
         _reduce_layer(store, layer, [m["entries"].get(layer, {}) for m in metas], device, group)
-    for layer in sorted({layer for m in metas for layer in m["moments"]}):
-        _reduce_moment(store, layer, [m["moments"].get(layer) for m in metas], device, group)
+    # one sum per distinct input: a layer stays shared only where every process agrees (else
+    # each process gives it its own copy first, and it is reduced on its own)
+    maps = [(m["shared"], set(m["moments"]) | set(m["shared"])) for m in metas]
+    split = unshared_layers(maps)
+    store.unshare(split)
+    own: dict[str, dict[int, tuple]] = {}
+    for m in metas:
+        for layer, canon in m["shared"].items():
+            if layer in split:
+                own.setdefault(layer, {})[id(m)] = m["moments"][canon]
+    for layer in sorted({layer for m in metas for layer in m["moments"]} | split):
+        held = [m["moments"].get(layer) or own.get(layer, {}).get(id(m)) for m in metas]
+        _reduce_moment(store, layer, held, device, group)
+    store.shared = {layer: canon for shared, _ in maps for layer, canon in shared.items() if layer not in split}
     return store
 
 

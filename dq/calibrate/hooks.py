@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,9 +137,12 @@ class Calibrator:
         self.prompt_batch: int | None = None  # images the current pipeline call makes
         self.moments_on_cpu = moments_on_cpu(self.layers, next(denoiser.parameters(), torch.empty(0)).device)
 
+        self.moments = SharedMoments(self.store, self.moments_on_cpu, os.environ.get(SHARE_ENV, "1") != "0")
+
     def __enter__(self) -> Calibrator:
         try:
             self.hooks.pre_hook(self.denoiser, self._on_denoiser, with_kwargs=True)
+            self.hooks.handles.append(self.denoiser.register_forward_hook(lambda *_: self.moments.flush_all()))
             for target in self.layers:
                 self.hooks.pre_hook(target.module, self._layer_hook(target))
         except Exception:
@@ -148,6 +152,7 @@ class Calibrator:
 
     def __exit__(self, *exc) -> None:
         self.hooks.remove_all()
+        self.moments.finish()
 
     def _on_denoiser(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = read_timestep(self._t_pos, args, kwargs)
@@ -183,10 +188,155 @@ class Calibrator:
                 stats = ActivationStats.from_rows(as_rows(part, channel_dim), bins)
                 self.store.add((name, self.timestep, branch), stats)
             if target.second_moment:
-                rows = conv_rows(x, target.unfold) if target.unfold is not None else as_rows(x, channel_dim)
-                moment = SecondMoment.from_rows(rows)
-                if self.moments_on_cpu:  # one d x d product on the device at a time; the sums in host memory
-                    moment.sum = moment.sum.cpu()
-                self.store.add_moment(name, moment)
+                self.moments.add(target, x)
 
         return hook
+
+
+SHARE_ENV = "DQ_SHARE_MOMENTS"  # "0": one second moment per layer, as before sharing
+
+
+class _Group:
+    """Layers whose inputs were the identical tensor in every call so far: one sum for all."""
+
+    def __init__(self, members: list[str], total: SecondMoment | None, adds: int) -> None:
+        self.members = members  # in first-seen order; the first names the sum in the store
+        self.total = total  # sum of the flushed calls' products
+        self.adds = adds  # calls flushed into `total`
+        self.pending: SecondMoment | None = None  # this call's product, until every member saw it
+        self.seen: set[str] = set()
+        self.last: tuple | None = None  # (weakref, version, signature) of the last input
+
+
+def _content(x: torch.Tensor):
+    """What changes when `x` is modified in place: its version counter, or (an inference tensor
+    has none) the integer sum of its bits, with its storage address."""
+    try:
+        return x._version
+    except RuntimeError:
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        return x.data_ptr(), int(x.detach().reshape(-1).view(bits).sum(dtype=torch.int64))
+
+
+def _identity(x: torch.Tensor, signature) -> tuple | None:
+    """What identifies `x` while it lives (None: cannot tell)."""
+    try:
+        return weakref.ref(x), _content(x), signature
+    except (RuntimeError, TypeError, KeyError):
+        return None
+
+
+def _same(x: torch.Tensor, mark: tuple | None, signature) -> bool:
+    """Whether `x` is the very tensor `mark` was taken of, unchanged since."""
+    if mark is None:
+        return False
+    ref, content, sig = mark
+    if ref() is not x or sig != signature:
+        return False
+    try:
+        return _content(x) == content
+    except (RuntimeError, TypeError, KeyError):
+        return False
+
+
+class SharedMoments:
+    """Second moments H = sum x x^T, one per distinct input.
+
+    Layers fed the identical tensor (the same object, unchanged since: its version counter,
+    or under inference mode its address and the sum of its bits) in every call share one sum: the product is computed once, when the first of them sees the
+    input, and added when every member has seen it (or the denoiser call ends). A member whose
+    input differs in some call (or that was not called) leaves the group with a copy of the sum
+    before that call, so every layer's H is exactly the sum of its own inputs' products, in the
+    same order as without sharing: the results are bit-identical, the memory and the D x D
+    products drop. A layer joins a group only in the group's first call."""
+
+    def __init__(self, store: StatsStore, on_cpu: bool, share: bool) -> None:
+        self.store = store
+        self.on_cpu = on_cpu
+        self.share = share
+        self.group_of: dict[str, _Group] = {}
+        self.groups: list[_Group] = []
+
+    @staticmethod
+    def _product(target: CalibTarget, x: torch.Tensor) -> SecondMoment:
+        rows = conv_rows(x, target.unfold) if target.unfold is not None else as_rows(x, target.channel_dim)
+        return SecondMoment.from_rows(rows)
+
+    def _new_group(self, name: str, total: SecondMoment | None, adds: int) -> _Group:
+        group = _Group([name], total, adds)
+        self.groups.append(group)
+        self.group_of[name] = group
+        return group
+
+    def _start(self, group: _Group, name: str, target: CalibTarget, x: torch.Tensor, signature) -> None:
+        group.pending = self._product(target, x)
+        group.seen = {name}
+        group.last = _identity(x, signature) if self.share else None
+        if len(group.seen) == len(group.members):
+            self._flush(group)
+
+    def _flush(self, group: _Group) -> None:
+        moment, group.pending = group.pending, None
+        if moment is None:
+            return
+        absent = [m for m in group.members if m not in group.seen]
+        for name in absent:  # not called in this call: its H stays the sum before it
+            group.members.remove(name)
+            self._new_group(name, None if group.total is None else group.total.copy(), group.adds)
+        if self.on_cpu:  # one d x d product on the device at a time; the sums in host memory
+            moment.sum = moment.sum.cpu()
+        group.total = moment if group.total is None else group.total.merge_(moment)
+        group.adds += 1
+        group.seen = set()
+
+    def add(self, target: CalibTarget, x: torch.Tensor) -> None:
+        name = target.name
+        signature = (target.channel_dim, repr(target.unfold)) if self.share and target.transform is None else None
+        group = self.group_of.get(name)
+        if group is None:
+            if signature is not None:
+                for other in self.groups:  # join the group whose only call so far read this very tensor
+                    if _same(x, other.last, signature) and (
+                        (other.pending is not None and other.adds == 0) or (other.pending is None and other.adds == 1)
+                    ):
+                        other.members.append(name)
+                        self.group_of[name] = other
+                        if other.pending is not None:
+                            other.seen.add(name)
+                            if len(other.seen) == len(other.members):
+                                self._flush(other)
+                        return
+            group = self._new_group(name, None, 0)
+            self._start(group, name, target, x, signature)
+            return
+        if group.pending is not None:
+            if name in group.seen:  # a new call began before every member saw the last one
+                self._flush(group)
+            elif signature is not None and _same(x, group.last, signature):
+                group.seen.add(name)
+                if len(group.seen) == len(group.members):
+                    self._flush(group)
+                return
+            else:  # another input than the group's in this call: leave with the sum before it
+                group.members.remove(name)
+                left = self._new_group(name, None if group.total is None else group.total.copy(), group.adds)
+                if len(group.seen) == len(group.members):
+                    self._flush(group)
+                group = left
+        self._start(group, name, target, x, signature)
+
+    def flush_all(self) -> None:
+        for group in self.groups:
+            self._flush(group)
+
+    def finish(self) -> None:
+        """Flush every pending product and write the sums into the store."""
+        self.flush_all()
+        for group in self.groups:
+            if group.total is None:
+                continue
+            first, *others = group.members
+            self.store.add_moment(first, group.total)
+            for name in others:
+                self.store.shared[name] = first
+        self.groups, self.group_of = [], {}

@@ -10,7 +10,7 @@ max or min, which is what several processes need to calibrate together.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +138,23 @@ class SecondMoment:
 Key = tuple[str, float, str]  # (layer name, timestep value, branch)
 StepKey = tuple[float, str]  # (timestep value, branch) within one layer
 _MOMENT = "moment|"  # state-dict prefix of second moments
+_SHARE = "share|"  # state-dict prefix of "layer|canonical": the layer reads the canonical's moment
+
+
+def unshared_layers(maps: Sequence[tuple[dict[str, str], set[str]]]) -> set[str]:
+    """Layers whose shared second moment cannot stay shared when stores are merged.
+
+    maps: per store, (its `shared` map, the names of all layers it has a moment for). A layer l
+    may read c's moment in the merge only if every store either has l -> c or has neither l nor
+    c (it contributed nothing to both): otherwise the merged sums of l and c differ."""
+    aliased = {(layer, canon) for shared, _ in maps for layer, canon in shared.items()}
+    out = set()
+    for layer, canon in aliased:
+        for shared, names in maps:
+            if shared.get(layer) != canon and (layer in names or canon in names):
+                out.add(layer)
+                break
+    return out
 
 
 class StatsStore:
@@ -145,11 +162,17 @@ class StatsStore:
     branch)]``, so a lookup touches one layer's entries, never the whole run.
 
     Every field reduces by sum, max or min, so several processes merge their stores exactly
-    with `all_reduce_` (see `dq.calibrate.distributed`)."""
+    with `all_reduce_` (see `dq.calibrate.distributed`).
+
+    Second moments are held once per distinct input: layers fed the identical tensor in every
+    call (attention q/k/v, FLUX single blocks' MLP-in and attention projections) read one sum.
+    ``moments`` is keyed by the first such layer; ``shared`` maps each other one to it, and
+    `moment(layer)` resolves it."""
 
     def __init__(self) -> None:
         self.by_layer: dict[str, dict[StepKey, ActivationStats]] = {}
         self.moments: dict[str, SecondMoment] = {}
+        self.shared: dict[str, str] = {}  # layer -> the layer whose moment it reads
 
     @property
     def entries(self) -> dict[Key, ActivationStats]:
@@ -179,13 +202,31 @@ class StatsStore:
             current.merge_(moment)
 
     def moment(self, layer: str) -> SecondMoment | None:
-        return self.moments.get(layer)
+        return self.moments.get(self.shared.get(layer, layer))
+
+    def moment_names(self) -> set[str]:
+        """Every layer with a second moment (its own or a shared one)."""
+        return set(self.moments) | set(self.shared)
+
+    def unshare(self, layers: Iterable[str]) -> None:
+        """Give each of `layers` its own copy of the moment it shares (exact: same sum)."""
+        for layer in layers:
+            canon = self.shared.pop(layer, None)
+            if canon is not None and canon in self.moments:
+                self.moments[layer] = self.moments[canon].copy()
 
     def merge_(self, other: StatsStore) -> StatsStore:
         for layer, steps in other.by_layer.items():
             for (t, b), stats in steps.items():
                 self.add((layer, t, b), stats.copy())
-        for layer, moment in other.moments.items():
+        split = unshared_layers([(self.shared, self.moment_names()), (other.shared, other.moment_names())])
+        self.unshare(split)
+        for layer in other.moment_names():
+            canon = other.shared.get(layer)
+            if canon is not None and layer not in split:
+                self.shared[layer] = canon
+                continue
+            moment = other.moment(layer)
             self.add_moment(layer, moment.copy())
         return self
 
@@ -228,13 +269,20 @@ class StatsStore:
         for layer, moment in self.moments.items():
             out[f"{_MOMENT}{layer}|sum"] = moment.sum
             out[f"{_MOMENT}{layer}|count"] = torch.tensor(moment.count, dtype=torch.int64)
+        for layer, canon in self.shared.items():
+            out[f"{_SHARE}{layer}|{canon}"] = torch.zeros(0, dtype=torch.int8)
         return out
 
     @classmethod
     def from_state_dict(cls, data: dict[str, torch.Tensor]) -> StatsStore:
         grouped: dict[Key, dict[str, torch.Tensor]] = {}
         moments: dict[str, dict[str, torch.Tensor]] = {}
+        shared: dict[str, str] = {}
         for flat, tensor in data.items():
+            if flat.startswith(_SHARE):
+                layer, canon = flat[len(_SHARE) :].rsplit("|", 1)
+                shared[layer] = canon
+                continue
             if flat.startswith(_MOMENT):
                 layer, field_name = flat[len(_MOMENT) :].rsplit("|", 1)
                 moments.setdefault(layer, {})[field_name] = tensor
@@ -244,6 +292,10 @@ class StatsStore:
         store = cls()
         for layer, fields_ in moments.items():
             store.moments[layer] = SecondMoment(fields_["sum"], int(fields_["count"]))
+        for layer, canon in shared.items():
+            if canon not in store.moments:
+                raise DQError(f"statistics: layer {layer!r} shares the second moment of {canon!r}, which is missing")
+            store.shared[layer] = canon
         for key, fields_ in grouped.items():
             store.add(key, ActivationStats.from_tensors(fields_))
         return store
