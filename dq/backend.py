@@ -556,10 +556,67 @@ def dequantize(target: Any) -> Any:
     return target
 
 
+def _expand_lora_state_dict(cls: type, transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict:
+    """`FluxLoraLoaderMixin._maybe_expand_lora_state_dict` for a dq-quantized transformer.
+
+    diffusers' version (run by ``FluxPipeline.load_lora_weights``, not by the model's own
+    ``load_lora_adapter``) reads each target's input width from ``transformer.state_dict()[name +
+    ".weight"]``, which a dq model does not hold (its layers store ``qweight``): a KeyError. This
+    one reads the width from the layer (`in_features`) and does the same thing: a LoRA narrower than
+    its layer (a Flux Control LoRA loaded after one that widened the input) gets zero columns; a
+    wider one is refused."""
+    prefix, suffix = f"{cls.transformer_name}.", ".lora_A.weight"
+    modules = dict(transformer.named_modules())
+    for key in list(lora_state_dict):
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix):-len(suffix)]
+        module = modules.get(name)
+        if module is None:  # diffusers ignores it here; the model's load_lora_adapter names it (DQError)
+            continue
+        module = getattr(module, "base_layer", module)  # already wrapped by peft (a second adapter)
+        width, lora_a = getattr(module, "in_features", None), lora_state_dict[key]
+        if width is None or width == lora_a.shape[1]:
+            continue
+        if width < lora_a.shape[1]:
+            raise DQError(
+                f"the LoRA's {name}.lora_A.weight takes {lora_a.shape[1]} input features and the quantized layer "
+                f"{name} has {width}: a LoRA that widens a layer's input (a Flux Control LoRA) needs that layer in "
+                "full precision; keep it out of quantization (DQConfig(modules_to_not_convert=[...]) or the recipe's "
+                "keep) and quantize again"
+            )
+        expanded = lora_a.new_zeros(lora_a.shape[0], width)
+        expanded[:, : lora_a.shape[1]] = lora_a
+        lora_state_dict[key] = expanded
+    return lora_state_dict
+
+
+def _patch_flux_lora_loader() -> None:
+    """Route `_maybe_expand_lora_state_dict` of diffusers' Flux LoRA loader to
+    `_expand_lora_state_dict` for dq-quantized transformers (others keep diffusers' own)."""
+    try:
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    except ImportError:  # a diffusers without it: nothing to patch
+        return
+    original = FluxLoraLoaderMixin.__dict__.get("_maybe_expand_lora_state_dict")
+    if not isinstance(original, classmethod) or getattr(original.__func__, "_dq_patched", False):
+        return
+
+    def expand(cls, transformer, lora_state_dict):
+        if any(isinstance(m, QuantModule) for m in transformer.modules()):
+            return _expand_lora_state_dict(cls, transformer, lora_state_dict)
+        return original.__func__(cls, transformer, lora_state_dict)
+
+    expand._dq_patched = True
+    expand.__doc__ = _expand_lora_state_dict.__doc__
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(expand)
+
+
 def register() -> None:
     """Register the dq backend with diffusers (done when dq is imported)."""
     _auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DQQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DQConfig
+    _patch_flux_lora_loader()
 
 
 register()

@@ -182,9 +182,11 @@ def test_adapters_train_on_a_quantized_model(recipe):
             assert all(b.grad is None for b in module.buffers(recurse=False))
 
 
-def test_flux_lora_through_the_model():
-    """FluxPipeline.load_lora_weights reads each target's `.weight` from the state dict (which a dq
-    model does not hold); the model's own load_lora_adapter works and matches full precision."""
+@pytest.mark.parametrize("entry", ["pipeline", "model"])
+def test_flux_lora(entry):
+    """FluxPipeline.load_lora_weights (diffusers' Flux loader reads each target's `.weight` from the
+    state dict, which a dq model does not hold: dq routes that step for its models) and the model's
+    own load_lora_adapter: both load, and change the output as on full precision."""
     kind = "flux"
     kw = {**default_call_kwargs(kind), "output_type": "latent"}
 
@@ -200,10 +202,32 @@ def test_flux_lora_through_the_model():
     q = dq.quantize(tiny_pipeline(kind), "w8a8", calib_prompts=prompts_for(kind, 2), num_inference_steps=2, **calib)
     fp0, q0 = run(fp), run(q)
     for pipe in (fp, q):
-        pipe.transformer.load_lora_adapter(state, prefix="transformer", adapter_name="a")
+        if entry == "pipeline":
+            pipe.load_lora_weights(dict(state), adapter_name="a")
+        else:
+            pipe.transformer.load_lora_adapter(dict(state), prefix="transformer", adapter_name="a")
     fp1, q1 = run(fp), run(q)
     assert rel(fp1, fp0) > 10 * rel(q0, fp0)
     assert rel(q1 - q0, fp1 - fp0) < 0.25
+    if entry == "pipeline":
+        q.unload_lora_weights()
+        torch.testing.assert_close(run(q), q0, rtol=0, atol=0)
+
+
+def test_flux_lora_wider_than_a_quantized_layer_is_refused():
+    from diffusers import FluxPipeline
+
+    calib = {k: v for k, v in default_call_kwargs("flux").items() if k not in ("num_inference_steps", "output_type")}
+    q = dq.quantize(tiny_pipeline("flux"), "w4a16", calib_prompts=prompts_for("flux", 1), num_inference_steps=1, **calib)
+    name = next(n for n, m in q.transformer.named_modules() if isinstance(m, QuantModule) and n.endswith("attn.to_q"))
+    width = q.transformer.get_submodule(name).in_features
+    state = {f"transformer.{name}.lora_A.weight": torch.randn(4, width + 8),
+             f"transformer.{name}.lora_B.weight": torch.randn(width, 4)}
+    with pytest.raises(DQError, match="widens a layer's input"):
+        FluxPipeline._maybe_expand_lora_state_dict(q.transformer, state)
+    narrow = {f"transformer.{name}.lora_A.weight": torch.ones(4, width - 8)}
+    out = FluxPipeline._maybe_expand_lora_state_dict(q.transformer, narrow)[f"transformer.{name}.lora_A.weight"]
+    assert out.shape == (4, width) and out[:, : width - 8].eq(1).all() and out[:, width - 8:].eq(0).all()
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
