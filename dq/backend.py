@@ -185,6 +185,13 @@ class DQConfig(QuantizationConfigMixin):
                     "timestep_groups": None, "source": None, "stats": None}
         return {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
 
+    def __repr__(self) -> str:
+        """Short: diffusers formats the model config (this included) on every config update, even
+        with debug logging off, and the full JSON of a large model's plan costs a load ~0.1 s each."""
+        recipe = self.recipe.get("name", "custom") if isinstance(self.recipe, dict) else self.recipe
+        planned = f", {len(self.plan)} quantized layers" if self.plan is not None else ""
+        return f"DQConfig(recipe={recipe!r}{planned}; to_json_string() for all)"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DQConfig) and self.to_dict() == other.to_dict()
 
