@@ -49,7 +49,7 @@ with quiet_third_party():  # diffusers' quantizers import torchao, which logs kn
 from .errors import DQError
 from .nn.dtype_guard import DTYPE_ATTR, model_float_dtype, remove_dtype_guard
 from .nn.layers import _STORAGE_BUFFERS, QuantConv2d, QuantModule
-from .nn.lora import has_static_ranges, lora_target_names
+from .nn.lora import has_static_ranges, lora_target_names, merge_with_branches
 from .nn.router import ROUTER_NAME, TimestepRouter
 from .recipe import FORMAT_VERSION, Recipe, check_format_version, recipes
 
@@ -453,7 +453,9 @@ def _load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_dict: A
                 "keep, fuse it into the full-precision pipeline and quantize after (calibrating with it); to switch "
                 "LoRAs, prefer a dynamic-activation recipe (w8a8-dynamic, w4a16)", type(self).__name__,
             )
-    return type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+    out = type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+    merge_with_branches(self)  # LoRAs beside a low-rank branch run with it, one matmul pair
+    return out
 
 
 _MODEL_METHODS = {

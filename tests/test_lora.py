@@ -257,3 +257,77 @@ def test_straight_through_input_gradient(kind, execution):
     torch.testing.assert_close(x.grad, ref.grad)
     with torch.no_grad():  # inference: the quantized op alone, no autograd Function in the way
         torch.testing.assert_close(layer(x), layer.compute(x))
+
+
+# -- a LoRA merged with the low-rank branch --------------------------------------------------------
+
+
+def branch_layer_with_loras(smooth: bool, execution: str):
+    """A w4a4-format quantized linear layer with a rank-8 branch (and smoothing), in a module that
+    peft wraps with two random LoRAs (rank 4 and 2, different alphas)."""
+    from peft import inject_adapter_in_model
+
+    from dq.kernels import set_execution
+    from dq.nn import QuantLinear
+    from dq.nn.transforms import InputTransform, LowRankBranch
+    from dq.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    branch = LowRankBranch(64, 48, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    transform = None
+    if smooth:
+        transform = InputTransform(64, smooth=True)
+        transform.inv_scale.uniform_(0.5, 2.0)
+    q = QuantLinear.from_float(
+        torch.nn.Linear(64, 48), QuantSpec(bits=4, granularity="group", group_size=32),
+        QuantSpec(bits=4, granularity="token", symmetric=False, dynamic=True), branch=branch, input_transform=transform,
+    )
+    set_execution(q, execution)
+    model = torch.nn.Module()
+    model.proj = q
+    for name, r, alpha in (("a", 4, 8), ("b", 2, 2)):
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False),
+                                model, adapter_name=name)
+    model.proj.set_adapter(["a", "b"])
+    return model
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("execution", ["sim", "real"])
+def test_lora_merged_with_the_branch_computes_the_unmerged_function(smooth, execution):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from dq.nn.lora import BranchMergedLora, merge_with_branches
+
+    model = branch_layer_with_loras(smooth, execution)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        unmerged = model.proj(x)  # peft: quantized layer (+ its branch), then each LoRA pair
+        base = model.proj.base_layer(x)
+        assert merge_with_branches(model) == 1 and isinstance(model.proj, BranchMergedLora)
+        calls = []
+        model.proj._dq_combined = lambda t, f=model.proj._dq_combined: calls.append(1) or f(t)
+        merged = model.proj(x)
+        assert calls and rel(merged, unmerged) < 1e-6
+        assert rel(unmerged, base) > 1e-2  # the LoRAs matter
+        model.proj.scaling["b"] *= 3.0  # set_adapters(weights=...) changes the scaling: read per call
+        rescaled = model.proj(x)
+        assert rel(rescaled, merged) > 1e-3 and rel(rescaled, LoraLinear.forward(model.proj, x)) < 1e-6
+        model.proj.enable_adapters(False)
+        torch.testing.assert_close(model.proj(x), base, rtol=0, atol=0)
+
+
+def test_lora_stays_separate_where_the_merge_would_not_be_exact():
+    from dq.nn.lora import merge_with_branches
+
+    model = branch_layer_with_loras(False, "sim")
+    model.proj.base_layer.branch = None  # no branch: nothing to merge with
+    assert merge_with_branches(model) == 0
+    model = branch_layer_with_loras(False, "sim")
+    x = torch.randn(4, 64, requires_grad=True)
+    merge_with_branches(model)
+    y = model.proj(x)  # grad enabled: peft's own path, which trains
+    y.sum().backward()
+    assert model.proj.lora_A["a"].weight.grad is not None and x.grad is not None
