@@ -331,3 +331,45 @@ def test_lora_stays_separate_where_the_merge_would_not_be_exact():
     y = model.proj(x)  # grad enabled: peft's own path, which trains
     y.sum().backward()
     assert model.proj.lora_A["a"].weight.grad is not None and x.grad is not None
+
+
+def test_lora_merged_with_the_branch_compiles_in_one_graph():
+    import torch._dynamo.testing
+
+    from dq.nn.lora import merge_with_branches
+
+    model = branch_layer_with_loras(True, "real")
+    merge_with_branches(model)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        eager = model.proj(x)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+        compiled = torch.compile(model.proj, fullgraph=True, backend=counter)
+        got = compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x + 1)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_load_lora_weights_merges_with_the_branches_of_a_w4a4_model():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from dq.nn.lora import BranchMergedLora, mergeable
+
+    q = quantize(tiny_pipeline(KIND), "w4a4")
+    branched = {n for n, m in q.transformer.named_modules() if mergeable(m)}
+    assert branched
+    before = latents(q)
+    q.load_lora_weights({f"transformer.{k}": v for k, v in lora_state_dict().items()}, adapter_name="a")
+    wrapped = {n: m for n, m in q.transformer.named_modules() if isinstance(m, LoraLinear)}
+    merged = {n for n, m in wrapped.items() if isinstance(m, BranchMergedLora)}
+    assert merged and merged == {n for n, m in wrapped.items() if mergeable(m.base_layer)}
+    with_lora = latents(q)
+    assert rel(with_lora, before) > 1e-3
+    q.disable_lora()
+    torch.testing.assert_close(latents(q), before, rtol=0, atol=0)
+    q.enable_lora()
+    torch.testing.assert_close(latents(q), with_lora, rtol=0, atol=0)
+    q.unload_lora_weights()
+    assert not any(isinstance(m, LoraLinear) for m in q.transformer.modules())
