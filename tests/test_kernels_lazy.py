@@ -104,3 +104,19 @@ def test_moving_a_prepared_layer_keeps_it_correct():
         after = q(x)
     assert "wsum" in q._buffers  # a buffer: it moves with the layer
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # the path may be chosen anew
+
+
+def test_weight_only_int8_path_is_prepared_at_the_compile_start():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, None)
+    twin = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, None)
+    twin.load_state_dict(q.state_dict())
+    for m in (q, twin):
+        set_execution(m, "real", path="int_mm_a8", weight_only_int8=True)
+    assert q.__dict__.get("_dq_pending") and "_dq_int8_wsum" not in q.__dict__
+    x = torch.randn(6, 128)
+    with torch.no_grad():
+        want = twin(x)  # eager: prepared on the call
+        got = torch.compile(q, fullgraph=True, backend="eager")(x)
+    assert "_dq_int8_wsum" in q.__dict__ and "_dq_int8_weight" in q.__dict__
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -478,6 +478,8 @@ def ready(layer: QuantModule) -> None:
     weight = None
     if planned & {"int8_copy", "int_mm_a8"}:
         weight = layer.__dict__["_dq_int8_weight"] = _integer_weight(layer).contiguous()
+    if "int_mm_a8" in planned:
+        layer.__dict__["_dq_int8_wsum"] = weight.sum(dim=1, dtype=torch.int32).float()
     if layer.kernel == "int8" and not layer.act_spec.symmetric:
         weight = _integer_weight(layer) if weight is None else weight
         layer.register_buffer("wsum", weight.sum(dim=1, dtype=torch.int32).float(), persistent=False)
