@@ -256,8 +256,20 @@ class DQQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             from .io import install_shells
 
-            install_shells(model, self.quantization_config.to_dict(), f"{type(model).__name__} config.json")
+            self._dq_qc = self.quantization_config.to_dict()  # copied once, read again after the weights
+            install_shells(model, self._dq_qc, f"{type(model).__name__} config.json")
+            # name -> module for the per-tensor hooks (O(1) each, instead of a `get_submodule` walk)
+            self._dq_modules = dict(model.named_modules())
         return model
+
+    def _module(self, model: nn.Module, module_name: str) -> nn.Module | None:
+        modules = self.__dict__.get("_dq_modules")
+        if modules is None:  # hooks called outside a load (no shells installed by this quantizer)
+            try:
+                return model.get_submodule(module_name)
+            except AttributeError:
+                return None
+        return modules.get(module_name)
 
     def check_if_quantized_param(
         self, model: nn.Module, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
@@ -271,10 +283,7 @@ class DQQuantizer(DiffusersQuantizer):
         if self.torch_dtype is None:
             return True
         module_name, _, leaf = param_name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            return False
+        module = self._module(model, module_name)
         return (isinstance(module, QuantModule) and leaf in _STORAGE_BUFFERS) or isinstance(module, TimestepRouter)
 
     def create_quantized_param(
@@ -282,7 +291,9 @@ class DQQuantizer(DiffusersQuantizer):
         state_dict: dict[str, Any], unexpected_keys: list[str] | None = None, **kwargs: Any,
     ) -> None:
         module_name, _, leaf = param_name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module = self._module(model, module_name)
+        if module is None:
+            module = model.get_submodule(module_name)  # raises AttributeError naming the module
         value = state_dict[param_name]  # not param_value: that one may be cast to torch_dtype
         is_param = leaf in module._parameters
         old = module._parameters[leaf] if is_param else module._buffers.get(leaf)
@@ -300,6 +311,8 @@ class DQQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .io import install_runtime
 
+        self.__dict__.pop("_dq_modules", None)  # the per-tensor hooks are done
+        qc = self.__dict__.pop("_dq_qc", None)  # the config as the shells were built from it
         if self.pre_quantized:
             leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
             if leftover:
@@ -307,7 +320,8 @@ class DQQuantizer(DiffusersQuantizer):
                     f"{type(model).__name__}: tensors of the quantized layers are missing from the checkpoint: "
                     f"{leftover[:5]}; the weights file does not match its config.json plan: save the pipeline again"
                 )
-            install_runtime(model, self.quantization_config.to_dict(), torch_dtype=self.torch_dtype)
+            qc = qc or self.quantization_config.to_dict()
+            install_runtime(model, qc, torch_dtype=self.torch_dtype)
         else:
             quantize_loaded(model, self.quantization_config, keep_modules=getattr(self, "keep_in_fp32_modules", []))
             # from here on the model is a quantized checkpoint: save_pretrained writes its plan

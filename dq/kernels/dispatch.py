@@ -432,12 +432,14 @@ def release_runtime(layer: nn.Module) -> None:
 
 def _prepare(
     layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int,
-    int8_copy: bool = True, weight_only_int8: bool = False,
+    int8_copy: bool = True, weight_only_int8: bool = False, known_memo: dict | None = None,
 ) -> None:
     """A layer's path options and the choices this machine's cache already holds for its shape
     class; cheap, no weight is read. The runtime tensors derived from the weights (`ready`) are
     made later: on the layer's first eager call, or for every pending layer when a
-    torch.compile trace starts (`_compile_started`), or by `prepare_runtime`."""
+    torch.compile trace starts (`_compile_started`), or by `prepare_runtime`.
+    known_memo: a dict shared by the layers of one `set_execution` call, so that the cache's
+    entries are scanned once per shape class, not once per layer."""
     layer._buffers.pop("wsum", None)
     layer._non_persistent_buffers_set.discard("wsum")
     release_runtime(layer)
@@ -454,11 +456,16 @@ def _prepare(
         layer.__dict__["_dq_forced_path"] = path
     else:
         prefix, suffix = choice.describe(layer) + "|m", f"|{dtype}|{device.type}"
-        known = {}
-        for key, found in choice.cache().entries.items():
-            if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
-                known[int(key[len(prefix):-len(suffix)])] = found.choice
-        layer.__dict__["_dq_paths"] = known
+        memo_key = (prefix, suffix, tuple(allowed))
+        known = None if known_memo is None else known_memo.get(memo_key)
+        if known is None:
+            known = {}
+            for key, found in choice.cache().entries.items():
+                if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
+                    known[int(key[len(prefix):-len(suffix)])] = found.choice
+            if known_memo is not None:
+                known_memo[memo_key] = known
+        layer.__dict__["_dq_paths"] = dict(known)  # each layer its own (choices are added per layer)
     layer.__dict__["_dq_pending"] = True
     _PENDING.add(layer)
     _hook_compile()
@@ -577,6 +584,7 @@ def set_execution(
         weight_only_int8 = bool(getattr(recipe, "weight_only_int8_activations", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    known_memo: dict = {}
     for name, m in layers.items():
         kernel, why = choices[name]
         object.__setattr__(m, "_dq_name", name or type(m).__name__)
@@ -587,7 +595,7 @@ def set_execution(
                 why_sim[why].append(name)
         else:
             m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
-        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
         processor = getattr(m, "processor", None)
