@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=json.dumps(FAST_W4A8))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=28)
+    parser.add_argument("--tag", default="", help="appended to the result file's name")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -163,7 +164,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", result["machine"].lower()).strip("-")
-    path = RESULTS / f"load-{result['date']}-{slug}.json"
+    path = RESULTS / f"load-{result['date']}-{slug}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2))
     mb = 2**20
     print(f"| checkpoint | file MB | load s (median of {args.rounds}) | peak RSS above imports MB | held MB |")

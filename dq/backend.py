@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -49,7 +50,7 @@ with quiet_third_party():  # diffusers' quantizers import torchao, which logs kn
 from .errors import DQError
 from .nn.dtype_guard import DTYPE_ATTR, model_float_dtype, remove_dtype_guard
 from .nn.layers import _STORAGE_BUFFERS, QuantConv2d, QuantModule
-from .nn.lora import has_static_ranges, lora_target_names
+from .nn.lora import has_static_ranges, lora_target_names, merge_with_branches
 from .nn.router import ROUTER_NAME, TimestepRouter
 from .recipe import FORMAT_VERSION, Recipe, check_format_version, recipes
 
@@ -173,7 +174,11 @@ class DQConfig(QuantizationConfigMixin):
         return cls(**quantization_config(model))
 
     def to_dict(self) -> dict[str, Any]:
-        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        fields = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "quant_method"}
+        try:  # a JSON round trip copies a large plan several times faster than deepcopy (read at each load)
+            out = json.loads(json.dumps(fields))
+        except (TypeError, ValueError):  # a value JSON cannot hold (set by hand): copied as is
+            out = copy.deepcopy(fields)
         out["quant_method"] = QUANT_METHOD  # a plain string in JSON
         if not out.get("modules_to_not_convert"):
             out.pop("modules_to_not_convert", None)  # as dq.save writes it
@@ -184,6 +189,13 @@ class DQConfig(QuantizationConfigMixin):
         defaults = {"modules_to_not_convert": [], "format_version": FORMAT_VERSION, "plan": None,
                     "timestep_groups": None, "source": None, "stats": None}
         return {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
+
+    def __repr__(self) -> str:
+        """Short: diffusers formats the model config (this included) on every config update, even
+        with debug logging off, and the full JSON of a large model's plan costs a load ~0.1 s each."""
+        recipe = self.recipe.get("name", "custom") if isinstance(self.recipe, dict) else self.recipe
+        planned = f", {len(self.plan)} quantized layers" if self.plan is not None else ""
+        return f"DQConfig(recipe={recipe!r}{planned}; to_json_string() for all)"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DQConfig) and self.to_dict() == other.to_dict()
@@ -244,8 +256,20 @@ class DQQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             from .io import install_shells
 
-            install_shells(model, self.quantization_config.to_dict(), f"{type(model).__name__} config.json")
+            self._dq_qc = self.quantization_config.to_dict()  # copied once, read again after the weights
+            install_shells(model, self._dq_qc, f"{type(model).__name__} config.json")
+            # name -> module for the per-tensor hooks (O(1) each, instead of a `get_submodule` walk)
+            self._dq_modules = dict(model.named_modules())
         return model
+
+    def _module(self, model: nn.Module, module_name: str) -> nn.Module | None:
+        modules = self.__dict__.get("_dq_modules")
+        if modules is None:  # hooks called outside a load (no shells installed by this quantizer)
+            try:
+                return model.get_submodule(module_name)
+            except AttributeError:
+                return None
+        return modules.get(module_name)
 
     def check_if_quantized_param(
         self, model: nn.Module, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
@@ -259,10 +283,7 @@ class DQQuantizer(DiffusersQuantizer):
         if self.torch_dtype is None:
             return True
         module_name, _, leaf = param_name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            return False
+        module = self._module(model, module_name)
         return (isinstance(module, QuantModule) and leaf in _STORAGE_BUFFERS) or isinstance(module, TimestepRouter)
 
     def create_quantized_param(
@@ -270,7 +291,9 @@ class DQQuantizer(DiffusersQuantizer):
         state_dict: dict[str, Any], unexpected_keys: list[str] | None = None, **kwargs: Any,
     ) -> None:
         module_name, _, leaf = param_name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module = self._module(model, module_name)
+        if module is None:
+            module = model.get_submodule(module_name)  # raises AttributeError naming the module
         value = state_dict[param_name]  # not param_value: that one may be cast to torch_dtype
         is_param = leaf in module._parameters
         old = module._parameters[leaf] if is_param else module._buffers.get(leaf)
@@ -288,6 +311,8 @@ class DQQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .io import install_runtime
 
+        self.__dict__.pop("_dq_modules", None)  # the per-tensor hooks are done
+        qc = self.__dict__.pop("_dq_qc", None)  # the config as the shells were built from it
         if self.pre_quantized:
             leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
             if leftover:
@@ -295,7 +320,8 @@ class DQQuantizer(DiffusersQuantizer):
                     f"{type(model).__name__}: tensors of the quantized layers are missing from the checkpoint: "
                     f"{leftover[:5]}; the weights file does not match its config.json plan: save the pipeline again"
                 )
-            install_runtime(model, self.quantization_config.to_dict(), torch_dtype=self.torch_dtype)
+            qc = qc or self.quantization_config.to_dict()
+            install_runtime(model, qc, torch_dtype=self.torch_dtype)
         else:
             quantize_loaded(model, self.quantization_config, keep_modules=getattr(self, "keep_in_fp32_modules", []))
             # from here on the model is a quantized checkpoint: save_pretrained writes its plan
@@ -446,7 +472,9 @@ def _load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_dict: A
                 "keep, fuse it into the full-precision pipeline and quantize after (calibrating with it); to switch "
                 "LoRAs, prefer a dynamic-activation recipe (w8a8-dynamic, w4a16)", type(self).__name__,
             )
-    return type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+    out = type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+    merge_with_branches(self)  # LoRAs beside a low-rank branch run with it, one matmul pair
+    return out
 
 
 _MODEL_METHODS = {
@@ -556,10 +584,67 @@ def dequantize(target: Any) -> Any:
     return target
 
 
+def _expand_lora_state_dict(cls: type, transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict:
+    """`FluxLoraLoaderMixin._maybe_expand_lora_state_dict` for a dq-quantized transformer.
+
+    diffusers' version (run by ``FluxPipeline.load_lora_weights``, not by the model's own
+    ``load_lora_adapter``) reads each target's input width from ``transformer.state_dict()[name +
+    ".weight"]``, which a dq model does not hold (its layers store ``qweight``): a KeyError. This
+    one reads the width from the layer (`in_features`) and does the same thing: a LoRA narrower than
+    its layer (a Flux Control LoRA loaded after one that widened the input) gets zero columns; a
+    wider one is refused."""
+    prefix, suffix = f"{cls.transformer_name}.", ".lora_A.weight"
+    modules = dict(transformer.named_modules())
+    for key in list(lora_state_dict):
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix):-len(suffix)]
+        module = modules.get(name)
+        if module is None:  # diffusers ignores it here; the model's load_lora_adapter names it (DQError)
+            continue
+        module = getattr(module, "base_layer", module)  # already wrapped by peft (a second adapter)
+        width, lora_a = getattr(module, "in_features", None), lora_state_dict[key]
+        if width is None or width == lora_a.shape[1]:
+            continue
+        if width < lora_a.shape[1]:
+            raise DQError(
+                f"the LoRA's {name}.lora_A.weight takes {lora_a.shape[1]} input features and the quantized layer "
+                f"{name} has {width}: a LoRA that widens a layer's input (a Flux Control LoRA) needs that layer in "
+                "full precision; keep it out of quantization (DQConfig(modules_to_not_convert=[...]) or the recipe's "
+                "keep) and quantize again"
+            )
+        expanded = lora_a.new_zeros(lora_a.shape[0], width)
+        expanded[:, : lora_a.shape[1]] = lora_a
+        lora_state_dict[key] = expanded
+    return lora_state_dict
+
+
+def _patch_flux_lora_loader() -> None:
+    """Route `_maybe_expand_lora_state_dict` of diffusers' Flux LoRA loader to
+    `_expand_lora_state_dict` for dq-quantized transformers (others keep diffusers' own)."""
+    try:
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    except ImportError:  # a diffusers without it: nothing to patch
+        return
+    original = FluxLoraLoaderMixin.__dict__.get("_maybe_expand_lora_state_dict")
+    if not isinstance(original, classmethod) or getattr(original.__func__, "_dq_patched", False):
+        return
+
+    def expand(cls, transformer, lora_state_dict):
+        if any(isinstance(m, QuantModule) for m in transformer.modules()):
+            return _expand_lora_state_dict(cls, transformer, lora_state_dict)
+        return original.__func__(cls, transformer, lora_state_dict)
+
+    expand._dq_patched = True
+    expand.__doc__ = _expand_lora_state_dict.__doc__
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(expand)
+
+
 def register() -> None:
     """Register the dq backend with diffusers (done when dq is imported)."""
     _auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DQQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DQConfig
+    _patch_flux_lora_loader()
 
 
 register()

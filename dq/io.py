@@ -32,7 +32,7 @@ from .errors import DQError, one_line
 from .kernels import set_execution
 from .nn.attention import quantize_attention
 from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
-from .nn.layers import QuantModule, shell_from_plan
+from .nn.layers import _STORAGE_BUFFERS, QuantModule, shell_from_plan
 from .nn.router import TimestepRouter, attach_router
 from .paths import default_model_dir
 from .provenance import EMBEDDED_DEFAULT, SOURCE_NAME_ATTR
@@ -281,10 +281,11 @@ def install_shells(model: nn.Module, qc: dict[str, Any], where: str) -> dict[str
             "was edited or mixed with another model's config): save the quantized pipeline again"
         )
     replacements = {}
+    specs: dict[str, tuple] = {}  # each distinct weight/activation spec parsed once, not per layer
     for name, entry in qc["plan"].items():
         layer = names[name]
-        with torch.device("meta"):
-            replacements[name] = shell_from_plan(entry, tuple(layer.weight.shape), layer.bias is not None)
+        # on the meta device, nothing allocated: the state dict fills the shells
+        replacements[name] = shell_from_plan(entry, tuple(layer.weight.shape), layer.bias is not None, specs, "meta")
     swap_modules(model, replacements)
     router = TimestepRouter(groups=int(qc.get("timestep_groups") or 1))
     attach_router(model, router)
@@ -373,7 +374,23 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast a freshly loaded quantized denoiser's float parts to ``dtype``, as diffusers'
     ``from_pretrained(torch_dtype=...)`` does: QuantModule keeps its storage buffers' dtypes,
     the router its float32 boundaries, and float16 spares the class's `_keep_in_fp32_modules`."""
-    nn.Module.to(model, dtype)  # nn.Module's: ModelMixin.to warns about casting after loading
+    def convert(t: torch.Tensor) -> torch.Tensor:  # what nn.Module.to(dtype) does to each tensor
+        return t.to(dtype) if t.is_floating_point() or t.is_complex() else t
+
+    # nn.Module.to(model, dtype), applied only to the modules holding a float tensor of another
+    # dtype (diffusers' from_pretrained already loaded most of them in `dtype`): the same result
+    # without walking every tensor of every module through `_apply`. QuantModule's storage
+    # buffers and the router keep their dtypes through their own `_apply` (never counted here).
+    for module in model.modules():
+        if isinstance(module, TimestepRouter):
+            tensors = [t for n, t in module._buffers.items() if n != "boundaries"]
+        elif isinstance(module, QuantModule):
+            tensors = [t for n, t in module._buffers.items() if n not in _STORAGE_BUFFERS]
+        else:
+            tensors = list(module._buffers.values())
+        tensors += module._parameters.values()
+        if any(t is not None and t.dtype != dtype and (t.is_floating_point() or t.is_complex()) for t in tensors):
+            module._apply(convert, recurse=False)
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     if dtype == torch.float16 and keep:
         for name, module in model.named_modules():

@@ -76,6 +76,9 @@ def test_config_round_trips():
     assert json.loads(config.to_json_string(use_diff=False)) == data
     assert json.loads(config.to_json_string())["recipe"]["name"] == "w4a16"  # to_diff_dict
     assert "DQConfig" in repr(config)
+    # short with a plan: diffusers formats the config on every config update during a load
+    planned = dq.DQConfig(recipe="w4a16", plan={f"blocks.{i}.proj": {"type": "QuantLinear"} for i in range(500)})
+    assert "500 quantized layers" in repr(planned) and len(repr(planned)) < 120
     assert dq.DQConfig(recipe=dq.recipe.preset("w4a16")) == dq.DQConfig(recipe="w4a16")
     assert dq.DQConfig(recipe=dq.recipe.preset("w4a16").to_dict()) == dq.DQConfig(recipe="w4a16")
 

@@ -182,9 +182,11 @@ def test_adapters_train_on_a_quantized_model(recipe):
             assert all(b.grad is None for b in module.buffers(recurse=False))
 
 
-def test_flux_lora_through_the_model():
-    """FluxPipeline.load_lora_weights reads each target's `.weight` from the state dict (which a dq
-    model does not hold); the model's own load_lora_adapter works and matches full precision."""
+@pytest.mark.parametrize("entry", ["pipeline", "model"])
+def test_flux_lora(entry):
+    """FluxPipeline.load_lora_weights (diffusers' Flux loader reads each target's `.weight` from the
+    state dict, which a dq model does not hold: dq routes that step for its models) and the model's
+    own load_lora_adapter: both load, and change the output as on full precision."""
     kind = "flux"
     kw = {**default_call_kwargs(kind), "output_type": "latent"}
 
@@ -200,10 +202,32 @@ def test_flux_lora_through_the_model():
     q = dq.quantize(tiny_pipeline(kind), "w8a8", calib_prompts=prompts_for(kind, 2), num_inference_steps=2, **calib)
     fp0, q0 = run(fp), run(q)
     for pipe in (fp, q):
-        pipe.transformer.load_lora_adapter(state, prefix="transformer", adapter_name="a")
+        if entry == "pipeline":
+            pipe.load_lora_weights(dict(state), adapter_name="a")
+        else:
+            pipe.transformer.load_lora_adapter(dict(state), prefix="transformer", adapter_name="a")
     fp1, q1 = run(fp), run(q)
     assert rel(fp1, fp0) > 10 * rel(q0, fp0)
     assert rel(q1 - q0, fp1 - fp0) < 0.25
+    if entry == "pipeline":
+        q.unload_lora_weights()
+        torch.testing.assert_close(run(q), q0, rtol=0, atol=0)
+
+
+def test_flux_lora_wider_than_a_quantized_layer_is_refused():
+    from diffusers import FluxPipeline
+
+    calib = {k: v for k, v in default_call_kwargs("flux").items() if k not in ("num_inference_steps", "output_type")}
+    q = dq.quantize(tiny_pipeline("flux"), "w4a16", calib_prompts=prompts_for("flux", 1), num_inference_steps=1, **calib)
+    name = next(n for n, m in q.transformer.named_modules() if isinstance(m, QuantModule) and n.endswith("attn.to_q"))
+    width = q.transformer.get_submodule(name).in_features
+    state = {f"transformer.{name}.lora_A.weight": torch.randn(4, width + 8),
+             f"transformer.{name}.lora_B.weight": torch.randn(width, 4)}
+    with pytest.raises(DQError, match="widens a layer's input"):
+        FluxPipeline._maybe_expand_lora_state_dict(q.transformer, state)
+    narrow = {f"transformer.{name}.lora_A.weight": torch.ones(4, width - 8)}
+    out = FluxPipeline._maybe_expand_lora_state_dict(q.transformer, narrow)[f"transformer.{name}.lora_A.weight"]
+    assert out.shape == (4, width) and out[:, : width - 8].eq(1).all() and out[:, width - 8:].eq(0).all()
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -233,3 +257,119 @@ def test_straight_through_input_gradient(kind, execution):
     torch.testing.assert_close(x.grad, ref.grad)
     with torch.no_grad():  # inference: the quantized op alone, no autograd Function in the way
         torch.testing.assert_close(layer(x), layer.compute(x))
+
+
+# -- a LoRA merged with the low-rank branch --------------------------------------------------------
+
+
+def branch_layer_with_loras(smooth: bool, execution: str):
+    """A w4a4-format quantized linear layer with a rank-8 branch (and smoothing), in a module that
+    peft wraps with two random LoRAs (rank 4 and 2, different alphas)."""
+    from peft import inject_adapter_in_model
+
+    from dq.kernels import set_execution
+    from dq.nn import QuantLinear
+    from dq.nn.transforms import InputTransform, LowRankBranch
+    from dq.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    branch = LowRankBranch(64, 48, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    transform = None
+    if smooth:
+        transform = InputTransform(64, smooth=True)
+        transform.inv_scale.uniform_(0.5, 2.0)
+    q = QuantLinear.from_float(
+        torch.nn.Linear(64, 48), QuantSpec(bits=4, granularity="group", group_size=32),
+        QuantSpec(bits=4, granularity="token", symmetric=False, dynamic=True), branch=branch, input_transform=transform,
+    )
+    set_execution(q, execution)
+    model = torch.nn.Module()
+    model.proj = q
+    for name, r, alpha in (("a", 4, 8), ("b", 2, 2)):
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False),
+                                model, adapter_name=name)
+    model.proj.set_adapter(["a", "b"])
+    return model
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("execution", ["sim", "real"])
+def test_lora_merged_with_the_branch_computes_the_unmerged_function(smooth, execution):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from dq.nn.lora import BranchMergedLora, merge_with_branches
+
+    model = branch_layer_with_loras(smooth, execution)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        unmerged = model.proj(x)  # peft: quantized layer (+ its branch), then each LoRA pair
+        base = model.proj.base_layer(x)
+        assert merge_with_branches(model) == 1 and isinstance(model.proj, BranchMergedLora)
+        calls = []
+        model.proj._dq_combined = lambda t, f=model.proj._dq_combined: calls.append(1) or f(t)
+        merged = model.proj(x)
+        assert calls and rel(merged, unmerged) < 1e-6
+        assert rel(unmerged, base) > 1e-2  # the LoRAs matter
+        model.proj.scaling["b"] *= 3.0  # set_adapters(weights=...) changes the scaling: read per call
+        rescaled = model.proj(x)
+        assert rel(rescaled, merged) > 1e-3 and rel(rescaled, LoraLinear.forward(model.proj, x)) < 1e-6
+        model.proj.enable_adapters(False)
+        torch.testing.assert_close(model.proj(x), base, rtol=0, atol=0)
+
+
+def test_lora_stays_separate_where_the_merge_would_not_be_exact():
+    from dq.nn.lora import merge_with_branches
+
+    model = branch_layer_with_loras(False, "sim")
+    model.proj.base_layer.branch = None  # no branch: nothing to merge with
+    assert merge_with_branches(model) == 0
+    model = branch_layer_with_loras(False, "sim")
+    x = torch.randn(4, 64, requires_grad=True)
+    merge_with_branches(model)
+    y = model.proj(x)  # grad enabled: peft's own path, which trains
+    y.sum().backward()
+    assert model.proj.lora_A["a"].weight.grad is not None and x.grad is not None
+
+
+def test_lora_merged_with_the_branch_compiles_in_one_graph():
+    import torch._dynamo.testing
+
+    from dq.nn.lora import merge_with_branches
+
+    model = branch_layer_with_loras(True, "real")
+    merge_with_branches(model)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        eager = model.proj(x)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+        compiled = torch.compile(model.proj, fullgraph=True, backend=counter)
+        got = compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x + 1)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_load_lora_weights_merges_with_the_branches_of_a_w4a4_model():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from dq.nn.lora import BranchMergedLora, mergeable
+
+    q = quantize(tiny_pipeline(KIND), "w4a4")
+    branched = {n for n, m in q.transformer.named_modules() if mergeable(m)}
+    assert branched
+    before = latents(q)
+    q.load_lora_weights({f"transformer.{k}": v for k, v in lora_state_dict().items()}, adapter_name="a")
+    wrapped = {n: m for n, m in q.transformer.named_modules() if isinstance(m, LoraLinear)}
+    merged = {n for n, m in wrapped.items() if isinstance(m, BranchMergedLora)}
+    assert merged and merged == {n for n, m in wrapped.items() if mergeable(m.base_layer)}
+    with_lora = latents(q)
+    assert rel(with_lora, before) > 1e-3
+    q.disable_lora()
+    torch.testing.assert_close(latents(q), before, rtol=0, atol=0)
+    q.enable_lora()
+    torch.testing.assert_close(latents(q), with_lora, rtol=0, atol=0)
+    q.unload_lora_weights()
+    assert not any(isinstance(m, LoraLinear) for m in q.transformer.modules())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,8 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
 
 
 def _real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    if not torch.compiler.is_compiling() and layer.__dict__.get("_dq_pending"):
+        ready(layer)  # the runtime tensors, made on the first eager call (see `_prepare`)
     if layer.kernel == "fp8":
         reason = fp8.device_unsupported(x.device)
         if reason is not None:
@@ -289,10 +292,19 @@ def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero, fused
     if fused and codes.device.type == "cpu" and a_scale.numel() == 1:
         return _prepacked(layer)(codes, a_scale, a_zero, layer.bias)
     weight = _kept_integer_weight(layer) if kept else _integer_weight(layer)
-    return int8.int_linear(
-        codes, a_scale, a_zero, weight, layer.weight_layout.channel_scale(layer.wscale),
-        getattr(layer, "wsum", None), layer.bias,
-    )
+    w_sum = None if a_zero is None else _row_sums(layer, weight)
+    return int8.int_linear(codes, a_scale, a_zero, weight, layer.weight_layout.channel_scale(layer.wscale), w_sum, layer.bias)
+
+
+def _row_sums(layer: QuantModule, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Row sums of the integer weight (asymmetric activations: the zero point's term), the
+    `wsum` buffer `ready` makes. Missing only inside a torch.compile trace that no compile
+    hook prepared (`_compile_started`): computed in the graph then, per call."""
+    w_sum = layer._buffers.get("wsum")
+    if w_sum is None:
+        weight = _integer_weight(layer) if weight is None else weight
+        w_sum = weight.sum(dim=1, dtype=torch.int32).float()
+    return w_sum
 
 
 def _int8_forward(layer: QuantModule, x: torch.Tensor, fused: bool = False, kept: bool = False) -> torch.Tensor:
@@ -420,10 +432,14 @@ def release_runtime(layer: nn.Module) -> None:
 
 def _prepare(
     layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int,
-    int8_copy: bool = True, weight_only_int8: bool = False,
+    int8_copy: bool = True, weight_only_int8: bool = False, known_memo: dict | None = None,
 ) -> None:
-    """Runtime state of a layer's kernel (never saved): weight row sums, the path options, the
-    choices this machine's cache already holds for the layer's shape class."""
+    """A layer's path options and the choices this machine's cache already holds for its shape
+    class; cheap, no weight is read. The runtime tensors derived from the weights (`ready`) are
+    made later: on the layer's first eager call, or for every pending layer when a
+    torch.compile trace starts (`_compile_started`), or by `prepare_runtime`.
+    known_memo: a dict shared by the layers of one `set_execution` call, so that the cache's
+    entries are scanned once per shape class, not once per layer."""
     layer._buffers.pop("wsum", None)
     layer._non_persistent_buffers_set.discard("wsum")
     release_runtime(layer)
@@ -433,9 +449,6 @@ def _prepare(
     layer.__dict__["_dq_weight_only_int8"] = weight_only_int8 and layer.kernel == "dequant"
     if layer.kernel is None or layer.kernel == "fp8" or layer.qweight.is_meta:
         return
-    if layer.kernel == "int8" and not layer.act_spec.symmetric:
-        weight = _integer_weight(layer)
-        layer.register_buffer("wsum", weight.sum(dim=1, dtype=torch.int32).float(), persistent=False)
     device = layer.qweight.device
     dtype = layer.bias.dtype if layer.bias is not None else torch.float32
     allowed = candidate_paths(layer, device, dtype)
@@ -443,16 +456,73 @@ def _prepare(
         layer.__dict__["_dq_forced_path"] = path
     else:
         prefix, suffix = choice.describe(layer) + "|m", f"|{dtype}|{device.type}"
-        known = {}
-        for key, found in choice.cache().entries.items():
-            if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
-                known[int(key[len(prefix):-len(suffix)])] = found.choice
-        layer.__dict__["_dq_paths"] = known
-    planned = {path, *layer.__dict__.get("_dq_paths", {}).values()}
-    if device.type == "cpu" and "onednn" in planned:
-        _prepacked(layer)  # made now, eagerly: a compiled graph cannot make it
+        memo_key = (prefix, suffix, tuple(allowed))
+        known = None if known_memo is None else known_memo.get(memo_key)
+        if known is None:
+            known = {}
+            for key, found in choice.cache().entries.items():
+                if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
+                    known[int(key[len(prefix):-len(suffix)])] = found.choice
+            if known_memo is not None:
+                known_memo[memo_key] = known
+        layer.__dict__["_dq_paths"] = dict(known)  # each layer its own (choices are added per layer)
+    layer.__dict__["_dq_pending"] = True
+    _PENDING.add(layer)
+    _hook_compile()
+
+
+def ready(layer: QuantModule) -> None:
+    """Make a layer's runtime tensors derived from its weights, once (never saved): the weight
+    row sums asymmetric int8 activations need, and the copies the paths planned for it keep
+    (oneDNN's prepacked weight, the int8 copy of 4-bit codes). Eager code only: inside a
+    torch.compile trace nothing can be stored."""
+    if layer.__dict__.pop("_dq_pending", None) is None:
+        return
+    _PENDING.discard(layer)
+    if layer.qweight.is_meta:
+        return
+    planned = {layer.__dict__.get("_dq_forced_path"), *layer.__dict__.get("_dq_paths", {}).values()}
+    weight = None
     if planned & {"int8_copy", "int_mm_a8"}:
-        _kept_integer_weight(layer)
+        weight = layer.__dict__["_dq_int8_weight"] = _integer_weight(layer).contiguous()
+    if "int_mm_a8" in planned:
+        layer.__dict__["_dq_int8_wsum"] = weight.sum(dim=1, dtype=torch.int32).float()
+    if layer.kernel == "int8" and not layer.act_spec.symmetric:
+        weight = _integer_weight(layer) if weight is None else weight
+        layer.register_buffer("wsum", weight.sum(dim=1, dtype=torch.int32).float(), persistent=False)
+    if layer.qweight.device.type == "cpu" and "onednn" in planned:
+        _prepacked(layer)  # a compiled graph cannot make it
+
+
+def prepare_runtime(model: nn.Module) -> nn.Module:
+    """Make the runtime tensors of every quantized layer of `model` now (`ready`) rather than on
+    each layer's first call; e.g. before timing a first call, or before tracing with a tool that
+    does not go through torch.compile's entry."""
+    for m in model.modules():
+        if "_dq_pending" in m.__dict__:
+            ready(m)
+    return model
+
+
+# Layers set up by `_prepare` whose runtime tensors are not made yet. A torch.compile trace
+# cannot make them (a graph stores nothing), so they are made when a compile starts: the
+# start callback runs eagerly, before Dynamo reads any layer. Without it (a Dynamo without
+# the callback, or one `torch._dynamo.reset()` cleared before the next `set_execution`), a
+# pending layer's row sums and int8 copy are computed inside the graph, per call: same
+# outputs, slower.
+_PENDING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _compile_started(_args: object = None) -> None:
+    for layer in list(_PENDING):
+        ready(layer)
+
+
+def _hook_compile() -> None:
+    handler = getattr(getattr(torch._dynamo, "callback", None), "callback_handler", None)
+    starts = getattr(handler, "start_callbacks", None)
+    if starts is not None and _compile_started not in starts:
+        handler.register_start_callback(_compile_started)
 
 
 def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tuple[str | None, str]]:
@@ -499,8 +569,9 @@ def set_execution(
     weight_only_int8: let weight-only layers run as int8 x int8 with dynamic per-token int8
     activations (path "int_mm_a8"; it changes the numerics). None: what the model's recipe
     says (`Recipe.weight_only_int8_activations`, off unless set).
-    Runtime tensors derived from the weights are made here: call it again after
-    changing a layer's stored weights in place.
+    Runtime tensors derived from the weights are made on each layer's first call (or when a
+    torch.compile trace starts, or by `prepare_runtime`): call it again after changing a
+    layer's stored weights in place.
     """
     from ..nn.layers import QuantModule
 
@@ -513,6 +584,7 @@ def set_execution(
         weight_only_int8 = bool(getattr(recipe, "weight_only_int8_activations", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    known_memo: dict = {}
     for name, m in layers.items():
         kernel, why = choices[name]
         object.__setattr__(m, "_dq_name", name or type(m).__name__)
@@ -523,7 +595,7 @@ def set_execution(
                 why_sim[why].append(name)
         else:
             m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
-        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
         processor = getattr(m, "processor", None)

@@ -9,7 +9,7 @@ x ~= s_a * (q - z_a):
 The product runs in int32; the rest is one fused multiply-add per output element:
 static activations (per timestep group) give a per-column scale and shift, so the
 epilogue is a single `addcmul`; dynamic per-token activations add a per-row factor.
-`wsum` (the weight row sums) is precomputed by `dq.kernels.set_execution`.
+`wsum` (the weight row sums) is made once per layer, on its first call (`dq.kernels.dispatch.ready`).
 
 Convolutions become matmuls on channels-last codes: 1x1 directly, k x k through an int8
 im2col (the float input is zero-padded before quantization, so padding codes are the

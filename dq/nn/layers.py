@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import DQError
 from ..kernels.dispatch import real_forward, release_runtime
 from ..quant import primitives as P
-from ..quant.packing import WeightLayout
+from ..quant.packing import WeightLayout, new_tensor
 from ..quant.spec import QuantSpec
 from .router import TimestepRouter
 from .transforms import InputTransform, LowRankBranch
@@ -91,7 +91,9 @@ class QuantModule(nn.Module):
         groups: int = 1,
         *,
         storage: str | None = "default",
+        device: torch.device | str | None = None,
     ):
+        # device: where the (zero-filled) tensors are made; "meta" for a shell a state dict fills
         nn.Module.__init__(self)  # not nn.Linear/nn.Conv2d's: no float weight is allocated
         self.weight_spec = weight_spec
         self.act_spec = act_spec
@@ -101,15 +103,15 @@ class QuantModule(nn.Module):
             # storage: "default" (packed / two-level where possible, dq.quant.packing), a
             # checkpoint's layout tag, or None for checkpoints older than packing.
             if storage == "default":
-                self.set_weight_layout(WeightLayout.default(self.weight_shape, weight_spec))
+                self.set_weight_layout(WeightLayout.default(self.weight_shape, weight_spec), device)
             else:
-                self.set_weight_layout(WeightLayout.from_tag(self.weight_shape, weight_spec, storage))
+                self.set_weight_layout(WeightLayout.from_tag(self.weight_shape, weight_spec, storage), device)
         else:  # activation-only quantization keeps its float weight (set directly: `weight` is a property)
-            self._parameters["weight"] = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(weight_shape[0]), requires_grad=False) if has_bias else None
+            self._parameters["weight"] = nn.Parameter(new_tensor(weight_shape, 0, device=device), requires_grad=False)
+        self.bias = nn.Parameter(new_tensor(weight_shape[0], 0, device=device), requires_grad=False) if has_bias else None
         if act_spec is not None and not act_spec.dynamic:
-            self.register_buffer("ascale", torch.ones(groups))
-            self.register_buffer("azero", None if act_spec.symmetric else torch.zeros(groups))
+            self.register_buffer("ascale", new_tensor(groups, 1, device=device))
+            self.register_buffer("azero", None if act_spec.symmetric else new_tensor(groups, 0, device=device))
         self._router: TimestepRouter | None = None
         # Extension points (see forward): an input transform (smoothing / rotation,
         # dq.nn.transforms), a high-precision side branch (low-rank outliers), and the
@@ -185,10 +187,10 @@ class QuantModule(nn.Module):
         # A plain attribute, not a submodule: the router belongs to the denoiser.
         object.__setattr__(self, "_router", router)
 
-    def set_weight_layout(self, layout: WeightLayout) -> None:
-        """(Re)create the weight storage buffers for `layout`, zero-filled."""
+    def set_weight_layout(self, layout: WeightLayout, device: torch.device | str | None = None) -> None:
+        """(Re)create the weight storage buffers for `layout`, zero-filled (on `device`)."""
         self.weight_layout = layout
-        for name, tensor in layout.empty().items():
+        for name, tensor in layout.empty(device).items():
             self.register_buffer(name, tensor)
 
     def _apply(self, fn, recurse: bool = True):
@@ -335,9 +337,9 @@ class QuantConv2d(QuantModule, nn.Conv2d):
 
     def __init__(
         self, weight_shape, has_bias, weight_spec, act_spec, groups=1, *, conv: dict[str, Any] | None = None,
-        storage: str | None = "default",
+        storage: str | None = "default", device: torch.device | str | None = None,
     ):
-        super().__init__(weight_shape, has_bias, weight_spec, act_spec, groups, storage=storage)
+        super().__init__(weight_shape, has_bias, weight_spec, act_spec, groups, storage=storage, device=device)
         conv = conv or {}
         self.stride = tuple(conv.get("stride", (1, 1)))
         self.padding = conv.get("padding", (0, 0))
@@ -385,19 +387,30 @@ class QuantConv2d(QuantModule, nn.Conv2d):
 QUANT_TYPES = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d}
 
 
-def shell_from_plan(entry: dict[str, Any], weight_shape: tuple[int, ...], has_bias: bool) -> QuantModule:
-    """An empty quantized layer matching a checkpoint's plan entry (weights loaded after)."""
+def shell_from_plan(
+    entry: dict[str, Any], weight_shape: tuple[int, ...], has_bias: bool, specs: dict[str, tuple] | None = None,
+    device: torch.device | str | None = None,
+) -> QuantModule:
+    """An empty quantized layer matching a checkpoint's plan entry (weights loaded after), its
+    tensors on `device` ("meta": nothing allocated).
+    specs: a dict shared across the layers of one plan, so that each distinct weight/activation
+    spec pair is parsed once (QuantSpec is immutable)."""
     cls = QUANT_TYPES[entry["type"]]
-    w = QuantSpec.from_dict(entry["weight"])
-    a = QuantSpec.from_dict(entry["activation"])
+    key = None if specs is None else repr((entry["weight"], entry["activation"]))
+    parsed = None if key is None else specs.get(key)
+    if parsed is None:
+        parsed = (QuantSpec.from_dict(entry["weight"]), QuantSpec.from_dict(entry["activation"]))
+        if specs is not None:
+            specs[key] = parsed
+    w, a = parsed
     storage = entry.get("storage")  # absent: a checkpoint from before packed storage
     if cls is QuantConv2d:
-        shell = QuantConv2d(weight_shape, has_bias, w, a, entry["groups"], conv=entry["conv"], storage=storage)
+        shell = QuantConv2d(weight_shape, has_bias, w, a, entry["groups"], conv=entry["conv"], storage=storage, device=device)
     else:
-        shell = cls(weight_shape, has_bias, w, a, entry["groups"], storage=storage)
+        shell = cls(weight_shape, has_bias, w, a, entry["groups"], storage=storage, device=device)
     # Side modules get their (empty) buffers here, so that the state dict fills them.
     if entry.get("input_transform"):
-        shell.input_transform = InputTransform.from_config(entry["input_transform"])
+        shell.input_transform = InputTransform.from_config(entry["input_transform"], device)
     if entry.get("branch"):
-        shell.branch = LowRankBranch.from_config(entry["branch"])
+        shell.branch = LowRankBranch.from_config(entry["branch"], device)
     return shell

@@ -2,7 +2,9 @@
 
 `QuantLinear` is an ``nn.Linear`` to peft, so diffusers' ``load_lora_weights`` wraps it in
 peft's own LoRA layer: the adapter runs in high precision beside the quantized op (never
-merged into the low-bit codes). A static-range recipe (w8a8, w4a8) calibrated its activation
+merged into the low-bit codes). Beside a layer with a low-rank branch (w4a4's rank-32 SVDQuant
+branch), `load_lora_adapter` / `load_lora_weights` give the peft layer `BranchMergedLora`: the branch
+and the LoRAs run as one concatenated down/up matmul pair (`merge_with_branches`). A static-range recipe (w8a8, w4a8) calibrated its activation
 ranges without the adapter, and a LoRA that shifts the activations of the layers after it
 pushes some of them out of those ranges, where they clip. `measure_clipping` counts that.
 """
@@ -103,3 +105,98 @@ def measure_clipping(model: nn.Module) -> Iterator[ClippingStats]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- a LoRA merged with a layer's low-rank branch ------------------------------------------------
+def mergeable(layer: nn.Module) -> bool:
+    """Whether a LoRA beside quantized `layer` can join its low-rank branch exactly: a linear
+    branch, and no input transform or a smoothing only (diagonal: the LoRA's down-projection is
+    carried into the transformed basis by dividing its columns by the smoothing factors). A
+    Hadamard rotation would need a dense fold: such layers keep the LoRA separate."""
+    if not isinstance(layer, QuantModule) or layer.branch is None or getattr(layer.branch, "conv", True) is not None:
+        return False
+    transform = layer.input_transform
+    return transform is None or (getattr(transform, "signs", 0) is None and transform.channel_dim in (-1, 1))
+
+
+class _Combined:
+    """The branch and the LoRAs as one low-rank pair: x -> (x down^T) up^T, `add_to` in place."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.down), self.up)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not y.is_contiguous() or y.dtype != x.dtype:
+            return y + self(x)
+        hidden = torch.nn.functional.linear(x.reshape(-1, self.down.shape[1]), self.down)
+        y.view(-1, self.up.shape[0]).addmm_(hidden, self.up.t())
+        return y
+
+
+class BranchMergedLora:
+    """Mixed into peft's LoRA Linear around a quantized layer with a low-rank branch (`mergeable`):
+    inference runs the branch and every active LoRA as one concatenated down/up matmul pair,
+    accumulated into the quantized kernel's output in place, instead of the branch plus a
+    separate pair, a scaling pass and an addition per LoRA. The same function (up to float
+    rounding); whatever this path does not cover (training, dropout in train mode, DoRA and other
+    variants, per-sample adapters, a merged or disabled adapter) runs peft's own forward."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        combined = None if args or kwargs else self._dq_combined(x)
+        if combined is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        if base.input_transform is not None:
+            x = base.input_transform(x)
+        if base.execution == "real":
+            from ..kernels.dispatch import real_forward
+
+            return real_forward(base, x, combined)
+        return combined.add_to(base.compute(x), x)
+
+    def _dq_combined(self, x: torch.Tensor) -> _Combined | None:
+        if self.disable_adapters or self.merged or torch.is_grad_enabled():
+            return None
+        base = self.base_layer
+        dtype = x.dtype
+        downs, ups = [base.branch.down.to(dtype)], [base.branch.up.to(dtype)]
+        inv = None if base.input_transform is None else base.input_transform.inv_scale
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            if name in self.lora_variant or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
+                return None
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if inv is not None:  # A x = (A / inv) (x * inv): the LoRA read in the transformed basis
+                a = a.float() / inv.float()
+            downs.append(a.to(dtype))
+            ups.append((b.float() * self.scaling[name]).to(dtype))
+        if len(downs) == 1:
+            return None
+        return _Combined(torch.cat(downs), torch.cat(ups, dim=1))
+
+
+_MERGED_CLASSES: dict[type, type] = {}
+
+
+def merge_with_branches(model: nn.Module) -> int:
+    """Give every peft LoRA Linear of `model` around a `mergeable` quantized layer the merged
+    inference path (`BranchMergedLora`); returns how many. Idempotent; peft's unload puts the
+    quantized layer back as it was."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if not isinstance(module, LoraLinear) or not mergeable(module.base_layer):
+            continue
+        if not issubclass(cls, BranchMergedLora):
+            merged = _MERGED_CLASSES.get(cls)
+            if merged is None:
+                merged = _MERGED_CLASSES[cls] = type(f"BranchMerged{cls.__name__}", (BranchMergedLora, cls), {})
+            module.__class__ = merged
+        count += 1
+    return count

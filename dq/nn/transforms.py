@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.hadamard import rotate
+from ..quant.packing import new_tensor
 from ..quant.transform import ChannelTransform
 
 
@@ -30,13 +31,16 @@ class InputTransform(nn.Module):
     quantizer's scale multiply; the rotation is an O(C log b) fast Walsh-Hadamard transform.
     """
 
-    def __init__(self, channels: int, channel_dim: int = -1, *, smooth: bool = False, rotate_block: int = 0):
+    def __init__(
+        self, channels: int, channel_dim: int = -1, *, smooth: bool = False, rotate_block: int = 0,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.channels = int(channels)
         self.channel_dim = int(channel_dim)
         self.rotate_block = int(rotate_block)
-        self.register_buffer("inv_scale", torch.ones(channels) if smooth else None)
-        self.register_buffer("signs", torch.ones(channels) if rotate_block else None)
+        self.register_buffer("inv_scale", new_tensor(channels, 1, device=device) if smooth else None)
+        self.register_buffer("signs", new_tensor(channels, 1, device=device) if rotate_block else None)
 
     @classmethod
     def from_transform(cls, transform: ChannelTransform, channels: int, channel_dim: int) -> InputTransform:
@@ -68,8 +72,9 @@ class InputTransform(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> InputTransform:
-        return cls(config["channels"], config["channel_dim"], smooth=config["smooth"], rotate_block=config["rotate_block"])
+    def from_config(cls, config: dict[str, Any], device: torch.device | str | None = None) -> InputTransform:
+        return cls(config["channels"], config["channel_dim"], smooth=config["smooth"], rotate_block=config["rotate_block"],
+                   device=device)
 
     def extra_repr(self) -> str:
         parts = (["smooth"] if self.inv_scale is not None else []) + (
@@ -86,14 +91,17 @@ class LowRankBranch(nn.Module):
     weight's matrix view [out, C*kh*kw].
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, conv: dict[str, Any] | None = None):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, conv: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.rank = int(rank)
         self.in_features = int(in_features)  # C*kh*kw for a conv
         self.out_features = int(out_features)
         self.conv = None if conv is None else dict(conv)
-        self.register_buffer("down", torch.zeros(rank, in_features))
-        self.register_buffer("up", torch.zeros(out_features, rank))
+        self.register_buffer("down", new_tensor((rank, in_features), 0, device=device))
+        self.register_buffer("up", new_tensor((out_features, rank), 0, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
@@ -122,8 +130,8 @@ class LowRankBranch(nn.Module):
         return {"rank": self.rank, "in_features": self.in_features, "out_features": self.out_features, "conv": self.conv}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LowRankBranch:
-        return cls(config["in_features"], config["out_features"], config["rank"], config.get("conv"))
+    def from_config(cls, config: dict[str, Any], device: torch.device | str | None = None) -> LowRankBranch:
+        return cls(config["in_features"], config["out_features"], config["rank"], config.get("conv"), device=device)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, {self.in_features}->{self.out_features}" + (", conv" if self.conv else "")

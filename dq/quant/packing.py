@@ -76,6 +76,14 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     return codes if codes.shape[-1] == n else codes[..., :n]
 
 
+def new_tensor(shape, fill: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """``torch.zeros``/``torch.ones`` (`fill` 0 or 1); on the meta device an empty tensor: there
+    are no values to fill, and meta fills run through torch's Python meta kernels (slow per call)."""
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return (torch.ones if fill else torch.zeros)(shape, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class WeightLayout:
     """Storage of one layer's quantized weight (see the module docstring).
@@ -162,27 +170,28 @@ class WeightLayout:
             return False
         return self.two_level or self.spec.granularity in ("channel", "tensor")
 
-    def empty(self) -> dict[str, torch.Tensor | None]:
-        """Zero-filled storage buffers: qweight, wscale, wzero, wmult (None where unused)."""
+    def empty(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor | None]:
+        """Zero-filled storage buffers: qweight, wscale, wzero, wmult (None where unused), on
+        `device` (default: torch's current default device)."""
         spec, n = self.spec, self.out_features
         if self.packed:
-            qweight = torch.zeros(n, (self.cols + 1) // 2, dtype=torch.uint8)
+            qweight = new_tensor((n, (self.cols + 1) // 2), 0, torch.uint8, device)
         elif self.is_int:
-            qweight = torch.zeros(self.shape, dtype=torch.int8)
+            qweight = new_tensor(self.shape, 0, torch.int8, device)
         else:
-            qweight = torch.zeros(self.shape, dtype=_float8_dtype(spec))
+            qweight = new_tensor(self.shape, 0, _float8_dtype(spec), device)
         if self.two_level:
             return {
                 "qweight": qweight,
-                "wscale": torch.ones(n, 1),
-                "wzero": None if spec.symmetric else torch.zeros(n, self.groups, dtype=torch.int8),
-                "wmult": torch.ones(n, self.groups, dtype=torch.uint8),
+                "wscale": new_tensor((n, 1), 1, device=device),
+                "wzero": None if spec.symmetric else new_tensor((n, self.groups), 0, torch.int8, device),
+                "wmult": new_tensor((n, self.groups), 1, torch.uint8, device),
             }
         rows = self.scale_rows
         return {
             "qweight": qweight,
-            "wscale": torch.ones(rows, 1),
-            "wzero": None if spec.symmetric or not self.is_int else torch.zeros(rows, 1),
+            "wscale": new_tensor((rows, 1), 1, device=device),
+            "wzero": None if spec.symmetric or not self.is_int else new_tensor((rows, 1), 0, device=device),
             "wmult": None,
         }
 
