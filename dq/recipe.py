@@ -685,7 +685,10 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   reduction per token but are more accurate: on 256 prompts of the embedded pipeline
 #   (benchmarks/quality.py, 2026-11-22) PSNR 33.2 (static) vs 36.3 dB (w8a8-dynamic), where
 #   torchao's int8 dynamic (no smoothing) gets 34.6; on the retrained model (2026-11-23)
-#   34.4 vs 40.2, torchao 36.5.
+#   34.4 vs 40.2, torchao 36.5. Of the static layers, PixArt's cross-attention output projection
+#   loses most (its input mixes the caption's values per prompt): the architecture rule
+#   `dynamic_inputs` (dq/arch.py) gives it per-token ranges, +1.2 dB (35.1 -> 36.4 on 64 prompts,
+#   torchao 36.8; BENCHMARKS.md "Static W8A8 against torchao").
 # - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
 #   comes almost free once H is collected for the smoothing search.
 # - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add
