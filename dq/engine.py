@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_for, default_dynamic_inputs, default_keep, default_weight_only, quantizable_layers
+from .arch import (
+    arch_for,
+    default_dynamic_inputs,
+    default_keep,
+    default_weight_only,
+    quantizable_layers,
+)
 from .calibrate import distributed
 from .calibrate.hooks import Calibrator, CalibTarget
 from .calibrate.run import run_pipeline
