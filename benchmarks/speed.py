@@ -342,7 +342,7 @@ def cpu_default_pipeline(args) -> dict[str, Any]:
     pipes = {"fp": load()}
     for recipe in (*CPU_RECIPES, "w4a8-rtn"):  # w4a8 uses GPTQ: see the note in the report
         pipe = load()
-        dq.quantize(pipe, recipe, calib_prompts=prompts, num_inference_steps=2 if args.quick else 8, **call_kwargs)
+        dq.quantize(pipe, recipe_named(recipe), calib_prompts=prompts, num_inference_steps=2 if args.quick else 8, **call_kwargs)
         pipes[f"dq-{recipe}"] = pipe
     names = quant_names(find_denoiser(pipes["fp"])[1], "w8a8")
     ao = load()
