@@ -687,8 +687,8 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   torchao's int8 dynamic (no smoothing) gets 34.6; on the retrained model (2026-11-23)
 #   34.4 vs 40.2, torchao 36.5. Of the static layers, PixArt's cross-attention output projection
 #   loses most (its input mixes the caption's values per prompt): the architecture rule
-#   `dynamic_inputs` (dq/arch.py) gives it per-token ranges, +1.2 dB (35.1 -> 36.4 on 64 prompts,
-#   torchao 36.8; BENCHMARKS.md "Static W8A8 against torchao").
+#   `dynamic_inputs` (dq/arch.py) gives it per-token ranges, +1.6 dB (34.1 -> 35.7 on 256 prompts,
+#   torchao 36.5; BENCHMARKS.md "Static W8A8 against torchao").
 # - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
 #   comes almost free once H is collected for the smoothing search.
 # - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add
