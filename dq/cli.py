@@ -197,6 +197,15 @@ def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--dtype", default=None, help="torch dtype of the loaded pipeline (float32, bfloat16, float16)")
 
 
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """The model, recipe and calibration options `dq quantize` and `dq calibrate` share."""
+    _add_model_args(p, "hub id or local diffusers folder")
+    p.add_argument("--recipe", default="w8a8", help="preset name (see `dq recipes`) or a .yaml/.json recipe file")
+    p.add_argument("--calib-prompts", default=None, help="prompt file (one per line) or shipped set name")
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """--verbose / --quiet on a sub-command (they may also come before it: ``dq -q quantize``)."""
     group = p.add_mutually_exclusive_group()
@@ -378,12 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a pipeline, save it as a diffusers folder")
-    _add_model_args(q, "hub id or local diffusers folder")
-    q.add_argument("--recipe", default="w8a8", help="preset name (see `dq recipes`) or a .yaml/.json recipe file")
+    _add_calibration_args(q)
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--calib-prompts", default=None, help="prompt file (one per line) or shipped set name")
-    q.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
-    q.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     q.add_argument("--budget", type=budget_float, default=None, metavar="BITS",
                    help="mixed precision: average weight bits per layer weight, scales included (e.g. 4.5); "
@@ -395,12 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("calibrate", help="calibrate without quantizing: write the statistics file DQConfig(stats=...) reads")
-    _add_model_args(c, "hub id or local diffusers folder")
-    c.add_argument("--recipe", default="w8a8", help="preset name (see `dq recipes`) or a .yaml/.json recipe file")
+    _add_calibration_args(c)
     c.add_argument("--stats-out", required=True, help="statistics file to write (.safetensors)")
-    c.add_argument("--calib-prompts", default=None, help="prompt file (one per line) or shipped set name")
-    c.add_argument("--num-prompts", type=positive_int, default=None, help="calibration prompts to use (default: the recipe's)")
-    c.add_argument("--steps", type=positive_int, default=None, help="sampler steps per calibration prompt (default: the recipe's)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --stats-out file")
     add_output_args(c)
     c.set_defaults(func=cmd_calibrate)

@@ -87,7 +87,7 @@ def _fits(spec: QuantSpec | None, module: nn.Module, name: str, what: str) -> Qu
 def dynamic_per_token(spec: QuantSpec) -> QuantSpec:
     """The same activation format with a dynamic per-token range (the architecture's
     `dynamic_inputs` layers, under a recipe with static ranges)."""
-    return QuantSpec.from_dict({**spec.to_dict(), "granularity": "token", "dynamic": True, "range": "minmax"})
+    return spec.replace(granularity="token", dynamic=True, range="minmax")
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
