@@ -239,3 +239,34 @@ def test_bfloat16_models_keep_their_dtype_and_match_sim(name):
     real, sim = real_and_sim(q, x)
     assert real.dtype == sim.dtype == torch.bfloat16
     assert torch.allclose(real.float(), sim.float(), rtol=2e-2, atol=2e-2 * float(sim.abs().max()))
+
+
+def test_static_int8_codes_fast_and_portable_paths_equal_the_reference(monkeypatch):
+    """`int8.quantize_static`'s fast path (torch's per-tensor int8 quantizer) and its portable
+    passes give exactly `primitives.quantize`'s codes (and `fake_quantize_static` its values): values placed on rounding ties, clipped
+    values, a channels-last input; the symmetric range (-127) never takes the fast path."""
+    from dq.quant import primitives as P
+
+    asym = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+    sym = QuantSpec(bits=8, granularity="tensor", symmetric=True)
+    torch.manual_seed(0)
+    scale, zero = torch.tensor([0.037]), torch.tensor([-5.0])
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale  # includes out-of-range values
+    rows = torch.cat([ties.reshape(-1, 60), torch.randn(40, 60) * 3])
+    conv_input = (torch.randn(2, 16, 5, 5) * 3).contiguous(memory_format=torch.channels_last)
+    for x in (rows, conv_input):
+        for spec, z in ((asym, zero), (sym, None)):
+            ref = P.quantize(x, scale, z, spec).to(torch.int8)
+            monkeypatch.setattr(int8, "_QPT", None)
+            fast = int8.quantize_static(x, scale, z, spec)
+            assert int8._QPT is not False
+            assert torch.equal(fast, ref)
+            faked = int8.fake_quantize_static(x, scale, z, spec)  # the simulated layers' fast path
+            if spec.symmetric:
+                assert faked is None
+            else:
+                assert torch.equal(faked, P.dequantize(ref.float(), scale, z))
+            monkeypatch.setattr(int8, "_QPT", False)  # torch without the quantizer: portable passes
+            assert torch.equal(int8.quantize_static(x, scale, z, spec), ref)
+    assert int8._fast_codes(rows, scale, None, sym) is None
+    assert int8._fast_codes(rows.bfloat16(), scale, zero, asym) is None

@@ -51,17 +51,38 @@ def test_real_matches_sim_on_tiny_pipelines(kind, recipe):
         assert all(m.weight_layout.two_level and m.kernel == "int8" for m in layers if m.weight_spec.bits == 4 and m.act_spec is not None)
     if kind == "sd15":
         assert any(isinstance(m, dq.nn.QuantConv2d) and m.kernel == expected for m in layers)
+    inputs = {}
+
+    def keep_first(name):
+        def hook(_module, args):
+            inputs.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_first(n)) for n, m in model.named_modules() if isinstance(m, QuantModule)]
     real = rec.replay()
+    for h in hooks:
+        h.remove()
+    # Layer by layer, on the inputs the pipeline gives it, real computes what sim computes: the
+    # same integer codes (one rounding order, `primitives.quantize`), float summation order only.
+    with torch.no_grad():
+        for name, x in inputs.items():
+            layer = model.get_submodule(name)
+            got = layer(x)
+            set_execution(layer, "sim")
+            assert sqnr_db(layer(x), got) > 80, f"{kind} {recipe}: {name}"
+            set_execution(layer, "auto")
     set_execution(model, "sim")
     sim = rec.replay()
     real_vs_sim = min(sqnr_db(s, r) for s, r in zip(sim, real))
     real_err = min(sqnr_db(f, r) for f, r in zip(fp, real))
     sim_err = min(sqnr_db(f, s) for f, s in zip(fp, sim))
-    # Same codes up to float summation order; in a deep static-quantized net a rare rounding tie
-    # that flips one code can cascade, so the bound is: real is as accurate as sim, and closer
-    # to sim than either is to full precision.
+    # End to end, in a deep net with static ranges, an ulp of summation order that moves a value
+    # across a rounding tie flips a code, and flips cascade (sd15 w8a8: 33-36 dB real vs sim,
+    # depending on the machine's kernels); so the bound is: real is as accurate as sim, and
+    # closer to sim than either is to full precision.
     assert real_err > sim_err - 1.0, f"{kind} {recipe}: real {real_err:.1f} dB vs sim {sim_err:.1f} dB from FP"
-    assert real_vs_sim > sim_err + 3.0, f"{kind} {recipe}: real vs sim {real_vs_sim:.1f} dB (sim vs FP {sim_err:.1f})"
+    assert real_vs_sim > sim_err, f"{kind} {recipe}: real vs sim {real_vs_sim:.1f} dB (sim vs FP {sim_err:.1f})"
 
 
 @pytest.mark.parametrize("kind", ["pixart", "sd15"])

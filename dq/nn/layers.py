@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DQError
+from ..kernels import int8
 from ..kernels.dispatch import real_forward, release_runtime
 from ..quant import primitives as P
 from ..quant.packing import WeightLayout, new_tensor
@@ -256,6 +257,9 @@ class QuantModule(nn.Module):
         if spec.dynamic:
             return P.fake_quantize(x, spec, channel_dim=self.channel_dim)
         scale, zero = self.static_act_params()
+        fast = int8.fake_quantize_static(x, scale, zero, spec)
+        if fast is not None:
+            return fast
         return P.dequantize(P.quantize(x.float(), scale, zero, spec), scale, zero).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -107,10 +107,12 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, sp
     """Integer codes (as float) for integer kinds, grid values for float kinds."""
     if spec.kind != "int":
         return fp_quantize(x / scale, spec.kind)
-    q = x / scale
+    # round(x * (1 / scale)) + zero: the order of torch's (fbgemm's) int8 quantizer, which the
+    # real kernels use (`dq.kernels.int8`), so that real and simulated codes agree exactly.
+    q = (x * torch.reciprocal(scale)).round()
     if zero is not None:
         q = q + zero
-    return q.round().clamp(spec.qmin, spec.qmax)
+    return q.clamp(spec.qmin, spec.qmax)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
