@@ -270,3 +270,46 @@ def test_static_int8_codes_fast_and_portable_paths_equal_the_reference(monkeypat
             assert torch.equal(int8.quantize_static(x, scale, z, spec), ref)
     assert int8._fast_codes(rows, scale, None, sym) is None
     assert int8._fast_codes(rows.bfloat16(), scale, zero, asym) is None
+
+
+@pytest.mark.parametrize("path", ["int_mm", "int8_copy"])
+def test_static_eager_path_follows_the_group_and_in_place_changes(path):
+    """The CPU eager static path keeps each timestep group's (scale, zero, column scale,
+    shift) precomputed (`dispatch._static_table`): every group must give the simulated
+    result, and ranges or a bias changed in place afterwards (set_act_ranges,
+    load_state_dict) must be picked up, not served stale."""
+    from dq.nn.transforms import InputTransform
+
+    torch.manual_seed(0)
+    weight = W8 if path == "int_mm" else W4G
+    router = TimestepRouter(torch.tensor([500.0]), groups=2)
+    smooth = InputTransform(64, smooth=True)
+    smooth.inv_scale.uniform_(0.5, 2.0)
+    q = QuantLinear.from_float(torch.nn.Linear(64, 48), weight, A8, RANGES, router, input_transform=smooth)
+    x = torch.randn(2, 40, 64)
+
+    def check():
+        for t in (900.0, 100.0):
+            router.set_timestep(torch.tensor([t]))
+            set_execution(q, "sim")
+            sim = q(x)
+            set_execution(q, "real", path=path)
+            real = q(x)
+            assert "_dq_static" in q.__dict__  # the eager static path ran
+            assert close(real, sim), (path, t)
+        return real
+
+    with torch.no_grad():
+        before = check()
+        q.set_act_ranges([(-0.5, 0.7), (-2.0, 4.0)])
+        q.bias.add_(1.0)
+        after = check()
+        assert not torch.allclose(before, after)
+        state = {k: v.clone() for k, v in q.state_dict().items()}
+        q.set_act_ranges(RANGES)
+        set_execution(q, "real", path=path)
+        q(x)
+        q.load_state_dict(state)  # copies in place into the same buffers
+        real = q(x)  # real again without set_execution: the table must notice
+        set_execution(q, "sim")
+        assert close(real, q(x))

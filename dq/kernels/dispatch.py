@@ -331,12 +331,65 @@ def _a8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+def _static_table(layer: QuantModule) -> tuple | None:
+    """Per timestep group: the activation (scale, zero) as Python numbers and the epilogue's
+    column scale and shift [groups, n] (`int8.dequantize_output`, static case), made once per
+    layer and remade when any tensor they come from changed in place (tensor versions); None
+    while a tensor it needs is missing (the row sums before `ready`)."""
+    ascale, azero, bias, wsum = layer.ascale, layer.azero, layer.bias, layer._buffers.get("wsum")
+    if azero is not None and wsum is None:
+        return None
+    key = tuple(t._version if t is not None else -1 for t in (ascale, azero, bias, layer.wscale, wsum)) + (
+        id(wsum), id(ascale), id(bias))
+    table = layer.__dict__.get("_dq_static")
+    if table is not None and table[0] == key:
+        return table
+    scales = ascale.reshape(-1).float()
+    col = scales[:, None] * layer.weight_layout.channel_scale(layer.wscale)[None, :]
+    shift = None if bias is None else bias.float().expand_as(col).clone()
+    zeros = None
+    if azero is not None:
+        zeros = azero.reshape(-1).float()
+        term = zeros[:, None] * wsum[None, :] * col
+        shift = -term if shift is None else shift - term
+    table = (key, scales.tolist(), [0] * len(scales) if zeros is None else [int(z) for z in zeros.tolist()],
+             col.contiguous(), None if shift is None else shift.contiguous())
+    layer.__dict__["_dq_static"] = table
+    return table
+
+
+def _static_int8_eager(layer: QuantModule, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The static-activation int8 linear on CPU in eager mode with the fewest passes and the
+    least Python: codes from torch's int8 quantizer, `torch._int_mm`, the int32 product cast in
+    place and one addcmul with the group's precomputed column scale and shift. None where it
+    does not apply (the general path then runs: same codes, same function)."""
+    table = _static_table(layer)
+    if table is None:
+        return None
+    _, scales, zeros, col, shift = table
+    router = layer._router
+    g = 0 if router is None else int(router.index)
+    k = x.shape[-1]
+    q = int8.qint8_codes(x, scales[g], zeros[g])
+    if q is None:
+        return None
+    acc = torch._int_mm(q.reshape(-1, k), weight.t())
+    y = int8._float_view(acc)
+    y = y.mul_(col[g]) if shift is None else torch.addcmul(shift[g], y, col[g], out=y)
+    return y.reshape(*x.shape[:-1], y.shape[1])
+
+
 def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool, kept: bool = False) -> torch.Tensor:
     spec, layout = layer.act_spec, layer.weight_layout
     k, n = layout.cols, layout.out_features
     reason = int8.int_mm_unsupported(x.numel() // k, k, n, x.device)
     if reason is not None:
         return _fallback(layer, x, reason)
+    if (not fused and not spec.dynamic and spec.qmin == -128 and spec.qmax == 127 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling()):
+        y = _static_int8_eager(layer, x, _kept_integer_weight(layer) if kept else _integer_weight(layer))
+        if y is not None:
+            return y
     if spec.dynamic:
         codes, a_scale, a_zero = int8.quantize_dynamic(x.reshape(-1, k), spec)
     else:
@@ -419,7 +472,7 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 # -- setting the mode -----------------------------------------------------------------
 RUNTIME_STATE = (
-    "_dq_prepacked", "_dq_float_weight", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
 )
 
 

@@ -79,6 +79,27 @@ def _qint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec
     return q
 
 
+def qint8_codes(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor | None:
+    """int8 codes of a contiguous CPU float32 `x` for the full int8 range, from Python numbers
+    (the hot path of `dq.kernels.dispatch`; the caller checked the rest of `_qint8`'s
+    conditions), or None when torch's quantizer is unavailable."""
+    global _QPT
+    if _QPT is False:
+        return None
+    try:
+        if _QPT:
+            q = torch.quantize_per_tensor(x, scale, zero, torch.qint8)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_tensor(x, scale, zero, torch.qint8)
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        _QPT = False
+        return None
+    _QPT = True
+    return torch.empty(0, dtype=torch.int8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
 def _fast_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
     """int8 codes of `x` (a view of the qint8 tensor's bytes, in the input's strides: rows,
     or a channels-last conv input), or None (see `_qint8`)."""
