@@ -51,6 +51,11 @@ def random_store(rank: int, seed: int = 0):
 
 
 def scenario_reduce(out: Path, rank: int) -> None:
+    from dq.calibrate import distributed
+
+    # second moments of 8 x 8 floats (256 bytes): at most two per flat buffer, so the merge
+    # runs several packed collectives and some single ones (the scenario "quantize" one buffer)
+    distributed.MOMENT_BUFFER_BYTES = 600
     store = random_store(rank).all_reduce_()
     torch.save(store.state_dict(), out / f"rank{rank}-reduce.pt")
 

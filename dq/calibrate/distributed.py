@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -201,13 +202,20 @@ def _widen_to(hist: torch.Tensor, exp: int, new_exp: int) -> torch.Tensor:
     return _widen(hist, exp, new_exp)
 
 
+# Second moments travel in flat float32 buffers of at most this many bytes per collective:
+# few collectives (each costs a round trip), and a bounded extra copy of the moments.
+MOMENT_BUFFER_BYTES = 64 << 20
+
+
 def all_reduce_store(store: StatsStore, group=None) -> StatsStore:
     """Merge `store` in place across the processes of ``group`` (see `StatsStore.all_reduce_`).
 
     The keys, channel counts, histogram sizes and ranges and the token counts travel as one
-    small object; then per layer three collectives reduce the tensors (sum: square sums and
-    histograms widened to the common range, in float64; max: absmax and max; min: min), and
-    one sum per second moment. A process that lacks a key contributes zeros / -inf / +inf."""
+    small object; then three collectives reduce every layer's tensors at once (sum: square
+    sums and histograms widened to the common range, in float64; max: absmax and max; min:
+    min), and the second moments are summed in flat buffers of at most `MOMENT_BUFFER_BYTES`
+    (one collective each). A process that lacks a key contributes zeros / -inf / +inf.
+    (One collective per tensor costs a gloo round trip each: hundreds per merge.)"""
     if not active(group):
         return store
     meta = {
@@ -218,8 +226,7 @@ def all_reduce_store(store: StatsStore, group=None) -> StatsStore:
     metas = gather_objects(meta, "the merge of calibration statistics", group)
     device = _comm_device(group)
     layers = sorted({layer for m in metas for layer in m["entries"]})
-    for layer in layers:
-        _reduce_layer(store, layer, [m["entries"].get(layer, {}) for m in metas], device, group)
+    _reduce_layers(store, {layer: [m["entries"].get(layer, {}) for m in metas] for layer in layers}, device, group)
     # one sum per distinct input: a layer stays shared only where every process agrees (else
     # each process gives it its own copy first, and it is reduced on its own)
     maps = [(m["shared"], set(m["moments"]) | set(m["shared"])) for m in metas]
@@ -230,9 +237,9 @@ def all_reduce_store(store: StatsStore, group=None) -> StatsStore:
         for layer, canon in m["shared"].items():
             if layer in split:
                 own.setdefault(layer, {})[id(m)] = m["moments"][canon]
-    for layer in sorted({layer for m in metas for layer in m["moments"]} | split):
-        held = [m["moments"].get(layer) or own.get(layer, {}).get(id(m)) for m in metas]
-        _reduce_moment(store, layer, held, device, group)
+    held = {layer: [m["moments"].get(layer) or own.get(layer, {}).get(id(m)) for m in metas]
+            for layer in sorted({layer for m in metas for layer in m["moments"]} | split)}
+    _reduce_moments(store, held, device, group)
     store.shared = {layer: canon for shared, _ in maps for layer, canon in shared.items() if layer not in split}
     return store
 
@@ -242,9 +249,10 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> None:
         dist.all_reduce(tensor, op=op, group=group)
 
 
-def _reduce_layer(store: StatsStore, layer: str, metas: list[dict], device: torch.device, group) -> None:
+def _layer_plan(layer: str, metas: list[dict]) -> list[tuple]:
+    """(key, channels, bins, exp, count) of every statistics entry any process has for `layer`."""
     keys = sorted({k for m in metas for k in m})
-    plan = []  # (key, channels, bins, exp, count)
+    plan = []
     for key in keys:
         held = [(r, m[key]) for r, m in enumerate(metas) if key in m]
         channels = {c for _, (c, _, _, _) in held}
@@ -257,51 +265,90 @@ def _reduce_layer(store: StatsStore, layer: str, metas: list[dict], device: torc
         has_hist = 0 not in bins
         plan.append((key, channels.pop(), max(bins) if has_hist else 0, max(e for _, (_, _, e, _) in held),
                      sum(n for _, (_, _, _, n) in held)))
-    steps = store.by_layer.get(layer, {})
+    return plan
+
+
+def _reduce_layers(store: StatsStore, metas_by_layer: dict[str, list[dict]], device: torch.device, group) -> None:
+    plans = {layer: _layer_plan(layer, metas) for layer, metas in metas_by_layer.items()}
     sums, highs, lows = [], [], []
-    for key, channels, bins, exp, _count in plan:
-        mine = steps.get(key)
-        if mine is None:
-            sums += [torch.zeros(channels + bins, dtype=torch.float64)]
-            highs += [torch.zeros(channels), torch.full((channels,), -torch.inf)]
-            lows += [torch.full((channels,), torch.inf)]
-            continue
-        hist = _widen_to(mine.hist, mine.hist_exp, exp).double().cpu() if bins else torch.zeros(0, dtype=torch.float64)
-        sums += [mine.sumsq.double().cpu(), hist]
-        highs += [mine.absmax.float().cpu(), mine.max.float().cpu()]
-        lows += [mine.min.float().cpu()]
+    for layer, plan in plans.items():
+        steps = store.by_layer.get(layer, {})
+        for key, channels, bins, exp, _count in plan:
+            mine = steps.get(key)
+            if mine is None:
+                sums += [torch.zeros(channels + bins, dtype=torch.float64)]
+                highs += [torch.zeros(channels), torch.full((channels,), -torch.inf)]
+                lows += [torch.full((channels,), torch.inf)]
+                continue
+            hist = _widen_to(mine.hist, mine.hist_exp, exp).double().cpu() if bins else torch.zeros(0, dtype=torch.float64)
+            sums += [mine.sumsq.double().cpu(), hist]
+            highs += [mine.absmax.float().cpu(), mine.max.float().cpu()]
+            lows += [mine.min.float().cpu()]
+    if not sums:
+        return
     buffers = [torch.cat(part).to(device) for part in (sums, highs, lows)]
     for buffer, op in zip(buffers, (dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN)):
         _all_reduce(buffer, op, group)
     sums_, highs_, lows_ = (b.cpu() for b in buffers)
     at_s = at_h = at_l = 0
-    merged = {}
-    for key, channels, bins, exp, count in plan:
-        like = steps.get(key)
-        target = like.absmax if like is not None else torch.empty(0)
-        dtype, where = (target.dtype, target.device) if like is not None else (torch.float32, torch.device("cpu"))
-        sumsq, hist = sums_[at_s : at_s + channels], sums_[at_s + channels : at_s + channels + bins]
-        absmax, high = highs_[at_h : at_h + channels], highs_[at_h + channels : at_h + 2 * channels]
-        low = lows_[at_l : at_l + channels]
-        at_s, at_h, at_l = at_s + channels + bins, at_h + 2 * channels, at_l + channels
-        merged[key] = ActivationStats(
-            count, *(x.to(where, dtype) for x in (absmax, low, high, sumsq)),
-            hist.to(where, torch.float32) if bins else None, exp,
-        )
-    store.by_layer[layer] = merged
+    for layer, plan in plans.items():
+        steps = store.by_layer.get(layer, {})
+        merged = {}
+        for key, channels, bins, exp, count in plan:
+            like = steps.get(key)
+            target = like.absmax if like is not None else torch.empty(0)
+            dtype, where = (target.dtype, target.device) if like is not None else (torch.float32, torch.device("cpu"))
+            sumsq, hist = sums_[at_s : at_s + channels], sums_[at_s + channels : at_s + channels + bins]
+            absmax, high = highs_[at_h : at_h + channels], highs_[at_h + channels : at_h + 2 * channels]
+            low = lows_[at_l : at_l + channels]
+            at_s, at_h, at_l = at_s + channels + bins, at_h + 2 * channels, at_l + channels
+            merged[key] = ActivationStats(
+                count, *(x.to(where, dtype) for x in (absmax, low, high, sumsq)),
+                hist.to(where, torch.float32) if bins else None, exp,
+            )
+        store.by_layer[layer] = merged
 
 
-def _reduce_moment(store: StatsStore, layer: str, metas: list, device: torch.device, group) -> None:
-    shapes = {tuple(m[0]) for m in metas if m is not None}
-    if len(shapes) > 1:
-        raise DQError(f"layer {layer!r} has second moments of different shapes on different processes {sorted(shapes)}; the models differ")
-    shape = shapes.pop()
-    mine = store.moments.get(layer)
-    tensor = mine.sum if mine is not None else torch.zeros(shape, dtype=torch.float32)
-    buffer = tensor.to(device) if tensor.device != device else tensor
-    _all_reduce(buffer, dist.ReduceOp.SUM, group)
-    count = sum(m[1] for m in metas if m is not None)
-    store.moments[layer] = SecondMoment(buffer.to(tensor.device) if buffer is not tensor else buffer, count)
+def _reduce_moments(store: StatsStore, held: dict[str, list], device: torch.device, group) -> None:
+    """Sum every layer's second moment across processes, packed into flat float32 buffers of at
+    most `MOMENT_BUFFER_BYTES` (a moment larger than that goes alone)."""
+    plan = []  # (layer, shape, count, tensor or None)
+    for layer, metas in held.items():
+        shapes = {tuple(m[0]) for m in metas if m is not None}
+        if len(shapes) > 1:
+            raise DQError(f"layer {layer!r} has second moments of different shapes on different processes {sorted(shapes)}; the models differ")
+        mine = store.moments.get(layer)
+        plan.append((layer, shapes.pop(), sum(m[1] for m in metas if m is not None), None if mine is None else mine.sum))
+    batch, size = [], 0
+    for item in plan:
+        numel = math.prod(item[1])
+        if batch and (size + numel) * 4 > MOMENT_BUFFER_BYTES:
+            _reduce_moment_batch(store, batch, device, group)
+            batch, size = [], 0
+        batch.append(item)
+        size += numel
+    if batch:
+        _reduce_moment_batch(store, batch, device, group)
+
+
+def _reduce_moment_batch(store: StatsStore, batch: list[tuple], device: torch.device, group) -> None:
+    if len(batch) == 1:  # in place, no copy
+        layer, shape, count, tensor = batch[0]
+        tensor = torch.zeros(shape, dtype=torch.float32) if tensor is None else tensor
+        buffer = tensor.to(device) if tensor.device != device else tensor
+        _all_reduce(buffer, dist.ReduceOp.SUM, group)
+        store.moments[layer] = SecondMoment(buffer.to(tensor.device) if buffer is not tensor else buffer, count)
+        return
+    flat = torch.cat([(torch.zeros(math.prod(shape), dtype=torch.float32) if t is None else t.reshape(-1).to(device, torch.float32))
+                      for _, shape, _, t in batch]).to(device)
+    _all_reduce(flat, dist.ReduceOp.SUM, group)
+    at = 0
+    for layer, shape, count, tensor in batch:
+        numel = math.prod(shape)
+        part = flat[at : at + numel].reshape(shape)
+        at += numel
+        where = tensor.device if tensor is not None else torch.device("cpu")
+        store.moments[layer] = SecondMoment(part.to(where).clone(), count)  # its own memory, not a view of `flat`
 
 
 def split_evenly(items: Sequence[T], group=None) -> tuple[range, list[T]]:
