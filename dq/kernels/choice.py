@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
 COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8")
-CACHE_VERSION = 2  # 2: int8_copy and int_mm_a8 (older choices never saw them)
+CACHE_VERSION = 3  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
+# activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
