@@ -333,14 +333,15 @@ def _a8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 def _static_table(layer: QuantModule) -> tuple | None:
     """Per timestep group: the activation (scale, zero) as Python numbers and the epilogue's
-    column scale and shift [groups, n] (`int8.dequantize_output`, static case), made once per
-    layer and remade when any tensor they come from changed in place (tensor versions); None
-    while a tensor it needs is missing (the row sums before `ready`)."""
-    ascale, azero, bias, wsum = layer.ascale, layer.azero, layer.bias, layer._buffers.get("wsum")
+    column scale and shift [n] (`int8.dequantize_output`, static case), and the integer
+    weight's transpose where it is a view of the stored codes; made once per layer and remade
+    when any tensor they come from changed in place or was replaced (tensor versions and
+    identities). None while a tensor it needs is missing (the row sums before `ready`)."""
+    ascale, azero, bias, wsum, qweight = layer.ascale, layer.azero, layer.bias, layer._buffers.get("wsum"), layer.qweight
     if azero is not None and wsum is None:
         return None
-    key = tuple(t._version if t is not None else -1 for t in (ascale, azero, bias, layer.wscale, wsum)) + (
-        id(wsum), id(ascale), id(bias))
+    tensors = (ascale, azero, bias, layer.wscale, wsum, qweight)
+    key = tuple((id(t), t._version) if t is not None else None for t in tensors)
     table = layer.__dict__.get("_dq_static")
     if table is not None and table[0] == key:
         return table
@@ -352,13 +353,14 @@ def _static_table(layer: QuantModule) -> tuple | None:
         zeros = azero.reshape(-1).float()
         term = zeros[:, None] * wsum[None, :] * col
         shift = -term if shift is None else shift - term
+    weight_t = None if _unpacks_per_call(layer) else _integer_weight(layer).t()
     table = (key, scales.tolist(), [0] * len(scales) if zeros is None else [int(z) for z in zeros.tolist()],
-             col.contiguous(), None if shift is None else shift.contiguous())
+             tuple(col.contiguous()), None if shift is None else tuple(shift.contiguous()), weight_t)
     layer.__dict__["_dq_static"] = table
     return table
 
 
-def _static_int8_eager(layer: QuantModule, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def _static_int8_eager(layer: QuantModule, x: torch.Tensor, kept: bool) -> torch.Tensor | None:
     """The static-activation int8 linear on CPU in eager mode with the fewest passes and the
     least Python: codes from torch's int8 quantizer, `torch._int_mm`, the int32 product cast in
     place and one addcmul with the group's precomputed column scale and shift. None where it
@@ -366,17 +368,20 @@ def _static_int8_eager(layer: QuantModule, x: torch.Tensor, weight: torch.Tensor
     table = _static_table(layer)
     if table is None:
         return None
-    _, scales, zeros, col, shift = table
+    _, scales, zeros, cols, shifts, weight_t = table
     router = layer._router
     g = 0 if router is None else int(router.index)
-    k = x.shape[-1]
     q = int8.qint8_codes(x, scales[g], zeros[g])
     if q is None:
         return None
-    acc = torch._int_mm(q.reshape(-1, k), weight.t())
+    if kept:
+        weight_t = _kept_integer_weight(layer).t()
+    elif weight_t is None:
+        weight_t = _integer_weight(layer).t()
+    acc = torch._int_mm(q.view(-1, x.shape[-1]), weight_t)
     y = int8._float_view(acc)
-    y = y.mul_(col[g]) if shift is None else torch.addcmul(shift[g], y, col[g], out=y)
-    return y.reshape(*x.shape[:-1], y.shape[1])
+    y = y.mul_(cols[g]) if shifts is None else torch.addcmul(shifts[g], y, cols[g], out=y)
+    return y.view(*x.shape[:-1], y.shape[1])
 
 
 def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool, kept: bool = False) -> torch.Tensor:
@@ -387,7 +392,7 @@ def _int8_linear(layer: QuantModule, x: torch.Tensor, fused: bool, kept: bool = 
         return _fallback(layer, x, reason)
     if (not fused and not spec.dynamic and spec.qmin == -128 and spec.qmax == 127 and x.device.type == "cpu"
             and x.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling()):
-        y = _static_int8_eager(layer, x, _kept_integer_weight(layer) if kept else _integer_weight(layer))
+        y = _static_int8_eager(layer, x, kept)
         if y is not None:
             return y
     if spec.dynamic:
