@@ -131,6 +131,13 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     q = torch.mul(x, torch.reciprocal(scale)).round_()
     if zero is not None:
         q.add_(zero)
+    if (spec.qmin == -128 and spec.qmax == 127 and q.dtype == torch.float32 and q.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        # per-row scales (dynamic per token): the codes are integers already; torch's quantizer
+        # with scale 1 clamps and casts them in one pass instead of two
+        codes = qint8_codes(q, 1.0, 0)
+        if codes is not None:
+            return codes
     return q.clamp_(spec.qmin, spec.qmax).to(torch.int8)
 
 
