@@ -335,3 +335,20 @@ def test_bulk_load_leaves_a_spread_device_map_to_diffusers(w8a8):
     quantizer.validate_environment(device_map={"transformer_blocks.0": "cpu", "proj_out": "disk"})
     assert quantizer._bulk_device() is None
     assert quantizer.maybe_update_state_dict({"x.qweight": torch.zeros(1)}) == {"x.qweight": torch.zeros(1)}
+
+
+def test_loaded_model_shares_no_config_dict_with_its_quantizer(w8a8, tmp_path):
+    """The hooks read the quantization config without copying its plan; what the model keeps
+    (source, recipe) is its own, and the config is left as read (save_pretrained writes it back)."""
+    from dq.provenance import SOURCE_ATTR
+
+    root, _, reference = w8a8
+    saved = json.loads((root / "dq_save" / "transformer" / "config.json").read_text())["quantization_config"]
+    model = PixArtTransformer2DModel.from_pretrained(root / "dq_save", subfolder="transformer")
+    config = model.hf_quantizer.quantization_config
+    source = getattr(model, SOURCE_ATTR)
+    assert source == config.source and source is not config.source
+    assert config.plan == saved["plan"] and config.to_dict()["plan"] == saved["plan"]
+    model.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["plan"] == saved["plan"] and again["recipe"] == saved["recipe"]
