@@ -417,7 +417,7 @@ class DQQuantizer(DiffusersQuantizer):
                     f"{leftover[:5]}; the weights file does not match its config.json plan: save the pipeline again"
                 )
             qc = qc or self.quantization_config.to_dict()
-            install_runtime(model, qc, torch_dtype=self.torch_dtype)
+            install_runtime(model, qc, torch_dtype=self.torch_dtype, eval_mode=False)  # diffusers calls eval() next
         else:
             quantize_loaded(model, self.quantization_config, keep_modules=getattr(self, "keep_in_fp32_modules", []))
             # from here on the model is a quantized checkpoint: save_pretrained writes its plan

@@ -600,7 +600,8 @@ def set_execution(
         _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
-        processor = getattr(m, "processor", None)
+        # the instance dict, not getattr: a missing attribute raises inside nn.Module.__getattr__ (slow, per module)
+        processor = m.__dict__.get("processor", m._modules.get("processor"))
         if getattr(processor, "int8", False):
             processor.execution = "sim" if mode == "sim" else "real"
     for why, names in why_sim.items():
