@@ -256,11 +256,100 @@ class DQQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             from .io import install_shells
 
-            self._dq_qc = self.quantization_config.to_dict()  # copied once, read again after the weights
-            install_shells(model, self._dq_qc, f"{type(model).__name__} config.json")
+            self._dq_qc = self._read_only_config()  # read again after the weights
+            shells = install_shells(model, self._dq_qc, f"{type(model).__name__} config.json")
             # name -> module for the per-tensor hooks (O(1) each, instead of a `get_submodule` walk)
             self._dq_modules = dict(model.named_modules())
+            # the modules whose tensors `maybe_update_state_dict` sets in bulk: the shells, their
+            # side modules (input transform, branch) and the router, each with its shell (or None)
+            owned: dict[str, tuple[nn.Module, QuantModule | None]] = {}
+            for name, shell in shells.items():
+                for sub, module in shell.named_modules(prefix=name):
+                    owned[sub] = (module, shell)
+            router = model._modules.get(ROUTER_NAME)
+            if isinstance(router, TimestepRouter):
+                owned[ROUTER_NAME] = (router, None)
+            self._dq_owned = owned
         return model
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Records the device map diffusers settles on (its last call passes it, right before the
+        weights are read): `maybe_update_state_dict` places tensors itself only for one device."""
+        if "device_map" in kwargs:
+            self._dq_device_map = kwargs["device_map"]
+
+    def _bulk_device(self) -> str | torch.device | None:
+        """Where all the loaded tensors go, when that is one device (diffusers puts them on "cpu"
+        without a device map); None when a device map spreads or offloads them."""
+        device_map = self.__dict__.get("_dq_device_map")
+        if device_map is None:
+            return "cpu"
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device = device_map[""]
+            return None if device in ("disk", "meta") else device
+        return None
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Set the tensors of the quantized layers (and their side modules, and the router) from a
+        loaded checkpoint shard in one pass, and give diffusers back the rest of the state dict.
+
+        diffusers' per-tensor loop (`load_model_dict_into_meta`) pays for every tensor: a cast of
+        each float tensor to ``torch_dtype`` (also of the storage it then hands to
+        `create_quantized_param`, which keeps the checkpoint's), an attribute walk, accelerate's
+        `set_module_tensor_to_device`; a dq checkpoint holds about three times as many tensors
+        as the float model. Done here, each costs a dict lookup and an assignment, with the
+        same result: the storage buffers and the router keep their checkpoint dtypes (every
+        tensor does without ``torch_dtype``), the other float tensors are cast to ``torch_dtype``
+        (float32 in the class's `_keep_in_fp32_modules`, float8 kept), as diffusers would.
+        A tensor whose shape does not match its shell is left to diffusers (its error message),
+        as is everything when the weights are spread over several devices (a device map)."""
+        owned = self.__dict__.get("_dq_owned")
+        if not self.pre_quantized or owned is None or not isinstance(state_dict, dict):
+            return state_dict  # not between dq's hooks of a pre-quantized load (e.g. a single-file load)
+        device = self._bulk_device()
+        if device is None:
+            return state_dict
+        dtype, keep = self.torch_dtype, getattr(self, "keep_in_fp32_modules", None) or []
+        fp8 = getattr(torch, "float8_e4m3fn", None)
+        rest = {}
+        for name, value in state_dict.items():
+            module_name, _, leaf = name.rpartition(".")
+            found = owned.get(module_name)
+            if found is None or not isinstance(value, torch.Tensor):
+                rest[name] = value
+                continue
+            module, shell = found
+            is_param = leaf in module._parameters
+            old = module._parameters[leaf] if is_param else module._buffers.get(leaf)
+            if old is None or (not is_param and leaf in module._non_persistent_buffers_set) or old.shape != value.shape:
+                rest[name] = value  # not a tensor of the model's state dict, or a mismatch: diffusers decides
+                continue
+            if dtype is not None and value.is_floating_point() and value.dtype != fp8 and not (
+                shell is None or (module is shell and leaf in _STORAGE_BUFFERS)
+            ):
+                target = torch.float32 if keep and any(k in name.split(".") for k in keep) else dtype
+                if value.dtype != target:
+                    value = value.to(target)
+            if value.device != torch.device(device):
+                value = value.to(device)
+            if not value.is_contiguous():  # as diffusers does for a contiguous shell tensor (all of them)
+                value = value.contiguous()
+            if is_param:
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = value
+        return rest
+
+    def _read_only_config(self) -> dict[str, Any]:
+        """The quantization config as `install_shells` / `install_runtime` read it, without
+        `to_dict`'s copy of the plan (a JSON round trip, ~6 ms for 282 layers: diffusers already
+        deep-copied the model config once and serializes it once more for its telemetry). The
+        plan is only read; the recipe and source, which the loaded model keeps, are copied."""
+        fields = {k: v for k, v in self.quantization_config.__dict__.items() if not k.startswith("_")}
+        for key in ("recipe", "source"):
+            fields[key] = copy.deepcopy(fields.get(key))
+        fields["quant_method"] = QUANT_METHOD
+        return fields
 
     def _module(self, model: nn.Module, module_name: str) -> nn.Module | None:
         modules = self.__dict__.get("_dq_modules")
@@ -312,16 +401,23 @@ class DQQuantizer(DiffusersQuantizer):
         from .io import install_runtime
 
         self.__dict__.pop("_dq_modules", None)  # the per-tensor hooks are done
+        self.__dict__.pop("_dq_owned", None)
         qc = self.__dict__.pop("_dq_qc", None)  # the config as the shells were built from it
         if self.pre_quantized:
-            leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+            leftover = [  # one walk over the modules (named_parameters + named_buffers take two)
+                f"{prefix}.{n}" if prefix else n
+                for prefix, module in model.named_modules()
+                for tensors in (module._parameters, module._buffers)
+                for n, t in tensors.items()
+                if t is not None and t.is_meta
+            ]
             if leftover:
                 raise DQError(
                     f"{type(model).__name__}: tensors of the quantized layers are missing from the checkpoint: "
                     f"{leftover[:5]}; the weights file does not match its config.json plan: save the pipeline again"
                 )
             qc = qc or self.quantization_config.to_dict()
-            install_runtime(model, qc, torch_dtype=self.torch_dtype)
+            install_runtime(model, qc, torch_dtype=self.torch_dtype, eval_mode=False)  # diffusers calls eval() next
         else:
             quantize_loaded(model, self.quantization_config, keep_modules=getattr(self, "keep_in_fp32_modules", []))
             # from here on the model is a quantized checkpoint: save_pretrained writes its plan

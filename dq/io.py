@@ -295,12 +295,15 @@ def install_shells(model: nn.Module, qc: dict[str, Any], where: str) -> dict[str
 
 
 def install_runtime(
-    model: nn.Module, qc: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None
+    model: nn.Module, qc: dict[str, Any], execution: str | None = None, torch_dtype: torch.dtype | None = None,
+    *, eval_mode: bool = True,
 ) -> nn.Module:
     """What a loaded quantized denoiser needs beside its tensors: provenance, the recipe's
     attention quantization, the execution mode and the dtype guard. Shared by `dq.load` and
     diffusers' `from_pretrained` (`dq.backend.DQQuantizer`). ``torch_dtype``: the dtype of the
-    float parts (`cast_float_parts`; non-persistent float buffers included)."""
+    float parts (`cast_float_parts`; non-persistent float buffers included). ``eval_mode``:
+    False leaves ``model.eval()`` to the caller (diffusers' ``from_pretrained`` calls it right
+    after the quantizer's hook; a walk over every module)."""
     if torch_dtype is not None:
         cast_float_parts(model, torch_dtype)
     recipe = Recipe.from_dict(qc["recipe"]) if qc.get("recipe") else None
@@ -313,7 +316,7 @@ def install_runtime(
         execution = recipe.execution if recipe is not None else "auto"
     set_execution(model, execution)
     install_dtype_guard(model, torch_dtype)  # later casts are refused: the dtype is chosen here
-    return model.eval()
+    return model.eval() if eval_mode else model
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -382,6 +385,8 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
     # without walking every tensor of every module through `_apply`. QuantModule's storage
     # buffers and the router keep their dtypes through their own `_apply` (never counted here).
     for module in model.modules():
+        if not module._parameters and not module._buffers:
+            continue  # most modules hold no tensor of their own (containers, activations, norms without affine)
         if isinstance(module, TimestepRouter):
             tensors = [t for n, t in module._buffers.items() if n != "boundaries"]
         elif isinstance(module, QuantModule):

@@ -288,3 +288,67 @@ def test_weights_not_matching_the_plan_are_refused(w8a8, tmp_path):
         PixArtTransformer2DModel.from_pretrained(bad, subfolder="transformer")
     with pytest.raises(DQError, match=r"checkpoint holds shape .* save the pipeline again"):
         PixArtTransformer2DModel.from_pretrained(bad, subfolder="transformer", torch_dtype=torch.bfloat16)
+
+
+def _loaded_tensors(model) -> dict:
+    return {n: (type(t), t.dtype, t.requires_grad, t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("folder", ["dq_save", "sharded"])
+def test_bulk_load_matches_the_per_tensor_hooks(w8a8, monkeypatch, dtype, folder):
+    """`maybe_update_state_dict` sets the quantized layers' tensors itself: the same model as
+    diffusers' per-tensor loop with `check_if_quantized_param` / `create_quantized_param`."""
+    root, _, _ = w8a8
+    kw = {} if dtype is None else {"torch_dtype": dtype}
+    left: list[str] = []
+    bulk = DQQuantizer.maybe_update_state_dict
+
+    def spy(self, state_dict):
+        rest = bulk(self, state_dict)
+        left.extend(rest)
+        return rest
+
+    monkeypatch.setattr(DQQuantizer, "maybe_update_state_dict", spy)
+    ours = PixArtTransformer2DModel.from_pretrained(root / folder, subfolder="transformer", **kw)
+    modules = dict(ours.named_modules())
+    assert left and not [n for n in left if isinstance(modules[n.rpartition(".")[0]], QuantModule)]
+    assert len(left) < len(ours.state_dict()) / 4  # only the float model's own tensors went through diffusers' loop
+    monkeypatch.setattr(DQQuantizer, "maybe_update_state_dict", lambda self, state_dict: state_dict)
+    theirs = PixArtTransformer2DModel.from_pretrained(root / folder, subfolder="transformer", **kw)
+    a, b = _loaded_tensors(ours), _loaded_tensors(theirs)
+    assert a.keys() == b.keys()
+    for name, (kind, t_dtype, grad, tensor) in a.items():
+        assert (kind, t_dtype, grad) == b[name][:3], name
+        assert tensor.device.type == "cpu" and torch.equal(tensor, b[name][3]), name
+    pipe = DiffusionPipeline.from_pretrained(root / "dq_save", transformer=ours, **kw)
+    np.testing.assert_array_equal(images(pipe), images(DiffusionPipeline.from_pretrained(root / "dq_save", transformer=theirs, **kw)))
+
+
+def test_bulk_load_leaves_a_spread_device_map_to_diffusers(w8a8):
+    """With a device map over several places the tensors go through diffusers' loop (it places
+    each); with one device (or none) the quantizer places them."""
+    quantizer = DQQuantizer(dq.DQConfig(recipe="w4a16", plan={}), pre_quantized=True)
+    assert quantizer._bulk_device() == "cpu"
+    quantizer.validate_environment(device_map={"": "cpu"})
+    assert quantizer._bulk_device() == "cpu"
+    quantizer.validate_environment(device_map={"transformer_blocks.0": "cpu", "proj_out": "disk"})
+    assert quantizer._bulk_device() is None
+    assert quantizer.maybe_update_state_dict({"x.qweight": torch.zeros(1)}) == {"x.qweight": torch.zeros(1)}
+
+
+def test_loaded_model_shares_no_config_dict_with_its_quantizer(w8a8, tmp_path):
+    """The hooks read the quantization config without copying its plan; what the model keeps
+    (source, recipe) is its own, and the config is left as read (save_pretrained writes it back)."""
+    from dq.provenance import SOURCE_ATTR
+
+    root, _, reference = w8a8
+    saved = json.loads((root / "dq_save" / "transformer" / "config.json").read_text())["quantization_config"]
+    model = PixArtTransformer2DModel.from_pretrained(root / "dq_save", subfolder="transformer")
+    config = model.hf_quantizer.quantization_config
+    source = getattr(model, SOURCE_ATTR)
+    assert source == config.source and source is not config.source
+    assert config.plan == saved["plan"] and config.to_dict()["plan"] == saved["plan"]
+    model.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["plan"] == saved["plan"] and again["recipe"] == saved["recipe"]

@@ -51,10 +51,48 @@ def test_meta_shells_have_the_real_shells_tensors_and_allocate_nothing():
     assert torch.equal(real.input_transform.inv_scale, torch.ones(128)) and not real.qweight.any()
     # a second layer of the same plan reuses the parsed specs, and they equal a fresh parse
     again = shell_from_plan(entry, (96, 128), False, specs, "meta")
-    assert len(specs) == 1 and again.weight_spec is meta.weight_spec
+    parsed = [k for k in specs if isinstance(k, str)]  # (the memo also keeps one prototype shell per shape)
+    assert len(parsed) == 1 and again.weight_spec is meta.weight_spec
     assert meta.weight_spec == real.weight_spec and meta.act_spec == real.act_spec
     assert again.bias is None
 
+
+
+def _layout(module):
+    """Everything about a module tree but its tensors' identity: classes, attributes, tensors' shapes."""
+    out = {}
+    for name, m in module.named_modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+        out[name] = (type(m), {k: (type(v), v if not isinstance(v, dict) else dict(v)) for k, v in attrs.items()})
+    return out, tensors(module)
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_copied_meta_shells_equal_built_ones_and_share_no_container(side):
+    entry = quantized(side=side).plan_entry()
+    specs = {}
+    first = shell_from_plan(entry, (96, 128), True, specs, "meta")
+    second = shell_from_plan(entry, (96, 128), True, specs, "meta")
+    built = shell_from_plan(entry, (96, 128), True, None, "meta")  # no memo: built from the entry
+    assert _layout(first) == _layout(second) == _layout(built)
+    assert [type(v) for v in specs.values()].count(QuantLinear) == 1  # one prototype, kept aside
+    for (name, a), (_, b) in zip(first.named_modules(), second.named_modules()):
+        for key in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_non_persistent_buffers_set"):
+            assert a.__dict__[key] is not b.__dict__[key], (name, key)
+        assert not {id(t) for t in a._buffers.values() if t is not None} & {id(t) for t in b._buffers.values() if t is not None}
+    assert first.bias is not second.bias and isinstance(second.bias, nn.Parameter) and not second.bias.requires_grad
+    # filling one leaves the other (and the prototype) empty
+    first.qweight = torch.zeros_like(first.qweight, device="cpu")
+    first.register_forward_hook(lambda *a: None)
+    assert second.qweight.is_meta and not second._forward_hooks
+    if side:
+        first.input_transform.inv_scale = torch.ones(128)
+        assert second.input_transform.inv_scale.is_meta
+    again = shell_from_plan(entry, (96, 128), True, specs, "meta")
+    assert _layout(again) == _layout(built)
+    # another shape or bias is another prototype
+    other = shell_from_plan(entry, (64, 128), False, specs, "meta")
+    assert other.weight_shape == (64, 128) and other.bias is None and other.qweight.shape[0] == 64
 
 class Holder(nn.Module):
     def __init__(self):

@@ -143,7 +143,7 @@ def _probe(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 
 def _float_copy_nbytes(layer: QuantModule, dtype: torch.dtype) -> int:
-    return math.prod(layer.weight_shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(layer.weight_shape) * dtype.itemsize
 
 
 def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -647,16 +647,19 @@ def set_execution(
         kernel, why = choices[name]
         object.__setattr__(m, "_dq_name", name or type(m).__name__)
         m.__dict__.pop("_dq_fallbacks", None)
+        # plain attributes, set in the instance dict (nn.Module.__setattr__ checks its tensor and
+        # module dicts first: three calls per layer at every load)
         if mode == "sim" or kernel is None:
-            m.execution, m.kernel, m.strict_execution = "sim", None, False
+            m.__dict__.update(execution="sim", kernel=None, strict_execution=False)
             if mode != "sim":
                 why_sim[why].append(name)
         else:
-            m.execution, m.kernel, m.strict_execution = "real", kernel, mode == "real"
+            m.__dict__.update(execution="real", kernel=kernel, strict_execution=mode == "real")
         _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
-        processor = getattr(m, "processor", None)
+        # the instance dict, not getattr: a missing attribute raises inside nn.Module.__getattr__ (slow, per module)
+        processor = m.__dict__.get("processor", m._modules.get("processor"))
         if getattr(processor, "int8", False):
             processor.execution = "sim" if mode == "sim" else "real"
     for why, names in why_sim.items():
