@@ -12,16 +12,29 @@ which `apply_allocation` turns into the layer plan. The steps:
    layer's real storage per format (packed codes, scales, zero points, low-rank branch,
    smoothing scales, activation ranges: every persistent tensor of the layer except its bias,
    which is the same in every format).
-3. Sensitivity of (layer, format): the relative squared error of the denoiser output,
-   sum ||y_q - y||^2 / sum ||y||^2 over recorded calibration calls, with ONLY that layer
-   quantized ("measure"), or its analytic estimate from the layer inputs' second moment H
-   ("estimate": E||dW x||^2 = tr(dW H dW^T) / N plus the activation rounding noise, see
+3. Sensitivity of (layer, format), measured on recorded calibration calls as the relative
+   squared error of the denoiser output against the float model's, sum ||y_q - y||^2 /
+   sum ||y||^2 (`relative_error`):
+   - "in-context" (`MixedConfig.measure`, the default; leave-one-in): every layer in scope at
+     the smallest format (the centre), the override layers in theirs; for each layer and each
+     other option (higher formats, float) the error with that layer ALONE moved to it. A
+     layer's value is measured amid every other layer's error, which a single layer
+     quantized in a float model does not see (on the embedded pipeline, single-layer damages
+     did not add up to the joint damage). With a budget and `rounds` > 1, the plan solved from
+     these numbers becomes the centre and every layer's other options are measured again
+     around it (raising or lowering one layer), `rounds` times at most.
+   - "alone": the error with ONLY that layer quantized, every other layer in float.
+   Each replay re-runs only from the changed layer's block (`Replayer`: top-level blocks
+   that ran before it return their outputs cached from the centre's replay).
+   Or "estimate": the analytic error from the layer inputs' second moment H
+   (E||dW x||^2 = tr(dW H dW^T) / N plus the activation rounding noise, see
    `dq.quant.smooth.output_error`, relative to the layer's output energy tr(W H W^T) / N).
    "auto" estimates, measures a sample of layers, and measures everything when the Spearman
-   rank correlation of the two on the sample is below 0.8.
+   rank correlation of the two on the sample (`estimate_pairs`) is below 0.8.
 4. Allocation: minimize the summed damage subject to the budget, an integer program
    (`scipy.optimize.milp`, zero optimality gap; `solve_allocation`). Damages are assumed
-   additive over layers (as in MixDQ).
+   additive over layers (as in MixDQ): single-layer damages from zero, in-context ones as
+   reductions from the centre's error (the plan's `predicted_damage`).
 
 Average weight bits (what `budget` bounds and the report prints): 8 x the storage bytes of
 every layer in scope, divided by the number of weights of those layers; a layer left in float
@@ -997,7 +1010,7 @@ def plot_allocation(rows: Sequence[dict[str, Any] | LayerReport], path: str | Pa
     for fmt in sorted({f for r in rows if r.get("damages") for f in r["damages"] if f != FLOAT}):
         values = [(-10 * math.log10(r["damages"][fmt]) if r.get("damages") and r["damages"].get(fmt) else float("nan")) for r in rows]
         ax2.plot(values, y, "o", ms=3, label=fmt, color=colors.get(fmt))
-    ax2.set_xlabel("denoiser SQNR, dB, only this layer quantized (lower: more sensitive)")
+    ax2.set_xlabel("denoiser SQNR, dB, this layer at this format (in context: the rest at the centre plan)")
     ax2.set_title("sensitivity")
     ax2.legend(fontsize=7)
     fig.tight_layout()
