@@ -943,11 +943,13 @@ class MixedPlan:
     def table(self) -> str:
         """A readable per-layer report."""
         formats = [o.format for o in self.sensitivity.layers[0].options]
-        head = f"{'layer':48s} {'format':>6s} {'weights':>8s} {'bits':>6s} " + " ".join(f"{'dB ' + f:>9s}" for f in formats if f != FLOAT)
+        # in context, float is measured like any option (the whole model's error with the layer in float)
+        shown = [f for f in formats if f != FLOAT or self.sensitivity.baseline is not None]
+        head = f"{'layer':48s} {'format':>6s} {'weights':>8s} {'bits':>6s} " + " ".join(f"{'dB ' + f:>9s}" for f in shown)
         lines = [self.summary(), head]
         for r in self.rows():
             dbs = " ".join(
-                f"{(-10 * math.log10(v) if v else float('inf')):9.1f}" for f, v in r.damages.items() if f != FLOAT
+                f"{(-10 * math.log10(v) if v else float('inf')):9.1f}" for f, v in r.damages.items() if f in shown
             )
             lines.append(f"{r.name:48s} {r.format:>6s} {r.weights:8d} {r.bits:6.2f} {dbs}")
         return "\n".join(lines)

@@ -410,6 +410,7 @@ def test_in_context_sensitivity_equals_direct_leave_one_in():
     assert raised
     expected = sens.baseline - sum(sens.baseline - by[n][allocation[n]].measured for n in raised)
     assert plan.predicted_damage() == pytest.approx(expected, rel=1e-9)
+    assert "dB float" in plan.table().splitlines()[1]  # in context, float is a measured option too
 
 
 def test_alone_sensitivity_equals_direct_single_layer():
