@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 
 import torch
@@ -29,6 +30,7 @@ from dq.mixed import (
     Budget,
     MixedPlan,
     allocate,
+    estimate_pairs,
     install_allocation,
     layer_report,
     measure_sensitivity,
@@ -51,6 +53,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budgets", default="4.6,5,6,7,8")
     parser.add_argument("--presets", default="w8a8", help="comma-separated presets also quantized with dq.quantize")
+    parser.add_argument("--measure", default="in-context", choices=["in-context", "alone"], help="mixed.measure")
+    parser.add_argument("--rounds", type=int, default=2, help="mixed.rounds (in context: measure again around the plan)")
+    parser.add_argument("--centre-budget", type=float, default=5.0, help="the budget the second round measures around")
+    parser.add_argument("--record-prompts", type=int, default=None, help="mixed.num_prompts (default: the recipe's)")
+    parser.add_argument("--record-steps", type=int, default=None, help="mixed.steps (default: the recipe's)")
     parser.add_argument("--out", default=str(RESULTS / "mixed.json"))
     parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
@@ -64,6 +71,7 @@ def main() -> None:
     logging.getLogger("dq.mixed").setLevel(logging.INFO)
     torch.set_num_threads(2)
     start_all = time.perf_counter()
+    load_start = os.getloadavg()
 
     prompts = load_prompts("shapes_eval")[: args.num_prompts]
     calib = load_prompts("shapes_calib")[: args.calib_prompts]
@@ -88,19 +96,25 @@ def main() -> None:
     # then uses the measurement. The built layers are kept: every variant below is installed
     # from them (dq.mixed.install_allocation: the layers dq.quantize builds, without
     # re-calibrating; tests/test_mixed.py checks they are identical).
-    base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {"sensitivity": "auto", "sample": 10_000}})
+    mixed_cfg = {"sensitivity": "auto", "sample": 10_000, "measure": args.measure, "rounds": args.rounds}
+    if args.record_prompts:
+        mixed_cfg["num_prompts"] = args.record_prompts
+    if args.record_steps:
+        mixed_cfg["steps"] = args.record_steps
+    base = dq.Recipe.from_dict({"base": "w4a8", "budget": args.centre_budget, "mixed": mixed_cfg})
     pipe = dq.open_pipeline(None)
     _, model = find_denoiser(pipe)
     t = time.perf_counter()
     sens = measure_sensitivity(pipe, model, base, calib, args.steps, {}, keep_built=True)
     sens_s = time.perf_counter() - t
-    pairs = [(o.estimated, o.measured) for ls in sens.layers for o in ls.options if o.format != "float"]
+    pairs = estimate_pairs(sens)
     rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
     sens.mode = "measure"
     for ls in sens.layers:
         for o in ls.options:
-            o.damage = 0.0 if o.format == "float" else o.measured
-    print(f"sensitivity in {sens_s:.0f} s; estimate vs measured Spearman over {len(pairs)} (layer, format): {rho:.3f}", flush=True)
+            o.damage = o.measured if (sens.method == "in-context" or o.format != "float") else 0.0
+    print(f"sensitivity in {sens_s:.0f} s ({json.dumps(sens.seconds)}); estimate vs measured Spearman over "
+          f"{len(pairs)} (layer, option): {rho:.3f}", flush=True)
 
     def install(name: str, allocation: dict, extra: dict) -> dict:
         pipe = dq.open_pipeline(None)
@@ -118,10 +132,13 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",") if b]
     budgets.append(round(rows[0]["avg_bits"], 3))  # the same average bits as uniform w4a8
     plans = {}
+    allocate_cpu = []
     for b in sorted(set(budgets)):
         budget = Budget("bits", b)
         try:
+            c = time.process_time()
             allocation = allocate(sens, budget)
+            allocate_cpu.append(time.process_time() - c)
         except dq.DQError as exc:
             print(f"budget {b}: {exc}", flush=True)
             rows.append({"variant": f"mixed {b:g} bits", "kind": "mixed", "budget": b, "error": str(exc)})
@@ -133,9 +150,10 @@ def main() -> None:
         }))
     for preset in [p for p in args.presets.split(",") if p]:  # the real presets, calibrated on their own
         pipe = dq.open_pipeline(None)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         dq.quantize(pipe, preset, calib_prompts=calib, num_inference_steps=args.steps)
-        rows.append(score(f"preset {preset}", pipe, {"kind": "preset", "quantize_s": time.perf_counter() - t}))
+        rows.append(score(f"preset {preset}", pipe, {"kind": "preset", "quantize_s": time.perf_counter() - t,
+                                                     "quantize_cpu": time.process_time() - c}))
 
     if 5.0 in plans:
         plot_allocation(plans[5.0].rows(), RESULTS / "mixed-5bits-layers.png")
@@ -143,8 +161,12 @@ def main() -> None:
     plot_sweep(rows, fp_bytes, RESULTS / "mixed-sweep.png")
     result = {
         "machine": machine(), "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps,
-        "sensitivity": {"mode": "measure", "record_prompts": base.mixed.num_prompts, "record_steps": base.mixed.steps,
-                        "seconds": sens_s, "spearman_estimate_vs_measured": rho, "pairs": len(pairs)},
+        "sensitivity": {"mode": "measure", "method": sens.method, "rounds": base.mixed.rounds,
+                        "centre_budget": args.centre_budget, "record_prompts": base.mixed.num_prompts,
+                        "record_steps": base.mixed.steps, "seconds": sens_s, "phases": sens.seconds,
+                        "allocate_cpu_per_budget": allocate_cpu, "load_start": load_start, "load_end": os.getloadavg(),
+                        "spearman_estimate_vs_measured": rho, "pairs": len(pairs),
+                        "round_one": sens.round_one, "centre": sens.centre, "baseline": sens.baseline},
         "fp_bytes": fp_bytes, "rows": rows, "total_s": time.perf_counter() - start_all,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -195,7 +217,9 @@ def render(result: dict) -> str:
         f"torch {m['torch']}, {m['date']}. PSNR/SSIM against the full-precision images of the same seeds. Mixed: "
         "base recipe w4a8 (smoothing, GPTQ, static int8 activations, fixed for every layer), each layer int4, "
         "int8 or float, chosen by the integer program on measured sensitivity "
-        f"({s['record_prompts']} prompts x {s['record_steps']} steps of recorded denoiser calls; "
+        f"({s.get('method', 'alone')}"
+        + (f", {s['rounds']} rounds, the second around the {s['centre_budget']:g}-bit plan" if s.get("method") == "in-context" else "")
+        + f"; {s['record_prompts']} prompts x {s['record_steps']} steps of recorded denoiser calls; "
         f"{s['seconds']:.0f} s). Average bits: 8 x stored bytes (codes, scales, zero points, smoothing "
         "scales, activation ranges) / weights, over every Linear/Conv2d, float layers at 32 bits. "
         f"Analytic estimate vs measurement, Spearman over all {s['pairs']} (layer, format) pairs: "
@@ -212,17 +236,36 @@ def render(result: dict) -> str:
         counts = f"{layers['int4']} / {layers['int8']} / {layers['float']}" if layers else "uniform"
         lines.append(f"| {r['variant']} | {r['avg_bits']:.3f} | {counts} | {r['weight_bytes'] / 2**20:.3f} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     lo, hi = by.get("uniform w4a8"), by.get("uniform w8a8 (w4a8 recipe, int8 weights)")
-    target = by.get("mixed 5 bits")
-    if lo and hi and target and "psnr" in target:
+    same = f"mixed {round(lo['avg_bits'], 3):g} bits" if lo else None
+    if lo and hi:
         lines.append("")
-        for metric in ("psnr", "ssim"):
-            gap = hi[metric] - lo[metric]
-            got = (target[metric] - lo[metric]) / gap if gap else float("nan")
-            verdict = "met" if got >= 0.75 else "MISSED"
-            lines.append(
-                f"- mixed at 5 bits recovers {100 * got:.0f}% of the {metric.upper()} gap between uniform w4a8 "
-                f"({lo[metric]:.4g}) and uniform int8 ({hi[metric]:.4g}): target 75%, {verdict}."
-            )
+        for label, target in (("5 bits", by.get("mixed 5 bits")), (f"{round(lo['avg_bits'], 3):g} bits (uniform w4a8's)", by.get(same))):
+            if not target or "psnr" not in target:
+                continue
+            for metric in ("psnr", "ssim"):
+                gap = hi[metric] - lo[metric]
+                got = (target[metric] - lo[metric]) / gap if gap else float("nan")
+                verdict = ("met" if got >= 0.75 else "MISSED") if label == "5 bits" else "reference"
+                lines.append(
+                    f"- mixed at {label} recovers {100 * got:.0f}% of the {metric.upper()} gap between uniform w4a8 "
+                    f"({lo[metric]:.4g}) and uniform int8 ({hi[metric]:.4g}): target 75%, {verdict}."
+                )
+    ph = s.get("phases") or {}
+    if "calibration_cpu" in ph:
+        sens_cpu = ph.get("record_cpu", 0) + ph.get("measure_cpu", 0) + ph.get("allocate_cpu", 0)
+        alloc_cpu = sum(s.get("allocate_cpu_per_budget") or [0]) / max(1, len(s.get("allocate_cpu_per_budget") or [0]))
+        builds = len(result.get("formats", ["int4", "int8"]))
+        lines.append(
+            f"- time (process CPU, 2 threads): sensitivity {sens_cpu:.0f} s (record {ph.get('record_cpu', 0):.0f} s, "
+            f"measure {ph.get('measure_cpu', 0):.0f} s, re-centring solves {ph.get('allocate_cpu', 0):.2f} s) + allocation "
+            f"{alloc_cpu:.2f} s per budget, against the calibration it reuses: {ph['calibration_cpu']:.0f} s for the "
+            f"{builds} format builds ({ph['calibration_cpu'] / builds:.0f} s each); wall {ph.get('record_wall', 0) + ph.get('measure_wall', 0):.0f} s "
+            f"vs {ph['calibration_wall']:.0f} s. Target (sensitivity + allocation below the calibration): "
+            + ("met" if sens_cpu + alloc_cpu < ph["calibration_cpu"] else "MISSED")
+            + f" against all {builds} builds, " + ("met" if sens_cpu + alloc_cpu < ph["calibration_cpu"] / builds else "MISSED")
+            + " against one build. Load average at start/end: "
+            + f"{'/'.join(f'{v:.1f}' for v in s.get('load_start', []))} / {'/'.join(f'{v:.1f}' for v in s.get('load_end', []))}."
+        )
     lines.append(f"\nTotal run {result['total_s'] / 60:.1f} min. Plots: benchmarks/results/mixed-sweep.png, mixed-5bits-layers.png.")
     return "\n".join(lines)
 

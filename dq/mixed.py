@@ -12,16 +12,29 @@ which `apply_allocation` turns into the layer plan. The steps:
    layer's real storage per format (packed codes, scales, zero points, low-rank branch,
    smoothing scales, activation ranges: every persistent tensor of the layer except its bias,
    which is the same in every format).
-3. Sensitivity of (layer, format): the relative squared error of the denoiser output,
-   sum ||y_q - y||^2 / sum ||y||^2 over recorded calibration calls, with ONLY that layer
-   quantized ("measure"), or its analytic estimate from the layer inputs' second moment H
-   ("estimate": E||dW x||^2 = tr(dW H dW^T) / N plus the activation rounding noise, see
+3. Sensitivity of (layer, format), measured on recorded calibration calls as the relative
+   squared error of the denoiser output against the float model's, sum ||y_q - y||^2 /
+   sum ||y||^2 (`relative_error`):
+   - "in-context" (`MixedConfig.measure`, the default; leave-one-in): every layer in scope at
+     the smallest format (the centre), the override layers in theirs; for each layer and each
+     other option (higher formats, float) the error with that layer ALONE moved to it. A
+     layer's value is measured amid every other layer's error, which a single layer
+     quantized in a float model does not see (on the embedded pipeline, single-layer damages
+     did not add up to the joint damage). With a budget and `rounds` > 1, the plan solved from
+     these numbers becomes the centre and every layer's other options are measured again
+     around it (raising or lowering one layer), `rounds` times at most.
+   - "alone": the error with ONLY that layer quantized, every other layer in float.
+   Each replay re-runs only from the changed layer's block (`Replayer`: top-level blocks
+   that ran before it return their outputs cached from the centre's replay).
+   Or "estimate": the analytic error from the layer inputs' second moment H
+   (E||dW x||^2 = tr(dW H dW^T) / N plus the activation rounding noise, see
    `dq.quant.smooth.output_error`, relative to the layer's output energy tr(W H W^T) / N).
    "auto" estimates, measures a sample of layers, and measures everything when the Spearman
-   rank correlation of the two on the sample is below 0.8.
+   rank correlation of the two on the sample (`estimate_pairs`) is below 0.8.
 4. Allocation: minimize the summed damage subject to the budget, an integer program
    (`scipy.optimize.milp`, zero optimality gap; `solve_allocation`). Damages are assumed
-   additive over layers (as in MixDQ).
+   additive over layers (as in MixDQ): single-layer damages from zero, in-context ones as
+   reductions from the centre's error (the plan's `predicted_damage`).
 
 Average weight bits (what `budget` bounds and the report prints): 8 x the storage bytes of
 every layer in scope, divided by the number of weights of those layers; a layer left in float
@@ -216,13 +229,109 @@ class Calls:
     reference: list[torch.Tensor]
 
 
+def _call(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = model(*args, **{**kwargs, "return_dict": False})
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _replay(model: nn.Module, calls: Sequence[tuple[tuple, dict]]) -> list[torch.Tensor]:
-    outs = []
     with torch.no_grad():
-        for args, kwargs in calls:
-            out = model(*args, **{**kwargs, "return_dict": False})
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+        return [_call(model, args, kwargs) for args, kwargs in calls]
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value) if type(value) in (tuple, list) else value
+    if type(value) is dict:
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def replay_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The denoiser's replay units, in module order: every element of a top-level ModuleList /
+    Sequential (the transformer or UNet blocks), and every other top-level child."""
+    units = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            units += [(f"{name}.{i}", m) for i, m in child.named_children()]
+        else:
+            units.append((name, child))
+    return units
+
+
+class Replayer:
+    """Replays recorded denoiser calls on `model` as it is at construction (the base), caching
+    every replay unit's output per call; `replay_from(layer)` then replays with that layer
+    changed (swapped in by the caller) re-running only the units from the first one holding the
+    layer onward: every unit that ran before it in a call returns its cached base output (it
+    cannot depend on the layer). Outputs equal a full replay (tests/test_mixed.py checks it)."""
+
+    def __init__(self, model: nn.Module, calls: Sequence[tuple[tuple, dict]]):
+        self.model, self.calls = model, list(calls)
+        self.units = replay_units(model)
+        self.order: list[list[str]] = []
+        self.cache: list[list[Any]] = []
+        current: dict[str, list] = {}
+
+        def hook(name):
+            def record_output(_m, _args, out):
+                current["order"].append(name)
+                current["out"].append(_clone(out))
+            return record_output
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.units]
+        try:
+            self.outputs = []
+            with torch.no_grad():
+                for args, kwargs in self.calls:
+                    current["order"], current["out"] = [], []
+                    self.outputs.append(_call(model, args, kwargs))
+                    self.order.append(current["order"])
+                    self.cache.append(current["out"])
+        finally:
+            for h in handles:
+                h.remove()
+
+    def unit_of(self, layer: str) -> str | None:
+        for name, _ in self.units:
+            if layer == name or layer.startswith(name + "."):
+                return name
+        return None
+
+    def replay_from(self, layer: str) -> list[torch.Tensor]:
+        unit = self.unit_of(layer)
+        pending: dict[str, list] = {}
+
+        def short_circuit(name, module):
+            original = module.forward
+
+            def forward(*args, **kwargs):
+                queue = pending.get(name)
+                return _clone(queue.pop(0)) if queue else original(*args, **kwargs)
+            return forward
+
+        saved = {name: m.__dict__.get("forward") for name, m in self.units}
+        for name, m in self.units:
+            m.forward = short_circuit(name, m)
+        outs = []
+        try:
+            with torch.no_grad():
+                for i, (args, kwargs) in enumerate(self.calls):
+                    order = self.order[i]
+                    k = order.index(unit) if unit in order else len(order)
+                    pending.clear()
+                    for name, out in zip(order[:k], self.cache[i][:k]):
+                        pending.setdefault(name, []).append(out)
+                    outs.append(_call(self.model, args, kwargs))
+        finally:
+            for name, m in self.units:
+                if saved[name] is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = saved[name]
+        return outs
 
 
 def relative_error(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
@@ -243,9 +352,14 @@ def record(pipe, model: nn.Module, prompts: Sequence[Any], recipe: Recipe, steps
     from .nn.transforms import conv_config
 
     calls: list[tuple[tuple, dict]] = []
+    reference: list[torch.Tensor] = []
 
     def hook(_m, args, kwargs):
         calls.append((copy.deepcopy(args), copy.deepcopy(kwargs)))
+
+    def keep_output(_m, _args, out):  # the full-precision output: no replay needed
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        reference.append(out.detach().clone())
 
     targets = []
     for name, module in moments:
@@ -255,6 +369,7 @@ def record(pipe, model: nn.Module, prompts: Sequence[Any], recipe: Recipe, steps
             continue
         targets.append(CalibTarget(name, module, 1 if conv else -1, histogram=False, second_moment=True, unfold=unfold))
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    out_handle = model.register_forward_hook(keep_output)
     try:
         with Calibrator(pipe, model, targets, None) as calibrator:
             run_pipeline(pipe, prompts, num_inference_steps=steps, batch_size=recipe.calib_batch_size,
@@ -262,7 +377,8 @@ def record(pipe, model: nn.Module, prompts: Sequence[Any], recipe: Recipe, steps
                          on_batch=lambda n: setattr(calibrator, "prompt_batch", n))
     finally:
         handle.remove()
-    return Calls(calls, _replay(model, calls)), (calibrator.store if targets else None)
+        out_handle.remove()
+    return Calls(calls, reference), (calibrator.store if targets else None)
 
 
 def estimate_damage(name: str, module: nn.Module, store, spec: QuantSpec | None, act: QuantSpec | None, groups: int = 1) -> float | None:
@@ -344,6 +460,18 @@ class Sensitivity:
     mode: str
     rank_correlation: float | None = None
     sample: list[str] = field(default_factory=list)
+    # how measurements were taken ("in-context" / "alone", MixedConfig.measure), the lowest
+    # format (the in-context base) and the base's damage (every layer in the lowest format)
+    method: str = "alone"
+    low: str | None = None
+    baseline: float | None = None
+    # seconds per phase, wall and process CPU time: calibration (the per-format builds),
+    # record, measure (see measure_sensitivity)
+    seconds: dict[str, float] = field(default_factory=dict)
+    # in context: the plan the final measurement was taken around ({layer: format}; every layer
+    # at `low` after one round) and, after more rounds, the first round's measurements
+    centre: dict[str, str] | None = None
+    round_one: dict[str, dict[str, float | None]] | None = None
     # with keep_built: every format's built layers ({format: {layer: module}}), the override
     # layers', and the timestep router they were calibrated with (see `install_allocation`)
     built: dict[str, dict[str, nn.Module]] = field(default_factory=dict, repr=False)
@@ -363,16 +491,71 @@ def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
         return build_layers(plan, cal.store, cal.groups, router, cal.prepared), router
 
 
-def _measure(model, sens, names, built_all, routers, calls) -> None:
+def _measure_alone(model, sens, names, built_all, routers, calls) -> None:
+    """measured = the damage with ONLY the layer in the format, every other layer in float."""
+    from .engine import swap_modules
+
+    replayer = Replayer(model, calls.calls)  # the float model: its units' outputs are reused
     for fmt, built in built_all.items():
-        with _Swapped(model, routers[fmt]) as swapped:
+        with _Routed(model, routers[fmt]):
             for name in names:
-                option = next(o for o in sens[name].options if o.format == fmt)
-                option.measured = swapped.damage(name, built[name], calls)
+                original = model.get_submodule(name)
+                swap_modules(model, {name: built[name]})
+                try:
+                    option = next(o for o in sens[name].options if o.format == fmt)
+                    option.measured = relative_error(calls.reference, replayer.replay_from(name))
+                finally:
+                    swap_modules(model, {name: original})
 
 
-class _Swapped:
-    """Temporarily route timesteps for, and swap in, one quantized layer at a time."""
+def _measure_in_context(model, sens, names, centre, built_all, routers, fixed_layers, calls) -> float:
+    """Leave-one-in around `centre` ({free layer: format}, e.g. every layer at the lowest format):
+    with every free layer in its centre format and the recipe's override layers in theirs, for
+    each layer of `names` and each of its other options, measured = the damage with that layer
+    alone moved to the option (the centre option's measured = the centre's damage, returned)."""
+    from .engine import swap_modules
+    from .nn.layers import QuantModule
+
+    router = next(iter(routers.values()))
+    originals = {n: model.get_submodule(n) for n in [*centre, *fixed_layers]}
+
+    def module(name, fmt):
+        return originals[name] if fmt == FLOAT else built_all[fmt][name]
+
+    own = {}  # every built layer's own router, restored after
+    for fmt, built in built_all.items():
+        for layer in built.values():
+            own[id(layer)] = (layer, routers[fmt])
+            layer.bind_router(router)  # same boundaries (checked): one router routes them all
+    for layer in fixed_layers.values():
+        own[id(layer)] = (layer, getattr(layer, "_router", None))
+        layer.bind_router(router)
+    try:
+        with _Routed(model, router):
+            swap_modules(model, {n: module(n, f) for n, f in centre.items()})
+            swap_modules(model, dict(fixed_layers))
+            replayer = Replayer(model, calls.calls)
+            base = relative_error(calls.reference, replayer.outputs)
+            for name in names:
+                for option in sens[name].options:
+                    if option.format == centre[name]:
+                        option.measured = base
+                        continue
+                    swap_modules(model, {name: module(name, option.format)})
+                    try:
+                        option.measured = relative_error(calls.reference, replayer.replay_from(name))
+                    finally:
+                        swap_modules(model, {name: module(name, centre[name])})
+    finally:
+        swap_modules(model, originals)
+        for layer, r in own.values():
+            if isinstance(layer, QuantModule):
+                layer.bind_router(r)
+    return base
+
+
+class _Routed:
+    """Temporarily attach a timestep router to the denoiser."""
 
     def __init__(self, model: nn.Module, router):
         self.model, self.router = model, router
@@ -391,15 +574,34 @@ class _Swapped:
         for attr in ("_dq_timestep_position", "_dq_router_handle"):
             self.model.__dict__.pop(attr, None)
 
-    def damage(self, name: str, layer: nn.Module, calls: Calls) -> float:
-        from .engine import swap_modules
 
-        original = self.model.get_submodule(name)
-        swap_modules(self.model, {name: layer})
-        try:
-            return relative_error(calls.reference, _replay(self.model, calls.calls))
-        finally:
-            swap_modules(self.model, {name: original})
+def estimate_pairs(sens: Sensitivity, names: Sequence[str] | None = None) -> list[tuple[float, float]]:
+    """(estimate, measurement) pairs that rank the same thing, over the (layer, format) options of
+    `names` (every measured layer by default). Measured alone: the damage of each quantized
+    format. Measured in context: the damage REDUCTION of raising the layer from the lowest
+    format (or the layer's format in the plan measured around, `Sensitivity.centre`) to each other
+    option (float's estimate 0), estimated as the single-layer estimate's reduction."""
+    wanted = set(names) if names is not None else None
+    pairs = []
+    for s in sens.layers:
+        if wanted is not None and s.name not in wanted:
+            continue
+        opts = {o.format: o for o in s.options}
+        if sens.method == "in-context":
+            centre = (sens.centre or {}).get(s.name, sens.low)
+            at = opts[centre]
+            at_est = 0.0 if centre == FLOAT else at.estimated
+            if at.measured is None or at_est is None:
+                continue
+            for o in s.options:
+                if o.format != centre and o.measured is not None:
+                    est = 0.0 if o.format == FLOAT else o.estimated
+                    if est is not None:
+                        pairs.append((at_est - est, at.measured - o.measured))
+        else:
+            pairs += [(o.estimated, o.measured) for o in s.options
+                      if o.format != FLOAT and o.estimated is not None and o.measured is not None]
+    return pairs
 
 
 def measure_sensitivity(
@@ -409,11 +611,14 @@ def measure_sensitivity(
     """Storage and damage of every (layer in scope, candidate format); see the module docstring.
     keep_built: keep the built layers (memory: one quantized copy of the model per format) for
     `install_allocation`."""
+    import time
+
     from .engine import LayerChoice, _fits, plan_layers
     from .prompts import resolve_prompts
 
     cfg = recipe.mixed
     mode = mode or cfg.sensitivity
+    method = cfg.measure
     scope = allocation_scope(model, recipe)
     if not scope.free:
         raise DQError("no layer is left for the allocation to decide: the recipe's keep/overrides fix every layer")
@@ -421,20 +626,34 @@ def measure_sensitivity(
     base_plan = {c.name: c for c in plan_layers(model, recipe)}
     fixed_plan = [base_plan[n] for n in scope.fixed if n in base_plan]
     prompts = resolve_prompts(pipe, calib_prompts, recipe)[: cfg.num_prompts]
+    seconds: dict[str, float] = {}
+
+    def clock(phase, since):
+        seconds[f"{phase}_wall"] = seconds.get(f"{phase}_wall", 0.0) + time.perf_counter() - since[0]
+        seconds[f"{phase}_cpu"] = seconds.get(f"{phase}_cpu", 0.0) + time.process_time() - since[1]
+
+    def now():
+        return time.perf_counter(), time.process_time()
+
+    t = now()
     calls, store = record(pipe, model, prompts, recipe, cfg.steps or steps, call_kwargs,
                           moments=[(n, m) for n, m, _ in scope.free] if mode != "measure" else ())
+    clock("record", t)
     sens = {name: LayerSensitivity(name, module.weight.numel(), [LayerOption(FLOAT, float_bytes(module))])
             for name, module, _ in scope.free}
     built_all: dict[str, dict[str, nn.Module]] = {}
     routers = {}
     fixed_bytes = 0
+    fixed_layers: dict[str, nn.Module] = {}
     for i, fmt in enumerate(cfg.weights):
         plan = [LayerChoice(n, m, _fits(formats[fmt], m, n, "weight"), None if wo else recipe.activation)
                 for n, m, wo in scope.free]
         if i == 0:
             plan += fixed_plan  # their exact storage (built once)
         logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cfg.weights))
+        t = now()
         built, routers[fmt] = _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs)
+        clock("calibration", t)
         if i == 0:
             fixed_layers = {c.name: built.pop(c.name) for c in fixed_plan}
             fixed_bytes = sum(layer_bytes(m) for m in fixed_layers.values())
@@ -445,27 +664,10 @@ def measure_sensitivity(
             est = estimate_damage(name, module, store, plan[[c.name for c in plan].index(name)].weight,
                                   None if wo else recipe.activation, recipe.timestep_groups) if store else None
             sens[name].options.append(LayerOption(fmt, layer_bytes(built[name]), estimated=est))
+
     names = [n for n, _, _ in scope.free]
-    sample, rho = [], None
-    if mode != "measure" and store is None:
-        mode = "measure"
-    if mode == "auto":
-        step = max(1, len(names) // cfg.sample)
-        sample = names[::step][: cfg.sample]
-        _measure(model, sens, sample, built_all, routers, calls)
-        pairs = [(o.estimated, o.measured) for n in sample for o in sens[n].options if o.format != FLOAT]
-        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-        logger.info("mixed precision: estimate vs measurement on %d layers x %d formats: Spearman %.3f",
-                    len(sample), len(cfg.weights), rho)
-        mode = "estimate" if rho >= RANK_THRESHOLD else "measure"
-        if mode == "measure":
-            logger.info("mixed precision: rank correlation below %.1f; measuring every layer", RANK_THRESHOLD)
-            _measure(model, sens, [n for n in names if n not in sample], built_all, routers, calls)
-    elif mode == "measure":
-        _measure(model, sens, names, built_all, routers, calls)
-    for s in sens.values():  # one kind of number per allocation
-        for o in s.options:
-            o.damage = 0.0 if o.format == FLOAT else (o.measured if mode == "measure" else o.estimated)
+    # the in-context base: the format with the least storage over the layers in scope
+    low = min(cfg.weights, key=lambda f: sum(layer_bytes(m) for m in built_all[f].values()))
     layers = dict(quantizable_layers(model))
     kept_bytes = sum(float_bytes(layers[n]) for n in scope.kept)
     free_float = sum(float_bytes(layers[n]) for n in names)
@@ -473,7 +675,65 @@ def measure_sensitivity(
     other = weight_nbytes(model) - free_float - fixed_float - kept_bytes
     fixed_weights = sum(layers[n].weight.numel() for n in scope.fixed)
     fixed_bytes += sum(float_bytes(layers[n]) for n in scope.fixed if n not in base_plan)  # overridden to float
-    sensitivity = Sensitivity(list(sens.values()), fixed_bytes, fixed_weights, kept_bytes, other, mode, rho, sample)
+    sensitivity = Sensitivity(list(sens.values()), fixed_bytes, fixed_weights, kept_bytes, other, mode,
+                              method=method, low=low, seconds=seconds)
+    centre = {n: low for n in names}
+
+    def measure(which):
+        t = now()
+        if method == "in-context":
+            sensitivity.baseline = _measure_in_context(model, sens, which, centre, built_all, routers, fixed_layers, calls)
+            sensitivity.centre = dict(centre)
+        else:
+            _measure_alone(model, sens, which, built_all, routers, calls)
+        clock("measure", t)
+
+    def set_damages(mode):
+        for s in sens.values():  # one kind of number per allocation
+            for o in s.options:
+                if mode == "measure":
+                    o.damage = o.measured if (method == "in-context" or o.format != FLOAT) else 0.0
+                else:
+                    o.damage = 0.0 if o.format == FLOAT else o.estimated
+
+    sample, rho = [], None
+    if mode != "measure" and store is None:
+        mode = "measure"
+    if mode == "auto":
+        step = max(1, len(names) // cfg.sample)
+        sample = names[::step][: cfg.sample]
+        measure(sample)
+        pairs = estimate_pairs(sensitivity, sample)
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        logger.info("mixed precision: estimate vs measurement (%s) on %d layers: Spearman %.3f", method, len(sample), rho)
+        mode = "estimate" if rho >= RANK_THRESHOLD else "measure"
+        rest = [n for n in names if n not in sample]
+        if mode == "measure" and rest:
+            logger.info("mixed precision: rank correlation below %.1f; measuring every layer", RANK_THRESHOLD)
+            measure(rest)
+    elif mode == "measure":
+        measure(names)
+    sensitivity.mode = mode
+    set_damages(mode)
+    budget = budget_of(recipe)
+    if mode == "measure" and method == "in-context" and budget is not None:
+        # re-centre: measure again around the plan the last measurement solves for the budget
+        for _ in range(cfg.rounds - 1):
+            t = now()
+            plan = allocate(sensitivity, budget)
+            clock("allocate", t)
+            if plan == centre:
+                break
+            logger.info("mixed precision: measuring again around the %g-budget plan (%d layers raised)",
+                        budget.value, sum(f != low for f in plan.values()))
+            if sensitivity.round_one is None:
+                sensitivity.round_one = {s.name: {o.format: o.measured for o in s.options} for s in sensitivity.layers}
+            centre = plan
+            measure(names)
+            set_damages(mode)
+    if mode != "measure" or method != "in-context":
+        sensitivity.baseline = None  # damages are single-layer: additive from zero
+    sensitivity.rank_correlation, sensitivity.sample = rho, sample
     if keep_built:
         sensitivity.built, sensitivity.fixed_layers, sensitivity.router = built_all, fixed_layers, routers[cfg.weights[0]]
     return sensitivity
@@ -621,7 +881,7 @@ class LayerReport:
     weights: int
     bytes: int
     bits: float  # stored bits per weight of the chosen format (scales included)
-    damage: float | None  # relative denoiser-output error with only this layer quantized
+    damage: float | None  # relative denoiser-output error of the chosen option (see Sensitivity.method)
     sqnr_db: float | None  # -10 log10(damage)
     damages: dict[str, float | None]  # per candidate format
 
@@ -642,8 +902,8 @@ class MixedPlan:
         for s in self.sensitivity.layers:
             fmt = self.allocation[s.name]
             option = next(o for o in s.options if o.format == fmt)
-            damage = option.damage if fmt != FLOAT else 0.0
-            best = {o.format: (o.damage if o.format != FLOAT else 0.0) for o in s.options}
+            damage = option.damage
+            best = {o.format: o.damage for o in s.options}
             out.append(LayerReport(
                 s.name, fmt, s.weights, option.bytes, 8 * option.bytes / s.weights, damage,
                 -10 * math.log10(damage) if damage else None, best,
@@ -660,7 +920,12 @@ class MixedPlan:
         return sum(r.bytes for r in self.rows()) + s.fixed_bytes + s.kept_bytes + s.other_bytes
 
     def predicted_damage(self) -> float:
-        return sum(r.damage or 0.0 for r in self.rows())
+        """Single-layer damages: their sum. In context: the base's damage less each layer's
+        reduction from it (both assume the layers' effects add up)."""
+        base = self.sensitivity.baseline
+        if base is None:
+            return sum(r.damage or 0.0 for r in self.rows())
+        return base - sum(base - (r.damage or 0.0) for r in self.rows())
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -678,11 +943,13 @@ class MixedPlan:
     def table(self) -> str:
         """A readable per-layer report."""
         formats = [o.format for o in self.sensitivity.layers[0].options]
-        head = f"{'layer':48s} {'format':>6s} {'weights':>8s} {'bits':>6s} " + " ".join(f"{'dB ' + f:>9s}" for f in formats if f != FLOAT)
+        # in context, float is measured like any option (the whole model's error with the layer in float)
+        shown = [f for f in formats if f != FLOAT or self.sensitivity.baseline is not None]
+        head = f"{'layer':48s} {'format':>6s} {'weights':>8s} {'bits':>6s} " + " ".join(f"{'dB ' + f:>9s}" for f in shown)
         lines = [self.summary(), head]
         for r in self.rows():
             dbs = " ".join(
-                f"{(-10 * math.log10(v) if v else float('inf')):9.1f}" for f, v in r.damages.items() if f != FLOAT
+                f"{(-10 * math.log10(v) if v else float('inf')):9.1f}" for f, v in r.damages.items() if f in shown
             )
             lines.append(f"{r.name:48s} {r.format:>6s} {r.weights:8d} {r.bits:6.2f} {dbs}")
         return "\n".join(lines)
@@ -745,7 +1012,7 @@ def plot_allocation(rows: Sequence[dict[str, Any] | LayerReport], path: str | Pa
     for fmt in sorted({f for r in rows if r.get("damages") for f in r["damages"] if f != FLOAT}):
         values = [(-10 * math.log10(r["damages"][fmt]) if r.get("damages") and r["damages"].get(fmt) else float("nan")) for r in rows]
         ax2.plot(values, y, "o", ms=3, label=fmt, color=colors.get(fmt))
-    ax2.set_xlabel("denoiser SQNR, dB, only this layer quantized (lower: more sensitive)")
+    ax2.set_xlabel("denoiser SQNR, dB, this layer at this format (in context: the rest at the centre plan)")
     ax2.set_title("sensitivity")
     ax2.legend(fontsize=7)
     fig.tight_layout()

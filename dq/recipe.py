@@ -353,6 +353,9 @@ class AttentionConfig(Component):
 
 
 SENSITIVITY_MODES = ("auto", "estimate", "measure")
+# How a measured sensitivity is taken (dq.mixed): "in-context" (leave-one-in: every other layer at the
+# lowest format, this one raised) or "alone" (this layer quantized alone in the float model).
+MEASURE_METHODS = ("in-context", "alone")
 # Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
 WEIGHT_FORMATS = ("int4", "int8", "fp8")
 
@@ -363,17 +366,24 @@ class MixedConfig:
 
     weights: candidate weight formats per layer ("int4": 4-bit groups of 64, "int8": per channel,
         "fp8": e4m3 per channel), each with the recipe's activation format; float is always a
-        candidate. sensitivity: "measure" (each layer alone quantized, damage on the denoiser
-        output over recorded calibration calls), "estimate" (analytic from the inputs' second
-        moments) or "auto" (estimate, validated against measurement on `sample` layers; measure
-        everything when their rank correlation is below 0.8). num_prompts / steps: calibration
-        prompts and sampler steps of the recorded calls (steps null: the recipe's calib_steps)."""
+        candidate. sensitivity: "measure" (damage on the denoiser output over recorded calibration
+        calls), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
+        validated against measurement on `sample` layers; measure everything when their rank
+        correlation is below 0.8). measure: "in-context" (leave-one-in: every layer in scope at
+        the lowest format, the damage when this one alone is raised to a higher format or float)
+        or "alone" (this layer alone quantized in the float model). rounds: in context, with a
+        budget, measure again around the plan the previous measurement solves (up to `rounds`
+        measurements in all; 1: only around the lowest format). num_prompts / steps:
+        calibration prompts and sampler steps of the recorded calls (steps null: the recipe's
+        calib_steps)."""
 
     weights: list[str] = field(default_factory=lambda: ["int4", "int8"])
     sensitivity: str = "auto"
-    num_prompts: int = 2
-    steps: int | None = 8
+    num_prompts: int = 1
+    steps: int | None = 4
     sample: int = 12
+    measure: str = "in-context"
+    rounds: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, str):
@@ -386,8 +396,11 @@ class MixedConfig:
         self.weights = list(dict.fromkeys(self.weights))
         if self.sensitivity not in SENSITIVITY_MODES:
             raise DQError(f"mixed.sensitivity must be one of {list(SENSITIVITY_MODES)}, got {self.sensitivity!r}")
+        if self.measure not in MEASURE_METHODS:
+            raise DQError(f"mixed.measure must be one of {list(MEASURE_METHODS)}, got {self.measure!r}")
         _positive_int(self.num_prompts, "mixed.num_prompts")
         _positive_int(self.sample, "mixed.sample")
+        _positive_int(self.rounds, "mixed.rounds")
         if self.steps is not None:
             _positive_int(self.steps, "mixed.steps")
 

@@ -324,3 +324,152 @@ def test_installed_allocation_equals_dq_quantize_with_it():
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6), key
+
+
+# -- how sensitivity is measured -----------------------------------------------------------------
+def _recorded_calls(pipe, recipe):
+    """The calls measure_sensitivity records (same prompts, steps and seed)."""
+    from dq.mixed import record
+
+    _, model = find_denoiser(pipe)
+    return record(pipe, model, prompts_for(KIND, 2)[: recipe.mixed.num_prompts], recipe, recipe.mixed.steps,
+                  call_kwargs())[0]
+
+
+def _damage_of(sens, recipe, allocation, calls):
+    """The relative denoiser-output error of a fresh model installed with `allocation` (simulated,
+    as the sensitivity pass runs the built layers), by a full replay of every call (no caching)."""
+    from dq.mixed import _replay, install_allocation, relative_error
+
+    pipe = tiny_pipeline(KIND)
+    install_allocation(pipe, sens, Recipe.from_dict({**recipe.to_dict(), "allocation": allocation}))
+    set_execution(find_denoiser(pipe)[1], "sim")  # as measured: the built layers simulate
+    return relative_error(calls.reference, _replay(find_denoiser(pipe)[1], calls.calls))
+
+
+def test_replay_from_a_block_equals_a_full_replay():
+    from dq.mixed import Replayer, _replay, replay_units
+
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    calls = _recorded_calls(pipe, budget_recipe())
+    replayer = Replayer(model, calls.calls)
+    for ref, out in zip(calls.reference, replayer.outputs):
+        assert torch.equal(ref, out)
+    units = [n for n, _ in replay_units(model)]
+    assert sum(n.startswith("transformer_blocks.") for n in units) >= 2
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    mid = next(n for n in layers if n.startswith("transformer_blocks.1."))
+    for name in (layers[0], mid, layers[-1]):
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            saved = layer.weight.clone()
+            layer.weight.mul_(1.5)  # the changed layer
+        try:
+            full = _replay(model, calls.calls)
+            partial = replayer.replay_from(name)
+        finally:
+            with torch.no_grad():
+                layer.weight.copy_(saved)
+        assert any(not torch.equal(f, r) for f, r in zip(full, calls.reference)), name
+        for f, p in zip(full, partial):
+            assert torch.equal(f, p), name
+    # nothing left patched: a plain replay is the reference again
+    for ref, out in zip(calls.reference, _replay(model, calls.calls)):
+        assert torch.equal(ref, out)
+
+
+def test_in_context_sensitivity_equals_direct_leave_one_in():
+    """measured (in context) of (layer, format) = the error of the model with every layer in scope
+    at int4 and that layer alone at the format; the int4 option = the all-int4 base."""
+    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 1})
+    assert recipe.mixed.measure == "in-context"
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    assert sens.method == "in-context" and sens.low == "int4" and sens.baseline is not None
+    calls = _recorded_calls(tiny_pipeline(KIND), recipe)
+    base = {s.name: "int4" for s in sens.layers}
+    assert sens.baseline == pytest.approx(_damage_of(sens, recipe, base, calls), rel=1e-6)
+    by = {s.name: {o.format: o for o in s.options} for s in sens.layers}
+    names = [s.name for s in sens.layers]
+    for name in (names[0], names[len(names) // 2], names[-1]):
+        assert by[name]["int4"].measured == sens.baseline
+        for fmt in ("int8", "float"):
+            direct = _damage_of(sens, recipe, {**base, name: fmt}, calls)
+            assert by[name][fmt].measured == pytest.approx(direct, rel=1e-6), (name, fmt)
+            assert by[name][fmt].damage == by[name][fmt].measured
+    # the in-context numbers are not the single-layer ones: the base error is in every option
+    assert min(o.measured for s in sens.layers for o in s.options) > 0
+    # the plan's prediction: base less each raised layer's reduction
+    from dq.mixed import MixedPlan
+
+    allocation = allocate(sens, Budget("bits", 6.0))
+    plan = MixedPlan(allocation, sens, Budget("bits", 6.0))
+    raised = [n for n, f in allocation.items() if f != "int4"]
+    assert raised
+    expected = sens.baseline - sum(sens.baseline - by[n][allocation[n]].measured for n in raised)
+    assert plan.predicted_damage() == pytest.approx(expected, rel=1e-9)
+    assert "dB float" in plan.table().splitlines()[1]  # in context, float is a measured option too
+
+
+def test_alone_sensitivity_equals_direct_single_layer():
+    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure",
+                                               "measure": "alone"})
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    assert sens.method == "alone" and sens.baseline is None
+    calls = _recorded_calls(tiny_pipeline(KIND), recipe)
+    floats = {s.name: "float" for s in sens.layers}
+    for s in sens.layers[:: max(1, len(sens.layers) // 3)]:
+        for o in s.options:
+            if o.format == "float":
+                assert o.damage == 0.0
+                continue
+            direct = _damage_of(sens, recipe, {**floats, s.name: o.format}, calls)
+            assert o.measured == pytest.approx(direct, rel=1e-6), (s.name, o.format)
+
+
+def test_sensitivity_times_each_phase():
+    recipe = budget_recipe(budget=6.0)
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs())
+    for phase in ("calibration", "record", "measure"):
+        assert sens.seconds[f"{phase}_wall"] > 0 and sens.seconds[f"{phase}_cpu"] > 0
+
+
+def test_mixed_measure_option_validated():
+    with pytest.raises(DQError, match="mixed.measure"):
+        Recipe.from_dict({"budget": 5, "mixed": {"measure": "jointly"}})
+    assert Recipe.from_dict({"budget": 5, "mixed": {"measure": "alone"}}).mixed.measure == "alone"
+
+
+def test_second_round_measures_around_the_first_plan():
+    """rounds 2: the measurement is taken again around the plan the first one solves; each option
+    equals the direct error of that plan with the one layer moved."""
+    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 2})
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    assert sens.round_one is not None and sens.centre is not None
+    first = {s.name: {f: v for f, v in opts.items()} for s, opts in ((s, sens.round_one[s.name]) for s in sens.layers)}
+    import copy
+
+    one = copy.deepcopy(sens)  # the first round's numbers: the centre is their plan
+    for s in one.layers:
+        for o in s.options:
+            o.damage = first[s.name][o.format]
+    one.baseline, one.centre = first[sens.layers[0].name]["int4"], None
+    assert allocate(one, Budget("bits", 6.0)) == sens.centre
+    assert any(f != "int4" for f in sens.centre.values())
+    calls = _recorded_calls(tiny_pipeline(KIND), recipe)
+    assert sens.baseline == pytest.approx(_damage_of(sens, recipe, sens.centre, calls), rel=1e-6)
+    raised = next(n for n, f in sens.centre.items() if f != "int4")
+    lowered = next(n for n, f in sens.centre.items() if f == "int4")
+    by = {s.name: {o.format: o for o in s.options} for s in sens.layers}
+    for name, fmt in ((raised, "int4"), (lowered, "int8"), (lowered, "float")):
+        direct = _damage_of(sens, recipe, {**sens.centre, name: fmt}, calls)
+        assert by[name][fmt].measured == pytest.approx(direct, rel=1e-6), (name, fmt)
+    assert by[raised][sens.centre[raised]].measured == sens.baseline
