@@ -127,3 +127,21 @@ def test_spec_round_trip():
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(DQError, match="unknown quantizer option"):
         QuantSpec.from_dict({"bitz": 4})
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantize_rows_in_place_equals_quantize_then_dequantize(bits, symmetric):
+    """`fake_quantize_rows`' in-place path gives exactly `dequantize(quantize(...))`, clipped
+    values and rounding ties included; with autograd it takes the out-of-place path."""
+    spec = QuantSpec(bits=bits, granularity="token", symmetric=symmetric, dynamic=True)
+    torch.manual_seed(0)
+    rows = torch.randn(64, 96) * 3
+    lo, hi = P.select_range(rows, spec)
+    lo, hi = lo * 0.7, hi * 0.7  # a clipping range: some values fall outside
+    scale, zero = P.qparams(lo, hi, spec)
+    rows[:, :8] = (torch.arange(8) - 3.5) * scale  # on rounding ties
+    want = P.dequantize(P.quantize(rows, scale, zero, spec), scale, zero)
+    assert torch.equal(P.fake_quantize_rows(rows, lo, hi, spec), want)
+    leaf = rows.clone().requires_grad_()
+    assert torch.equal(P.fake_quantize_rows(leaf, lo, hi, spec).detach(), want)
