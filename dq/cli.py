@@ -462,8 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         with cli_output(verbosity):
             return int(args.func(args) or 0)
     except (DQError, CalibrationError) as exc:
+        from .calibrate.distributed import leave
+
         print(f"dq: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return leave(2)  # after a lost peer: exit now, before a process-group teardown can abort
     except KeyboardInterrupt:
         print("dq: interrupted", file=sys.stderr)
         return 130

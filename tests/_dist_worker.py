@@ -195,4 +195,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dq.calibrate import distributed
+
+    sys.exit(distributed.leave(main()))  # after a failed collective: no teardown that may abort

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -113,15 +114,34 @@ def share(count: int, world: int, me: int) -> range:
     return range(start, start + base + (me < extra))
 
 
+# Set when a collective failed in this process: the process group is broken, and torch's gloo
+# backend can then abort the interpreter while tearing it down ("terminate called without an
+# active exception", SIGABRT), which would replace dq's error and exit status (`leave`).
+_BROKEN = False
+
+
+def leave(code: int) -> int:
+    """`code`; after a failed collective, this process exits with it at once (output flushed)
+    instead of returning to a teardown that may abort. The CLI and launchers call it last."""
+    if _BROKEN:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
 @contextmanager
 def collective(what: str, group=None):
     """Turn a failed collective (a peer died, or did not answer within the timeout) into one
     DQError naming this process and what it was doing."""
+    global _BROKEN
     try:
         yield
     except DQError:
         raise
     except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo's "Connection closed by peer"
+        _BROKEN = True
         world = world_size(group)
         others = ", ".join(str(r) for r in range(world) if r != rank(group))
         raise DQError(
