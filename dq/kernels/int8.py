@@ -55,41 +55,16 @@ def int_mm_unsupported(m: int, k: int, n: int, device: torch.device) -> str | No
 _QPT: bool | None = None
 
 
-def _qint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
-    """`x` as a qint8 tensor, or None where the quantizer does not apply: eager CPU float32,
-    one scale, the full int8 range, and no autograd (inside torch.compile the portable
-    passes fuse into one loop anyway)."""
-    global _QPT
-    if (_QPT is False or spec.kind != "int" or spec.qmin != -128 or spec.qmax != 127 or scale.numel() != 1
-            or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling()
-            or torch.is_grad_enabled() and x.requires_grad):
-        return None
-    args = (x, float(scale), 0 if zero is None else int(zero), torch.qint8)
-    try:
-        if _QPT:
-            q = torch.quantize_per_tensor(*args)
-        else:  # the first call: torch warns "deprecated" once per process
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = torch.quantize_per_tensor(*args)
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        _QPT = False
-        return None
-    _QPT = True
-    return q
-
-
-def qint8_codes(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor | None:
-    """int8 codes of a contiguous CPU float32 `x` for the full int8 range, from Python numbers
-    (the hot path of `dq.kernels.dispatch`; the caller checked the rest of `_qint8`'s
-    conditions), or None when torch's quantizer is unavailable."""
+def _quantize_qint8(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor | None:
+    """`torch.quantize_per_tensor(x, scale, zero, qint8)`, or None once it is known missing or
+    failing (then `_QPT` is False and every caller runs the portable passes)."""
     global _QPT
     if _QPT is False:
         return None
     try:
         if _QPT:
             q = torch.quantize_per_tensor(x, scale, zero, torch.qint8)
-        else:
+        else:  # the first call: torch warns "deprecated" once per process
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 q = torch.quantize_per_tensor(x, scale, zero, torch.qint8)
@@ -97,7 +72,31 @@ def qint8_codes(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor | None
         _QPT = False
         return None
     _QPT = True
-    return torch.empty(0, dtype=torch.int8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+    return q
+
+
+def _int8_view(q: torch.Tensor) -> torch.Tensor:
+    """A qint8 tensor's bytes as a plain int8 tensor (same storage and strides, no copy)."""
+    return torch.empty(0, dtype=torch.int8, device=q.device).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
+def _qint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
+    """`x` as a qint8 tensor, or None where the quantizer does not apply: eager CPU float32,
+    one scale, the full int8 range, and no autograd (inside torch.compile the portable
+    passes fuse into one loop anyway)."""
+    if (_QPT is False or spec.kind != "int" or spec.qmin != -128 or spec.qmax != 127 or scale.numel() != 1
+            or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling()
+            or torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return _quantize_qint8(x, float(scale), 0 if zero is None else int(zero))
+
+
+def qint8_codes(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor | None:
+    """int8 codes of a contiguous CPU float32 `x` for the full int8 range, from Python numbers
+    (the hot path of `dq.kernels.dispatch`; the caller checked the rest of `_qint8`'s
+    conditions), or None when torch's quantizer is unavailable."""
+    q = _quantize_qint8(x, scale, zero)
+    return None if q is None else _int8_view(q)
 
 
 def _fast_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
@@ -106,9 +105,7 @@ def _fast_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     if not (x.is_contiguous() or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return None
     q = _qint8(x, scale, zero, spec)
-    if q is None:
-        return None
-    return torch.empty(0, dtype=torch.int8, device=x.device).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+    return None if q is None else _int8_view(q)
 
 
 def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
