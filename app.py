@@ -674,7 +674,8 @@ def build_demo(app: App):
                 prompt, model=model, recipe=recipe, folder=folder,
                 seed=int(seed if seed is not None else 0), num_seeds=int(num_seeds or 1),
                 steps=int(steps) if steps else None, guidance_scale=guidance, budget=budget,
-                progress=lambda text: progress((0, None), desc=text),
+                # a number, not (index, None): Gradio draws the text only beside a progress level
+                progress=lambda text: progress(0.0, desc=text),
             )
         except (ValueError, DQError) as error:
             raise gr.Error(str(error), duration=None) from error
