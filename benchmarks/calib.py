@@ -13,6 +13,9 @@ adds: statistics, second moments, the prepared layers).
     python benchmarks/calib.py size      # time and memory against width and depth
     python benchmarks/calib.py procs     # one process of one thread against two
     python benchmarks/calib.py all       # the three, then results/calib.json
+    python benchmarks/calib.py flux      # FLUX.1-dev W4A4 on one H100, projected (nothing
+                                         # downloaded: its config on the meta device, a tiny FLUX
+                                         # for which inputs are shared, the measured CPU rate)
 
     python benchmarks/calib.py size --moments-budget largest --sizes 2x2,4x2,4x4
                                          # second moments under DQ_MOMENTS_BUDGET (one layer's
@@ -223,6 +226,139 @@ def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, 
     return {"recipe": recipe, "heads": heads, "depth": depth, "prompts": prompts, "steps": steps, "threads_per_process": 1, "rows": rows}
 
 
+# ------------------------------------------------------------------ FLUX.1 projection
+
+FLUX_TOKENS = {"image": 4096, "text": 512}  # 1024x1024: 64x64 packed latent patches; T5 at 512
+FLUX_IMAGE_STEPS = 16 * 20  # the family default: 16 prompts x 20 steps, one branch (guidance-distilled)
+# NVIDIA H100 SXM dense peaks (datasheet), FLOP/s; this Xeon core's float32 peak: 2 AVX-512 FMA
+# units x 16 lanes x 2 FLOP x 2.8 GHz. Projections assume 50 % of peak on both.
+H100_PEAK = {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}
+CORE_FP32_PEAK = 2 * 16 * 2 * 2.8e9
+EFFICIENCY = 0.5
+
+
+def flux_roles() -> dict:
+    """Run the tiny FLUX pipeline (FLUX.1's layer names, tiny widths) once under the W4A4 plan's
+    moment hooks: which layers share one second moment, and which token stream each layer
+    reads (image, text, both or one row per image). Keyed by role: the name with block numbers
+    replaced by N, the same in FLUX.1-dev."""
+    import re
+
+    import torch
+
+    from dq.calibrate.hooks import Calibrator, CalibTarget
+    from dq.engine import plan_model
+    from dq.recipe import preset
+    from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
+
+    pipe = tiny_pipeline("flux", seed=0)
+    model = pipe.transformer
+    plan, _ = plan_model(model, preset(RECIPE))
+    modules = dict(model.named_modules())
+    rows, streams = {}, {}
+    model.register_forward_pre_hook(
+        lambda m, a, k: streams.update(image=k["hidden_states"].shape[1], text=k["encoder_hidden_states"].shape[1]) and None,
+        with_kwargs=True)
+    def count_rows(name):
+        def hook(module, args):  # rows per image (returns None: the input stays as it is)
+            rows.setdefault(name, args[0].numel() // args[0].shape[0] // module.weight.shape[1])
+        return hook
+
+    for c in plan:
+        modules[c.name].register_forward_pre_hook(count_rows(c.name))
+    targets = [CalibTarget(c.name, modules[c.name], histogram=False, second_moment=True) for c in plan]
+    kwargs = {**default_call_kwargs("flux"), "num_inference_steps": 1}
+    with torch.no_grad(), Calibrator(pipe, model, targets, None) as cal:
+        pipe(prompt=prompts_for("flux", 1), **kwargs)
+    kind = {streams["image"]: "image", streams["text"]: "text", streams["image"] + streams["text"]: "both", 1: "one"}
+    role = lambda name: re.sub(r"\.\d+\.", ".N.", name)  # noqa: E731
+    return {role(c.name): {"stream": kind.get(rows[c.name], f"rows={rows[c.name]}"),
+                           "shares_with": role(cal.store.shared[c.name]) if c.name in cal.store.shared else None}
+            for c in plan}
+
+
+def prepare_rate() -> dict:
+    """CPU seconds of layer preparation (GPTQ, smoothing search) per unit of sum D^2 (D + out)
+    (`dq.model.prepare_cost`), from the widest row of results/calib-size.json."""
+    from dq.engine import plan_model
+    from dq.model import prepare_cost
+    from dq.recipe import preset
+
+    data = json.loads((RESULTS / "calib-size.json").read_text())
+    row = max(data["rows"], key=lambda r: (r["width"], r["depth"]))
+    model = build(row["width"] // 64, row["depth"]).transformer
+    _, works = plan_model(model, preset(RECIPE))
+    cost = sum(prepare_cost(w) for w in works.values())
+    seconds = row["calibrate_cpu_s"] - row["passes_cpu_s"]
+    return {"cpu_s_per_unit": seconds / cost, "from": f"calib-size.json, width {row['width']} x {row['depth']} blocks, "
+            f"{seconds:.1f} CPU s of preparation ({data['machine']['cpu']}, {data['machine']['date']})"}
+
+
+def project_flux() -> dict:
+    """FLUX.1-dev under W4A4 on one H100 (and on 8, the preparation split), from FLOP counts."""
+    import re
+
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from dq.engine import plan_model
+    from dq.model import prepare_cost
+    from dq.recipe import preset
+
+    roles = flux_roles()
+    with init_empty_weights():
+        model = FluxTransformer2DModel(guidance_embeds=True)  # diffusers' defaults are FLUX.1's sizes
+    plan, works = plan_model(model, preset(RECIPE))
+    modules = dict(model.named_modules())
+    tokens = {"image": FLUX_TOKENS["image"], "text": FLUX_TOKENS["text"], "both": sum(FLUX_TOKENS.values()), "one": 1}
+    linear = moments = moments_unshared = 0.0
+    moment_bytes = moment_bytes_unshared = 0
+    for c in plan:
+        info = roles[re.sub(r"\.\d+\.", ".N.", c.name)]
+        weight = modules[c.name].weight
+        n, d = tokens[info["stream"]], weight.shape[1]
+        linear += n * d * weight.shape[0]
+        moments_unshared += n * d * d
+        moment_bytes_unshared += 4 * d * d
+        if info["shares_with"] is None:
+            moments += n * d * d
+            moment_bytes += 4 * d * d
+    cfg = model.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    attention = 2 * tokens["both"] ** 2 * inner * (cfg.num_layers + cfg.num_single_layers)  # QK^T and PV, MACs
+    rate = prepare_rate()
+    prep_units = sum(prepare_cost(w) for w in works.values())
+    prep_cpu_s = rate["cpu_s_per_unit"] * prep_units
+    gpu_over_core = H100_PEAK["fp32"] / CORE_FP32_PEAK
+    seconds = lambda macs, peak: 2 * macs * FLUX_IMAGE_STEPS / (EFFICIENCY * H100_PEAK[peak])  # noqa: E731
+    forward = 2 * seconds(linear + attention, "bf16")  # two passes: statistics, then ranges
+    out = {
+        "model": "FLUX.1-dev config (diffusers FluxTransformer2DModel defaults, guidance_embeds=True), meta device",
+        "parameters_b": sum(p.numel() for p in model.parameters()) / 1e9,
+        "layers_planned": len(plan), "image_steps": FLUX_IMAGE_STEPS, "tokens": FLUX_TOKENS,
+        "macs_per_image_step": {"linear": linear, "attention": attention, "moments": moments, "moments_unshared": moments_unshared},
+        "moment_gb": {"shared": moment_bytes / 1e9, "unshared": moment_bytes_unshared / 1e9},
+        "distinct_inputs": sum(1 for c in plan if roles[re.sub(r"\.\d+\.", ".N.", c.name)]["shares_with"] is None),
+        "prepare": {**rate, "units": prep_units, "cpu_s_this_core": prep_cpu_s, "h100_over_core_fp32": gpu_over_core},
+        "assumptions": f"{EFFICIENCY:.0%} of H100 SXM dense peak (bf16 forward, fp32 or tf32 moments, fp32 preparation "
+                       "at this core's measured rate x the peak ratio); moments in host memory when they do not fit (transfer not counted)",
+        "seconds_one_h100": {
+            "forward_two_passes_bf16": forward,
+            "moments_fp32": seconds(moments, "fp32"), "moments_tf32": seconds(moments, "tf32"),
+            "moments_fp32_unshared": seconds(moments_unshared, "fp32"),
+            "prepare_fp32": prep_cpu_s / gpu_over_core,
+        },
+    }
+    s1 = out["seconds_one_h100"]
+    out["total_minutes"] = {
+        "one_h100_fp32_moments": (s1["forward_two_passes_bf16"] + s1["moments_fp32"] + s1["prepare_fp32"]) / 60,
+        "one_h100_tf32_moments": (s1["forward_two_passes_bf16"] + s1["moments_tf32"] + s1["prepare_fp32"]) / 60,
+        # prompts split over 8 processes (passes and moments / 8), each preparing a share
+        "eight_h100_tf32_moments_split_prepare": (s1["forward_two_passes_bf16"] + s1["moments_tf32"] + s1["prepare_fp32"]) / 8 / 60,
+    }
+    return out
+
+
 def machine_note() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
@@ -231,7 +367,7 @@ def machine_note() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("work", "size", "procs", "all", "child"))
+    parser.add_argument("what", choices=("work", "size", "procs", "all", "child", "flux"))
     parser.add_argument("--mode", default="calibrate", help=argparse.SUPPRESS)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=4)
@@ -250,6 +386,11 @@ def main() -> None:
         print(json.dumps(child(args.mode, args.heads, args.depth, args.prompts, args.steps, args.recipe or RECIPE)))
         return
     RESULTS.mkdir(exist_ok=True)
+    if args.what == "flux":
+        result = {"machine": machine_note(), **project_flux()}
+        (RESULTS / "calib-flux-projection.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     for what in ("work", "size", "procs") if args.what == "all" else (args.what,):
         note = machine_note()
         if what == "work":

@@ -21,6 +21,9 @@ Under a second-moment budget (``DQ_MOMENTS_BUDGET`` / ``moments_budget=``) pass 
 moments of the first layers that fit only; each further pass over the same inputs collects the
 next layers' moments, which are prepared and freed before the next: the moments held at once
 follow the budget (at least the largest layer's), not the model, and the model is the same.
+Layers still waiting for their pass ride along where it is free: fed the very input of a
+collecting layer, they share its sum (`CalibTarget.moment_optional`), so layers that share an
+input (q, k, v) never cost a pass each.
 
 Each pass's statistics (`dq.calibrate.stats.StatsStore`: streaming, mergeable by sum/max/min)
 go through `reduce` when the pass ends (several processes merge theirs there) and can be
@@ -177,10 +180,32 @@ class Calibration:
         """Pass 1's targets collecting second moments for the layers of `chunk` only (first
         empty: moment-only targets for `chunk`, a further pass under the budget)."""
         wanted = set(chunk)
+        # the layers of later chunks collect too where it is free: a layer fed the very input
+        # of a layer of this chunk shares its sum (no memory), and then needs no pass of its own
+        later = {n for c in self._chunks for n in c} - wanted
         if first:
-            return [replace(t, second_moment=t.second_moment and t.name in wanted) for t in first]
-        return [replace(t, histogram=False, second_moment=True) for t in calibration_targets(self.works, first_pass=True)
-                if t.name in wanted]
+            return [replace(t, second_moment=t.second_moment and (t.name in wanted or t.name in later),
+                            moment_optional=t.name in later) for t in first]
+        return [replace(t, histogram=False, channel_stats=False, second_moment=True, moment_optional=t.name in later)
+                for t in calibration_targets(self.works, first_pass=True) if t.name in wanted or t.name in later]
+
+    def _agree_on_optional(self, store: StatsStore) -> None:
+        """Keep the optional (shared for free) moments every process has: one process may have
+        dropped a layer another kept, and a sum merged from some processes only is wrong. The
+        dropped layers wait for a pass of their own."""
+        optional = {t.name for t in self.targets if t.moment_optional}
+        have = store.moment_names() & optional
+        if not optional:
+            return
+        keep = set(have)
+        if distributed.active():
+            for theirs in distributed.gather_objects(sorted(have), "the agreement on shared second moments"):
+                keep &= set(theirs)
+        drop = have - keep
+        if drop:
+            store.unshare({layer for layer, canon in store.shared.items() if canon in drop} | drop)
+            for name in drop:
+                store.moments.pop(name, None)
 
     def _finish(self) -> None:
         self.stage, self.targets = "ready", []
@@ -190,6 +215,7 @@ class Calibration:
     def _collected(self, store: StatsStore, reduce: bool = True) -> StatsStore:
         # several processes (torch.distributed / accelerate): merged exactly; a no-op in one
         if reduce:
+            self._agree_on_optional(store)
             store = self.reduce(store) if self.reduce is not None else store.all_reduce_()
             # every process now holds the same statistics: each prepares a share of the layers
             self._split_prepare = self.reduce is None and distributed.active() and split_enabled()
@@ -303,7 +329,8 @@ class Calibration:
             stage = self.stage
             if stage not in stages:
                 raise DQError(f"{path} holds no statistics for calibration {stage}; write it again with dq calibrate")
-            missing = sorted({t.name for t in self.targets} - set(stages[stage].layers()) - stages[stage].moment_names())
+            missing = sorted({t.name for t in self.targets if not t.moment_optional}
+                             - set(stages[stage].layers()) - stages[stage].moment_names())
             if missing:
                 raise DQError(
                     f"{path} has no {stage} statistics for layers {missing[:5]}: it was written for another "

@@ -64,7 +64,7 @@ MOMENTS_ENV = "DQ_MOMENTS_ON"  # "cpu", "device" or "auto" (default)
 
 def moment_bytes(target: CalibTarget) -> int:
     """Bytes of the float32 second moment H [D, D] a target collects (0 if none)."""
-    if not target.second_moment:
+    if not target.second_moment or target.moment_optional:  # optional: only ever shares a sum
         return 0
     weight = getattr(target.module, "weight", None)
     width = weight[0].numel() if weight is not None else 0
@@ -108,6 +108,11 @@ class CalibTarget:
     second_moment: bool = False
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     unfold: dict[str, Any] | None = None
+    # H only where it comes free: the layer joins the sum of a collecting layer fed the very
+    # same input, and is dropped (no moment, no memory) where it would need a sum of its own.
+    # Passes under a moments budget use it for the layers still waiting for theirs.
+    moment_optional: bool = False
+    channel_stats: bool = True  # False: a pass that only collects second moments
 
 
 class Calibrator:
@@ -184,9 +189,10 @@ class Calibrator:
                 )
             if target.transform is not None:
                 x = target.transform(x)
-            for branch, part in self._branches(x):
-                stats = ActivationStats.from_rows(as_rows(part, channel_dim), bins)
-                self.store.add((name, self.timestep, branch), stats)
+            if target.channel_stats:
+                for branch, part in self._branches(x):
+                    stats = ActivationStats.from_rows(as_rows(part, channel_dim), bins)
+                    self.store.add((name, self.timestep, branch), stats)
             if target.second_moment:
                 self.moments.add(target, x)
 
@@ -256,6 +262,8 @@ class SharedMoments:
         self.share = share
         self.group_of: dict[str, _Group] = {}
         self.groups: list[_Group] = []
+        self.optional: set[str] = set()  # members that may only share (`moment_optional`)
+        self.dropped: set[str] = set()  # optional layers that could not share: no moment
 
     @staticmethod
     def _product(target: CalibTarget, x: torch.Tensor) -> SecondMoment:
@@ -281,18 +289,45 @@ class SharedMoments:
             return
         absent = [m for m in group.members if m not in group.seen]
         for name in absent:  # not called in this call: its H stays the sum before it
-            group.members.remove(name)
-            self._new_group(name, None if group.total is None else group.total.copy(), group.adds)
+            if name in group.members:  # (a dissolution may have dropped it already)
+                self._leave(group, name)
+        if not group.members:  # dissolved: only optional layers were left
+            return
         if self.on_cpu:  # one d x d product on the device at a time; the sums in host memory
             moment.sum = moment.sum.cpu()
         group.total = moment if group.total is None else group.total.merge_(moment)
         group.adds += 1
         group.seen = set()
 
+    def _drop(self, name: str) -> None:
+        self.group_of.pop(name, None)
+        self.dropped.add(name)
+
+    def _leave(self, group: _Group, name: str) -> _Group | None:
+        """`name` leaves `group` with its own copy of the sum so far. An optional layer is
+        dropped instead (a sum of its own would cost memory the budget did not plan), and so
+        are optional layers left alone in a group: the leaver takes the sum itself."""
+        group.members.remove(name)
+        if name in self.optional:
+            self._drop(name)
+            return None
+        if group.members and all(m in self.optional for m in group.members):
+            for member in group.members:
+                self._drop(member)
+            total, adds = group.total, group.adds
+            group.members, group.total, group.pending, group.seen = [], None, None, set()
+            self.groups.remove(group)
+            return self._new_group(name, total, adds)
+        return self._new_group(name, None if group.total is None else group.total.copy(), group.adds)
+
     def add(self, target: CalibTarget, x: torch.Tensor) -> None:
         name = target.name
+        if name in self.dropped:
+            return
         signature = (target.channel_dim, repr(target.unfold)) if self.share and target.transform is None else None
         group = self.group_of.get(name)
+        if target.moment_optional:
+            self.optional.add(name)
         if group is None:
             if signature is not None:
                 for other in self.groups:  # join the group whose only call so far read this very tensor
@@ -306,6 +341,9 @@ class SharedMoments:
                             if len(other.seen) == len(other.members):
                                 self._flush(other)
                         return
+            if target.moment_optional:  # nothing to share: no moment for it in this pass
+                self.dropped.add(name)
+                return
             group = self._new_group(name, None, 0)
             self._start(group, name, target, x, signature)
             return
@@ -318,10 +356,11 @@ class SharedMoments:
                     self._flush(group)
                 return
             else:  # another input than the group's in this call: leave with the sum before it
-                group.members.remove(name)
-                left = self._new_group(name, None if group.total is None else group.total.copy(), group.adds)
-                if len(group.seen) == len(group.members):
+                left = self._leave(group, name)
+                if group.members and len(group.seen) == len(group.members):
                     self._flush(group)
+                if left is None:
+                    return
                 group = left
         self._start(group, name, target, x, signature)
 
