@@ -66,10 +66,14 @@ from dq.recipe import Recipe, preset  # noqa: E402
 
 logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8")
+CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8",
+               "w8a8-dynamic+float-act", "w4a4+float-act")
 # variants that are a preset plus one option
 DERIVED = {
     "w4a16-a8": {"base": "w4a16", "weight_only_int8_activations": True},
+    # small layers may skip their activation rounding where no integer path pays (path "float")
+    "w8a8-dynamic+float-act": {"base": "w8a8-dynamic", "float_activations_where_faster": True},
+    "w4a4+float-act": {"base": "w4a4", "float_activations_where_faster": True},
     "w8a8+attn-int8": {"base": "w8a8", "attention": {"int8": True}},
     # w8a8 as it was before 2026-12-01: the cross-attention output projections static too
     "w8a8-all-static": {"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out\.0$", "activation": {
@@ -341,6 +345,8 @@ def cpu_default_pipeline(args) -> dict[str, Any]:
     steps = 2 if args.quick else 20
     pipes = {"fp": load()}
     for recipe in (*CPU_RECIPES, "w4a8-rtn"):  # w4a8 uses GPTQ: see the note in the report
+        if args.recipes and recipe not in args.recipes:
+            continue
         pipe = load()
         dq.quantize(pipe, recipe_named(recipe), calib_prompts=prompts, num_inference_steps=2 if args.quick else 8, **call_kwargs)
         pipes[f"dq-{recipe}"] = pipe

@@ -480,6 +480,12 @@ class Recipe:
     weight_only_int8_activations: weight-only layers (activation null, e.g. w4a16) may run
         as int8 x int8 with dynamic per-token int8 activations where that is faster (kernel
         path "int_mm_a8"): it rounds their inputs, so it is off unless set.
+    float_activations_where_faster: small layers whose quantized activations cost more than
+        the integer matmul saves (narrow layers, dynamic per-token activations on a CPU) may
+        run as the float op on their quantized weight with the input not quantized (kernel
+        path "float": a kept float weight copy, only for layers of at most 1 MiB), where the
+        kernel choice measures it faster. It skips their activation rounding (closer to
+        full precision than the recipe simulates), so it is off unless set.
     smooth / rotate / lowrank / gptq / attention: outlier-handling components (see
         `COMPONENTS`), each null (off), true (defaults) or a mapping of its options. Per
         layer they apply as: x -> (x / s) R,  W -> ((W * s) R = L1 L2 + R_w),  R_w rounded by
@@ -501,6 +507,7 @@ class Recipe:
     overrides: list[LayerOverride] = field(default_factory=list)
     execution: str = "auto"
     weight_only_int8_activations: bool = False
+    float_activations_where_faster: bool = False
     smooth: SmoothConfig | None = None
     rotate: RotateConfig | None = None
     lowrank: LowRankConfig | None = None
@@ -517,6 +524,7 @@ class Recipe:
             _check_type(getattr(self, key), "str", f"recipe field {key}")
         _check_type(self.keep_defaults, "bool", "recipe field keep_defaults")
         _check_type(self.weight_only_int8_activations, "bool", "recipe field weight_only_int8_activations")
+        _check_type(self.float_activations_where_faster, "bool", "recipe field float_activations_where_faster")
         for key in ("timestep_groups", "calib_num_prompts", "calib_steps", "calib_batch_size", "histogram_bins"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -21,6 +21,13 @@ on an AMD EPYC). So nothing is chosen by availability:
   numerics (the activations are rounded), so it is a candidate only where the recipe allows
   it (`Recipe.weight_only_int8_activations`, `set_execution(weight_only_int8=True)`), and
   it is checked against the simulated layer *with* those activations, not the float one.
+- "float": the "float_copy" weight with the input NOT quantized (layers with quantized
+  activations, at most `FLOAT_COPY_MAX_BYTES`): where no integer path beats the float layer
+  (narrow layers, dynamic per-token activations), the layer costs what the float one does.
+  It changes the numerics (no activation rounding: closer to full precision than the
+  simulated layer), so it is a candidate only where the recipe allows it
+  (`Recipe.float_activations_where_faster`, `set_execution(float_activations=True)`), and
+  it is checked against the float op on the same weight.
 
 On a layer's first eager call for a row count (bucketed to a power of two), each path its
 formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than
@@ -55,9 +62,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8")
+PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
-COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8")
+COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float")
 CACHE_VERSION = 3  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
 # activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost
 FLOAT_COPY_MAX_BYTES = 1 << 20
@@ -349,7 +356,8 @@ def describe(layer: QuantModule) -> str:
     if getattr(layer, "conv_groups", None) is not None:
         geometry = f"conv{'x'.join(map(str, layer.weight_shape[2:]))}-s{'x'.join(map(str, layer.stride))}"
     a8 = "|a8ok" if layer.__dict__.get("_dq_weight_only_int8") else ""
-    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}{a8}"
+    fa = "|faok" if layer.__dict__.get("_dq_float_activations") else ""
+    return f"{layer.kernel}|{geometry}|k{layout.cols}|n{layout.out_features}|w:{weight}|a:{act}{a8}{fa}"
 
 
 def log_choice(key: str, m: Measurement) -> None:

@@ -27,6 +27,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DQError
@@ -97,9 +98,18 @@ def _fallback(layer: QuantModule, x: torch.Tensor, reason: str, level: int = log
     return layer.simulated(x)
 
 
-def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None = None) -> torch.Tensor:
+def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None = None,
+                 transform: nn.Module | None = None) -> torch.Tensor:
     """The layer's quantized op (`QuantModule.compute`) through the path chosen for it;
-    with `branch` (its low-rank branch), that branch added into the output in place."""
+    with `branch` (its low-rank branch), that branch added into the output in place; with
+    `transform` (its input transform), `x` is the raw input, transformed here (path "float"
+    folds the transform and the layer's own branch into its weight copy instead)."""
+    if transform is not None or (branch is not None and branch is layer.branch):
+        if _known_path(layer, x) == "float" and _foldable(layer, transform, branch):
+            bias = None if layer.bias is None else layer.bias.to(x.dtype)
+            return F.linear(x, _folded_weight(layer, x.dtype), bias)
+        if transform is not None:
+            x = transform(x)
     y = _real_forward(layer, x)
     if branch is None:
         return y
@@ -162,6 +172,8 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
         paths.append("int_mm_a8")
     if _float_copy_nbytes(layer, dtype) <= layer.__dict__.get("_dq_float_copy_max_bytes", choice.FLOAT_COPY_MAX_BYTES):
         paths.append("float_copy")
+        if act is not None and layer.__dict__.get("_dq_float_activations") and layer.kernel in ("int8", "dequant"):
+            paths.append("float")
     paths.append("dequant")
     return paths
 
@@ -175,9 +187,12 @@ def _unpacks_per_call(layer: QuantModule) -> bool:
 
 def _references(layer: QuantModule, allowed: list[str]) -> dict[str, object]:
     """Paths that compute another function than the simulated layer, with its simulation."""
-    if "int_mm_a8" not in allowed:
-        return {}
-    return {"int_mm_a8": lambda t: simulated_a8(layer, t)}
+    refs: dict[str, object] = {}
+    if "int_mm_a8" in allowed:
+        refs["int_mm_a8"] = lambda t: simulated_a8(layer, t)
+    if "float" in allowed:
+        refs["float"] = lambda t: float_activations(layer, t)
+    return refs
 
 
 def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +200,12 @@ def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     fake-quantized to `A8_SPEC` (dynamic per-token int8)."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return layer.float_op(P.fake_quantize(x, A8_SPEC), layer.dequantized_weight(x.dtype), bias)
+
+
+def float_activations(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """What path "float" computes: the layer's quantized weight on its unquantized input."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return layer.float_op(x, layer.dequantized_weight(x.dtype), bias)
 
 
 def _default_path(layer: QuantModule) -> str:
@@ -231,6 +252,8 @@ def _release_unused(layer: QuantModule) -> None:
         layer.__dict__.pop("_dq_prepacked", None)
     if "float_copy" not in used:
         layer.__dict__.pop("_dq_float_weight", None)
+    if "float" not in used:
+        layer.__dict__.pop("_dq_float_folded", None)
     if not used & {"int8_copy", "int_mm_a8"}:
         layer.__dict__.pop("_dq_int8_weight", None)
     if "int_mm_a8" not in used:
@@ -243,7 +266,7 @@ def runtime_nbytes(module: nn.Module) -> int:
     for m in module.modules():
         packed = m.__dict__.get("_dq_prepacked")
         total += packed.nbytes if packed is not None else 0
-        for name in ("_dq_float_weight", "_dq_int8_weight"):
+        for name in ("_dq_float_weight", "_dq_float_folded", "_dq_int8_weight"):
             copy = m.__dict__.get(name)
             total += copy.numel() * copy.element_size() if copy is not None else 0
     return total
@@ -286,6 +309,58 @@ def _float_weight(layer: QuantModule, dtype: torch.dtype) -> torch.Tensor:
 def _float_copy_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return layer.float_op(layer.quantize_input(x), _float_weight(layer, x.dtype), bias)
+
+
+def _known_path(layer: QuantModule, x: torch.Tensor) -> str | None:
+    """The path already chosen for this call's rows (None: not measured yet); never measures."""
+    forced = layer.__dict__.get("_dq_forced_path")
+    if forced is not None:
+        return forced
+    chosen = layer.__dict__.get("_dq_paths")
+    if not chosen or layer.kernel not in ("int8", "dequant"):
+        return None
+    rows = choice.bucket(_rows(layer, x))
+    path = chosen.get(rows)
+    if path is None and torch.compiler.is_compiling():
+        path = chosen[min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))]
+    return path
+
+
+def _foldable(layer: QuantModule, transform: nn.Module | None, branch: nn.Module | None) -> bool:
+    """Whether path "float" may run on the raw input with the layer's input transform and
+    low-rank branch folded into its weight copy: a linear layer's own modules (a LoRA's
+    combined branch is not the layer's), channels last."""
+    if _conv_geometry(layer) is not None or getattr(layer, "conv_groups", None) is not None:
+        return False
+    if transform is not None and (transform is not layer.input_transform or transform.channel_dim != -1):
+        return False
+    return branch is None or branch is layer.branch
+
+
+def _folded_weight(layer: QuantModule, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight of path "float" on the raw input: (W_q + up @ down) M^T, M the input
+    transform's matrix (smoothing's 1/s, the rotation), made once in float32 and kept."""
+    copy = layer.__dict__.get("_dq_float_folded")
+    if copy is not None and copy.dtype == dtype:
+        return copy
+    weight = layer.dequantized_weight(torch.float32)
+    branch = layer.branch
+    if branch is not None:
+        weight = weight + branch.up.float() @ branch.down.float()
+    transform = layer.input_transform
+    if transform is not None:
+        eye = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+        weight = weight @ transform(eye).t()  # row i of transform(eye): e_i M
+    copy = weight.to(dtype).contiguous()
+    if not torch.compiler.is_compiling():
+        layer.__dict__["_dq_float_folded"] = copy
+    return copy
+
+
+def _float_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """Path "float": the kept float weight on the unquantized input (`float_activations`)."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return layer.float_op(x, _float_weight(layer, x.dtype), bias)
 
 
 def _int8_matmul(layer: QuantModule, codes: torch.Tensor, a_scale, a_zero, fused: bool, kept: bool = False) -> torch.Tensor:
@@ -411,6 +486,7 @@ _RUN = {
     "float_copy": _float_copy_forward,
     "dequant": lambda layer, x: layer.simulated(x),
     "int_mm_a8": _a8_forward,
+    "float": _float_forward,
 }
 
 
@@ -477,7 +553,7 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 # -- setting the mode -----------------------------------------------------------------
 RUNTIME_STATE = (
-    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
 )
 
 
@@ -491,6 +567,7 @@ def release_runtime(layer: nn.Module) -> None:
 def _prepare(
     layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int,
     int8_copy: bool = True, weight_only_int8: bool = False, known_memo: dict | None = None,
+    float_activations: bool = False,
 ) -> None:
     """A layer's path options and the choices this machine's cache already holds for its shape
     class; cheap, no weight is read. The runtime tensors derived from the weights (`ready`) are
@@ -505,6 +582,7 @@ def _prepare(
     layer.__dict__["_dq_float_copy_max_bytes"] = float_copy_max_bytes
     layer.__dict__["_dq_allow_int8_copy"] = int8_copy
     layer.__dict__["_dq_weight_only_int8"] = weight_only_int8 and layer.kernel == "dequant"
+    layer.__dict__["_dq_float_activations"] = float_activations and layer.act_spec is not None
     if layer.kernel is None or layer.kernel == "fp8" or layer.qweight.is_meta:
         return
     device = layer.qweight.device
@@ -606,7 +684,7 @@ def check_execution(layers: dict[str, QuantModule], mode: str) -> dict[str, tupl
 def set_execution(
     model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
     float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES, int8_copy: bool = True,
-    weight_only_int8: bool | None = None,
+    weight_only_int8: bool | None = None, float_activations: bool | None = None,
 ) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
@@ -627,6 +705,11 @@ def set_execution(
     weight_only_int8: let weight-only layers run as int8 x int8 with dynamic per-token int8
     activations (path "int_mm_a8"; it changes the numerics). None: what the model's recipe
     says (`Recipe.weight_only_int8_activations`, off unless set).
+    float_activations: let small layers with quantized activations run as the float op on
+    their quantized weight and UNQUANTIZED input (path "float", a kept float weight copy)
+    where that is faster than every integer path (narrow layers on a CPU; it changes the
+    numerics, towards full precision). None: what the model's recipe says
+    (`Recipe.float_activations_where_faster`, off unless set).
     Runtime tensors derived from the weights are made on each layer's first call (or when a
     torch.compile trace starts, or by `prepare_runtime`): call it again after changing a
     layer's stored weights in place.
@@ -640,6 +723,9 @@ def set_execution(
     if weight_only_int8 is None:
         recipe = getattr(model, "_dq_recipe", None)
         weight_only_int8 = bool(getattr(recipe, "weight_only_int8_activations", False))
+    if float_activations is None:
+        recipe = getattr(model, "_dq_recipe", None)
+        float_activations = bool(getattr(recipe, "float_activations_where_faster", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     known_memo: dict = {}
@@ -655,7 +741,7 @@ def set_execution(
                 why_sim[why].append(name)
         else:
             m.__dict__.update(execution="real", kernel=kernel, strict_execution=mode == "real")
-        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo, float_activations)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
         # the instance dict, not getattr: a missing attribute raises inside nn.Module.__getattr__ (slow, per module)

@@ -263,12 +263,14 @@ class QuantModule(nn.Module):
         return P.dequantize(P.quantize(x.float(), scale, zero, spec), scale, zero).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "real" and not (torch.is_grad_enabled() and x.requires_grad):
+            # the transform is applied there (or folded); the low-rank branch is accumulated
+            # into the kernel's output
+            return real_forward(self, x, self.branch, self.input_transform)
         if self.input_transform is not None:
             x = self.input_transform(x)
         if torch.is_grad_enabled() and x.requires_grad:
             y = StraightThrough.apply(x, self)  # the integer matmul has no backward
-        elif self.execution == "real":  # the low-rank branch is accumulated into the kernel's output
-            return real_forward(self, x, self.branch)
         else:
             y = self.compute(x)
         if self.branch is not None:
