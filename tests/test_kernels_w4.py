@@ -236,3 +236,18 @@ def test_float_path_folds_the_input_transform_and_the_branch_into_its_weight(rot
     assert rel(real, expected) < 1e-5 and not calls
     assert "_dq_float_folded" in q.__dict__ and "_dq_float_weight" not in q.__dict__
     assert dispatch.runtime_nbytes(q) == 128 * 96 * 4  # one float32 copy
+
+
+def test_folded_float_path_compiles_to_the_same_values():
+    from dq.nn.transforms import InputTransform
+
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform)
+    set_execution(q, "real", path="float", float_activations=True)
+    x = torch.randn(2, 32, 128)
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q)(x)
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-5)

@@ -105,9 +105,14 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
     `transform` (its input transform), `x` is the raw input, transformed here (path "float"
     folds the transform and the layer's own branch into its weight copy instead)."""
     if transform is not None or (branch is not None and branch is layer.branch):
-        if _known_path(layer, x) == "float" and _foldable(layer, transform, branch):
+        key = (x.shape, x.dtype, branch is None, transform is None)
+        if layer.__dict__.get("_dq_fold_key") == key or (
+                _known_path(layer, x) == "float" and _foldable(layer, transform, branch)):
             bias = None if layer.bias is None else layer.bias.to(x.dtype)
-            return F.linear(x, _folded_weight(layer, x.dtype), bias)
+            y = F.linear(x, _folded_weight(layer, x.dtype), bias)
+            if not torch.compiler.is_compiling():
+                layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
+            return y
         if transform is not None:
             x = transform(x)
     y = _real_forward(layer, x)
@@ -553,7 +558,7 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 # -- setting the mode -----------------------------------------------------------------
 RUNTIME_STATE = (
-    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_fold_key", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
 )
 
 
