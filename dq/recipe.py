@@ -483,7 +483,7 @@ class Recipe:
     float_activations_where_faster: small layers whose quantized activations cost more than
         the integer matmul saves (narrow layers, dynamic per-token activations on a CPU) may
         run as the float op on their quantized weight with the input not quantized (kernel
-        path "float": a kept float weight copy, only for layers of at most 1 MiB), where the
+        path "float_input": a kept float weight copy, only for layers of at most 1 MiB), where the
         kernel choice measures it faster. It skips their activation rounding (closer to
         full precision than the recipe simulates), so it is off unless set.
     smooth / rotate / lowrank / gptq / attention: outlier-handling components (see

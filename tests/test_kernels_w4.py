@@ -182,22 +182,22 @@ def test_a8_reference_is_the_documented_activation_format():
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
 def test_float_activations_are_opt_in_and_compute_the_float_op_on_the_quantized_weight(fmt, monkeypatch):
-    """Path "float" (`float_activations_where_faster`): the kept float weight on the input
+    """Path "float_input" (`float_activations_where_faster`): the kept float weight on the input
     as it comes (no activation rounding); a candidate only when allowed, checked against
     that function (not the simulated layer, which rounds), and taken where it is fastest."""
     cpu = torch.device("cpu")
     q = layer(fmt, rank=8 if fmt == "w4a4" else 0)
     set_execution(q, "real")
-    assert "float" not in dispatch.candidate_paths(q, cpu, torch.float32)
-    assert "float" not in dispatch.candidate_paths(layer("w4a16"), cpu, torch.float32)  # no activations to skip
+    assert "float_input" not in dispatch.candidate_paths(q, cpu, torch.float32)
+    assert "float_input" not in dispatch.candidate_paths(layer("w4a16"), cpu, torch.float32)  # no activations to skip
     model = torch.nn.Sequential(q)
     model._dq_recipe = Recipe.from_dict({"base": fmt, "float_activations_where_faster": True})
     set_execution(model, "real")
-    assert "float" in dispatch.candidate_paths(q, cpu, torch.float32)
-    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == "float" else 1e-3) for p in fns})
+    assert "float_input" in dispatch.candidate_paths(q, cpu, torch.float32)
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == "float_input" else 1e-3) for p in fns})
     x = torch.randn(2, 32, 128)
     real = q(x)
-    assert q._dq_paths[64] == "float" and "_dq_float_weight" in q.__dict__
+    assert q._dq_paths[64] == "float_input" and "_dq_float_weight" in q.__dict__
     bias = q.bias
     expected = torch.nn.functional.linear(x, q.dequantized_weight(x.dtype), bias) + (q.branch(x) if q.branch is not None else 0)
     assert rel(real, expected) < 1e-6
@@ -211,7 +211,7 @@ def test_float_activations_are_opt_in_and_compute_the_float_op_on_the_quantized_
 
 @pytest.mark.parametrize("rotate", [0, 32])
 def test_float_path_folds_the_input_transform_and_the_branch_into_its_weight(rotate, monkeypatch):
-    """On path "float" a layer's smoothing (and rotation) and its low-rank branch are folded
+    """On path "float_input" a layer's smoothing (and rotation) and its low-rank branch are folded
     into the one kept weight, so the layer costs one float matmul on the raw input; the same
     function as transforming, multiplying and adding the branch."""
     from dq.nn.transforms import InputTransform
@@ -228,9 +228,9 @@ def test_float_path_folds_the_input_transform_and_the_branch_into_its_weight(rot
     x = torch.randn(2, 32, 128)
     t = transform(x)
     expected = torch.nn.functional.linear(t, q.dequantized_weight(x.dtype), q.bias) + branch(t)
-    set_execution(q, "real", path="float", float_activations=True)
+    set_execution(q, "real", path="float_input", float_activations=True)
     calls = []
-    monkeypatch.setitem(dispatch._RUN, "float", lambda *a: calls.append(1))  # the unfolded path
+    monkeypatch.setitem(dispatch._RUN, "float_input", lambda *a: calls.append(1))  # the unfolded path
     with torch.no_grad():
         real = q(x)
     assert rel(real, expected) < 1e-5 and not calls
@@ -245,7 +245,7 @@ def test_folded_float_path_compiles_to_the_same_values():
     transform = InputTransform(128, smooth=True)
     transform.inv_scale.uniform_(0.5, 2.0)
     q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform)
-    set_execution(q, "real", path="float", float_activations=True)
+    set_execution(q, "real", path="float_input", float_activations=True)
     x = torch.randn(2, 32, 128)
     with torch.no_grad():
         eager = q(x)

@@ -21,7 +21,7 @@ on an AMD EPYC). So nothing is chosen by availability:
   numerics (the activations are rounded), so it is a candidate only where the recipe allows
   it (`Recipe.weight_only_int8_activations`, `set_execution(weight_only_int8=True)`), and
   it is checked against the simulated layer *with* those activations, not the float one.
-- "float": the "float_copy" weight with the input NOT quantized (layers with quantized
+- "float_input": the "float_copy" weight with the input NOT quantized (layers with quantized
   activations, at most `FLOAT_COPY_MAX_BYTES`): where no integer path beats the float layer
   (narrow layers, dynamic per-token activations), the layer costs what the float one does.
   It changes the numerics (no activation rounding: closer to full precision than the
@@ -62,9 +62,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float")
+PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float_input")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
-COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float")
+COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float_input")
 CACHE_VERSION = 3  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
 # activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost
 FLOAT_COPY_MAX_BYTES = 1 << 20

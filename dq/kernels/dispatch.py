@@ -102,12 +102,12 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
                  transform: nn.Module | None = None) -> torch.Tensor:
     """The layer's quantized op (`QuantModule.compute`) through the path chosen for it;
     with `branch` (its low-rank branch), that branch added into the output in place; with
-    `transform` (its input transform), `x` is the raw input, transformed here (path "float"
+    `transform` (its input transform), `x` is the raw input, transformed here (path "float_input"
     folds the transform and the layer's own branch into its weight copy instead)."""
     if transform is not None or (branch is not None and branch is layer.branch):
         key = (x.shape, x.dtype, branch is None, transform is None)
         if layer.__dict__.get("_dq_fold_key") == key or (
-                _known_path(layer, x) == "float" and _foldable(layer, transform, branch)):
+                _known_path(layer, x) == "float_input" and _foldable(layer, transform, branch)):
             bias = None if layer.bias is None else layer.bias.to(x.dtype)
             y = F.linear(x, _folded_weight(layer, x.dtype), bias)
             if not torch.compiler.is_compiling():
@@ -178,7 +178,7 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
     if _float_copy_nbytes(layer, dtype) <= layer.__dict__.get("_dq_float_copy_max_bytes", choice.FLOAT_COPY_MAX_BYTES):
         paths.append("float_copy")
         if act is not None and layer.__dict__.get("_dq_float_activations") and layer.kernel in ("int8", "dequant"):
-            paths.append("float")
+            paths.append("float_input")
     paths.append("dequant")
     return paths
 
@@ -195,8 +195,8 @@ def _references(layer: QuantModule, allowed: list[str]) -> dict[str, object]:
     refs: dict[str, object] = {}
     if "int_mm_a8" in allowed:
         refs["int_mm_a8"] = lambda t: simulated_a8(layer, t)
-    if "float" in allowed:
-        refs["float"] = lambda t: float_activations(layer, t)
+    if "float_input" in allowed:
+        refs["float_input"] = lambda t: float_activations(layer, t)
     return refs
 
 
@@ -208,7 +208,7 @@ def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 
 def float_activations(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """What path "float" computes: the layer's quantized weight on its unquantized input."""
+    """What path "float_input" computes: the layer's quantized weight on its unquantized input."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return layer.float_op(x, layer.dequantized_weight(x.dtype), bias)
 
@@ -257,7 +257,7 @@ def _release_unused(layer: QuantModule) -> None:
         layer.__dict__.pop("_dq_prepacked", None)
     if "float_copy" not in used:
         layer.__dict__.pop("_dq_float_weight", None)
-    if "float" not in used:
+    if "float_input" not in used:
         layer.__dict__.pop("_dq_float_folded", None)
     if not used & {"int8_copy", "int_mm_a8"}:
         layer.__dict__.pop("_dq_int8_weight", None)
@@ -332,7 +332,7 @@ def _known_path(layer: QuantModule, x: torch.Tensor) -> str | None:
 
 
 def _foldable(layer: QuantModule, transform: nn.Module | None, branch: nn.Module | None) -> bool:
-    """Whether path "float" may run on the raw input with the layer's input transform and
+    """Whether path "float_input" may run on the raw input with the layer's input transform and
     low-rank branch folded into its weight copy: a linear layer's own modules (a LoRA's
     combined branch is not the layer's), channels last."""
     if _conv_geometry(layer) is not None or getattr(layer, "conv_groups", None) is not None:
@@ -343,7 +343,7 @@ def _foldable(layer: QuantModule, transform: nn.Module | None, branch: nn.Module
 
 
 def _folded_weight(layer: QuantModule, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight of path "float" on the raw input: (W_q + up @ down) M^T, M the input
+    """The float weight of path "float_input" on the raw input: (W_q + up @ down) M^T, M the input
     transform's matrix (smoothing's 1/s, the rotation), made once in float32 and kept."""
     copy = layer.__dict__.get("_dq_float_folded")
     if copy is not None and copy.dtype == dtype:
@@ -491,7 +491,7 @@ _RUN = {
     "float_copy": _float_copy_forward,
     "dequant": lambda layer, x: layer.simulated(x),
     "int_mm_a8": _a8_forward,
-    "float": _float_forward,
+    "float_input": _float_forward,
 }
 
 
@@ -711,7 +711,7 @@ def set_execution(
     activations (path "int_mm_a8"; it changes the numerics). None: what the model's recipe
     says (`Recipe.weight_only_int8_activations`, off unless set).
     float_activations: let small layers with quantized activations run as the float op on
-    their quantized weight and UNQUANTIZED input (path "float", a kept float weight copy)
+    their quantized weight and UNQUANTIZED input (path "float_input", a kept float weight copy)
     where that is faster than every integer path (narrow layers on a CPU; it changes the
     numerics, towards full precision). None: what the model's recipe says
     (`Recipe.float_activations_where_faster`, off unless set).
