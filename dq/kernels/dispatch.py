@@ -104,7 +104,7 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
     with `branch` (its low-rank branch), that branch added into the output in place; with
     `transform` (its input transform), `x` is the raw input, transformed here (path "float_input"
     folds the transform and the layer's own branch into its weight copy instead)."""
-    if transform is not None or (branch is not None and branch is layer.branch):
+    if layer.__dict__.get("_dq_float_activations") and (transform is not None or branch is not None and branch is layer.branch):
         key = (x.shape, x.dtype, branch is None, transform is None)
         if layer.__dict__.get("_dq_fold_key") == key or (
                 _known_path(layer, x) == "float_input" and _foldable(layer, transform, branch)):
@@ -113,8 +113,8 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
             if not torch.compiler.is_compiling():
                 layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
             return y
-        if transform is not None:
-            x = transform(x)
+    if transform is not None:
+        x = transform(x)
     y = _real_forward(layer, x)
     if branch is None:
         return y
