@@ -25,7 +25,13 @@ which `apply_allocation` turns into the layer plan. The steps:
      around it (raising or lowering one layer), `rounds` times at most.
    - "alone": the error with ONLY that layer quantized, every other layer in float.
    Each replay re-runs only from the changed layer's block (`Replayer`: top-level blocks
-   that ran before it return their outputs cached from the centre's replay).
+   that ran before it return their outputs cached from the centre's replay), and the
+   replays sharing that block run as one batch (`Replayer.replay_variants`: each variant's
+   layer on its own rows; checked once against a one-by-one replay). The built layers run in
+   the recipe's execution mode while measured (real kernels where they exist: the numerics
+   the quantized model runs, and faster), and under a budget an option no plan can hold
+   (raising the layer to it costs more than the whole budget's slack over the smallest plan)
+   is not measured (infinite damage: never chosen; `infeasible`).
    Or "estimate": the analytic error from the layer inputs' second moment H
    (E||dW x||^2 = tr(dW H dW^T) / N plus the activation rounding noise, see
    `dq.quant.smooth.output_error`, relative to the layer's output energy tr(W H W^T) / N).
@@ -69,7 +75,18 @@ from .budget import (
     weight_count,
     weight_formats,
 )
-from .replay import Calls, Replayer, _call, _clone, _replay, record, relative_error, replay_units
+from .replay import (
+    Calls,
+    NotBatchable,
+    Replayer,
+    _call,
+    _clone,
+    _replay,
+    batch_size,
+    record,
+    relative_error,
+    replay_units,
+)
 from .report import LayerReport, MixedPlan, format_of, layer_report, plot_allocation
 from .sensitivity import (
     RANK_THRESHOLD,
@@ -78,16 +95,18 @@ from .sensitivity import (
     Sensitivity,
     estimate_damage,
     estimate_pairs,
+    infeasible,
     install_allocation,
+    measure_around,
     measure_sensitivity,
     spearman,
 )
 
 __all__ = [
-    "FLOAT", "RANK_THRESHOLD", "Budget", "Calls", "LayerOption", "LayerReport", "LayerSensitivity", "MixedPlan",
+    "FLOAT", "RANK_THRESHOLD", "Budget", "Calls", "NotBatchable", "batch_size", "LayerOption", "LayerReport", "LayerSensitivity", "MixedPlan",
     "Replayer", "Scope", "Sensitivity", "achievable", "allocate", "allocation_scope", "apply_allocation",
     "budget_of", "check_budget", "estimate_damage", "estimate_pairs", "float_bytes", "format_of",
-    "install_allocation", "layer_bytes", "layer_report", "measure_sensitivity", "plot_allocation", "precheck",
+    "infeasible", "install_allocation", "layer_bytes", "measure_around", "layer_report", "measure_sensitivity", "plot_allocation", "precheck",
     "record", "relative_error", "replay_units", "resolve_budget", "solve_allocation", "spearman", "weight_count",
     "weight_formats", "_call", "_clone", "_replay",
 ]

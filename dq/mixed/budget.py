@@ -136,7 +136,8 @@ def weight_count(module: nn.Module) -> int:
 def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], capacity: float) -> list[int]:
     """The option index per item minimizing sum damage[i][j] subject to sum cost[i][j] <= capacity
     (a multiple-choice knapsack), solved exactly as an integer program by HiGHS
-    (`scipy.optimize.milp`, relative gap 0). Raises DQError when no choice fits."""
+    (`scipy.optimize.milp`, relative gap 0); an option of infinite damage is never chosen.
+    Raises DQError when no choice fits."""
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError as exc:  # pragma: no cover - scipy ships with the mixed extra
@@ -150,6 +151,8 @@ def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[
         raise DQError("the budget cannot be met: even the smallest option of every layer exceeds it")
     n = sum(sizes)
     d = np.array([v for row in damage for v in row], dtype=np.float64)
+    allowed = np.isfinite(d).astype(np.float64)  # an infinite damage: an option never chosen
+    d[~np.isfinite(d)] = 0.0
     scale = float(np.abs(d).max()) or 1.0
     c = np.array([v for row in cost for v in row], dtype=np.float64)
     choose = np.zeros((len(sizes), n))
@@ -160,7 +163,7 @@ def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[
     result = milp(
         d / scale,
         constraints=[LinearConstraint(choose, 1, 1), LinearConstraint(c[None, :], -np.inf, capacity)],
-        integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0},
+        integrality=np.ones(n), bounds=Bounds(0, allowed), options={"mip_rel_gap": 0.0},
     )
     if result.x is None:
         raise DQError(f"the allocation's integer program found no solution ({result.message})")

@@ -48,7 +48,7 @@ class MixedPlan:
             fmt = self.allocation[s.name]
             option = next(o for o in s.options if o.format == fmt)
             damage = option.damage
-            best = {o.format: o.damage for o in s.options}
+            best = {o.format: (None if o.damage is None or math.isinf(o.damage) else o.damage) for o in s.options}
             out.append(LayerReport(
                 s.name, fmt, s.weights, option.bytes, 8 * option.bytes / s.weights, damage,
                 -10 * math.log10(damage) if damage else None, best,
@@ -94,7 +94,8 @@ class MixedPlan:
         lines = [self.summary(), head]
         for r in self.rows():
             dbs = " ".join(
-                f"{(-10 * math.log10(v) if v else float('inf')):9.1f}" for f, v in r.damages.items() if f in shown
+                f"{'-':>9s}" if v is None else f"{(-10 * math.log10(v) if v else float('inf')):9.1f}"
+                for f, v in r.damages.items() if f in shown
             )
             lines.append(f"{r.name:48s} {r.format:>6s} {r.weights:8d} {r.bits:6.2f} {dbs}")
         return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from ..quant.spec import QuantSpec
 from ..recipe import Recipe
 from .budget import (
     FLOAT,
+    Budget,
     allocate,
     allocation_scope,
     budget_of,
@@ -127,6 +129,7 @@ class Sensitivity:
     built: dict[str, dict[str, nn.Module]] = field(default_factory=dict, repr=False)
     fixed_layers: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     router: nn.Module | None = field(default=None, repr=False)
+    calls: Any = field(default=None, repr=False)  # with keep_built: the recorded calls (`measure_around`)
 
 
 def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
@@ -143,26 +146,49 @@ def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
 
 def _measure_alone(model, sens, names, built_all, routers, calls) -> None:
     """measured = the damage with ONLY the layer in the format, every other layer in float."""
-    from ..engine import swap_modules
-
     replayer = Replayer(model, calls.calls)  # the float model: its units' outputs are reused
     for fmt, built in built_all.items():
         with _Routed(model, routers[fmt]):
-            for name in names:
-                original = model.get_submodule(name)
-                swap_modules(model, {name: built[name]})
-                try:
-                    option = next(o for o in sens[name].options if o.format == fmt)
-                    option.measured = relative_error(calls.reference, replayer.replay_from(name))
-                finally:
-                    swap_modules(model, {name: original})
+            options = [next(o for o in sens[name].options if o.format == fmt) for name in names]
+            outs = replayer.replay_variants([{name: built[name]} for name in names])
+            for option, out in zip(options, outs):
+                option.measured = relative_error(calls.reference, out)
 
 
-def _measure_in_context(model, sens, names, centre, built_all, routers, fixed_layers, calls) -> float:
+class _Execution:
+    """Run the built layers in `mode` (the recipe's execution: the numerics the quantized model
+    will run, and the faster ones where kernels exist) while measuring; simulated after, as
+    built, with their runtime copies released."""
+
+    def __init__(self, layers: Sequence[nn.Module], mode: str, weight_only_int8: bool):
+        self.layers, self.mode, self.weight_only_int8 = list(layers), mode, weight_only_int8
+
+    def _set(self, mode: str) -> None:
+        from ..kernels import set_execution
+        from ..kernels.dispatch import release_runtime
+
+        holder = nn.ModuleDict({str(i): m for i, m in enumerate(self.layers)})
+        set_execution(holder, mode, weight_only_int8=self.weight_only_int8)
+        if mode == "sim":
+            for m in self.layers:
+                release_runtime(m)
+
+    def __enter__(self):
+        if self.mode != "sim":
+            self._set("auto" if self.mode == "real" else self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode != "sim":
+            self._set("sim")
+
+
+def _measure_in_context(model, sens, names, centre, built_all, routers, fixed_layers, calls, skip=None) -> float:
     """Leave-one-in around `centre` ({free layer: format}, e.g. every layer at the lowest format):
     with every free layer in its centre format and the recipe's override layers in theirs, for
     each layer of `names` and each of its other options, measured = the damage with that layer
-    alone moved to the option (the centre option's measured = the centre's damage, returned)."""
+    alone moved to the option (the centre option's measured = the centre's damage, returned).
+    skip(name, option): True for an option not to measure (its measured is None)."""
     from ..engine import swap_modules
     from ..nn.layers import QuantModule
 
@@ -186,16 +212,18 @@ def _measure_in_context(model, sens, names, centre, built_all, routers, fixed_la
             swap_modules(model, dict(fixed_layers))
             replayer = Replayer(model, calls.calls)
             base = relative_error(calls.reference, replayer.outputs)
+            moves = []
             for name in names:
                 for option in sens[name].options:
                     if option.format == centre[name]:
                         option.measured = base
-                        continue
-                    swap_modules(model, {name: module(name, option.format)})
-                    try:
-                        option.measured = relative_error(calls.reference, replayer.replay_from(name))
-                    finally:
-                        swap_modules(model, {name: module(name, centre[name])})
+                    elif skip is not None and skip(name, option):
+                        option.measured = None  # cannot be in any plan under the budget: not measured
+                    else:
+                        moves.append((option, {name: module(name, option.format)}))
+            outs = replayer.replay_variants([v for _, v in moves])
+            for (option, _), out in zip(moves, outs):
+                option.measured = relative_error(calls.reference, out)
     finally:
         swap_modules(model, originals)
         for layer, r in own.values():
@@ -329,20 +357,26 @@ def measure_sensitivity(
                               method=method, low=low, seconds=seconds)
     centre = {n: low for n in names}
 
+    every_built = [m for built in built_all.values() for m in built.values()] + list(fixed_layers.values())
+    budget = budget_of(recipe)
+    skip = infeasible(sensitivity, budget) if budget is not None else None
+
     def measure(which):
         t = now()
-        if method == "in-context":
-            sensitivity.baseline = _measure_in_context(model, sens, which, centre, built_all, routers, fixed_layers, calls)
-            sensitivity.centre = dict(centre)
-        else:
-            _measure_alone(model, sens, which, built_all, routers, calls)
+        with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+            if method == "in-context":
+                sensitivity.baseline = _measure_in_context(model, sens, which, centre, built_all, routers, fixed_layers,
+                                                           calls, skip)
+                sensitivity.centre = dict(centre)
+            else:
+                _measure_alone(model, sens, which, built_all, routers, calls)
         clock("measure", t)
 
     def set_damages(mode):
         for s in sens.values():  # one kind of number per allocation
             for o in s.options:
                 if mode == "measure":
-                    o.damage = o.measured if (method == "in-context" or o.format != FLOAT) else 0.0
+                    o.damage = _damage(o, method)
                 else:
                     o.damage = 0.0 if o.format == FLOAT else o.estimated
 
@@ -365,7 +399,6 @@ def measure_sensitivity(
         measure(names)
     sensitivity.mode = mode
     set_damages(mode)
-    budget = budget_of(recipe)
     if mode == "measure" and method == "in-context" and budget is not None:
         # re-centre: measure again around the plan the last measurement solves for the budget
         for _ in range(cfg.rounds - 1):
@@ -386,7 +419,60 @@ def measure_sensitivity(
     sensitivity.rank_correlation, sensitivity.sample = rho, sample
     if keep_built:
         sensitivity.built, sensitivity.fixed_layers, sensitivity.router = built_all, fixed_layers, routers[cfg.weights[0]]
+        sensitivity.calls = calls
     return sensitivity
+
+
+def _damage(option: LayerOption, method: str) -> float:
+    """A measured option's damage for the allocation: in context its measured error (an option
+    left unmeasured as infeasible: infinite, never chosen), alone its error (float: none)."""
+    if method != "in-context" and option.format == FLOAT:
+        return 0.0
+    return option.measured if option.measured is not None else math.inf
+
+
+def infeasible(sens: Sensitivity, budget: Budget):
+    """skip(name, option) for the in-context measurement: True for an option no plan under
+    `budget` can hold (raising the layer to it costs more than every other layer at its
+    smallest option leaves). Such options are not measured: the allocation cannot change."""
+    costs = budget.costs(sens)
+    slack = budget.capacity(sens) - sum(min(c) for c in costs)
+    extra = {s.name: {o.format: c - min(row) for o, c in zip(s.options, row)} for s, row in zip(sens.layers, costs)}
+
+    def skip(name: str, option: LayerOption) -> bool:
+        return extra[name][option.format] > slack
+    return skip
+
+
+def measure_around(model: nn.Module, sens: Sensitivity, recipe: Recipe, budget: Budget) -> Sensitivity:
+    """A copy of an in-context `sens` (from `measure_sensitivity(..., keep_built=True)`) measured
+    again around the plan its numbers solve for `budget` (every layer's other options, options
+    infeasible under `budget` left unmeasured): one more round, for one budget, without
+    calibrating again (benchmarks/mixed.py: one centre per budget of a sweep)."""
+    import copy
+    import time
+
+    if sens.router is None or sens.calls is None or sens.method != "in-context":
+        raise DQError("measure_around needs an in-context measure_sensitivity(..., keep_built=True)")
+    t, c = time.perf_counter(), time.process_time()
+    centre = allocate(sens, budget)
+    new = copy.copy(sens)
+    new.layers = [LayerSensitivity(s.name, s.weights, [LayerOption(o.format, o.bytes, estimated=o.estimated) for o in s.options])
+                  for s in sens.layers]
+    new.seconds = {}
+    by = {s.name: s for s in new.layers}
+    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
+    routers = {f: sens.router for f in sens.built}
+    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+        new.baseline = _measure_in_context(model, by, list(by), centre, sens.built, routers, sens.fixed_layers,
+                                           sens.calls, infeasible(new, budget))
+    new.centre = centre
+    new.round_one = sens.round_one or {s.name: {o.format: o.measured for o in s.options} for s in sens.layers}
+    for s in new.layers:
+        for o in s.options:
+            o.damage = _damage(o, "in-context")
+    new.seconds = {"measure_wall": time.perf_counter() - t, "measure_cpu": time.process_time() - c}
+    return new
 
 
 def install_allocation(pipe, sens: Sensitivity, recipe: Recipe) -> None:
