@@ -153,15 +153,19 @@ def main() -> None:
         budget = Budget("bits", b)
         try:
             sb = sens
-            if args.centre_each and sens.round_one is not None and b != args.centre_budget:
-                sb = round_one(sens)
+            if args.centre_each and sens.round_one is not None:
+                # the centre budget continues from its two rounds; every other budget starts its own
+                # from the plan round one solves for it
+                own = b != args.centre_budget
+                sb = round_one(sens) if own else sens
                 t, c, settled, rounds = time.perf_counter(), time.process_time(), False, 0
-                for _ in range(args.max_rounds):
+                for _ in range(args.max_rounds if own else args.max_rounds - 1):
+                    if sb.centre is not None and allocate(sb, budget) == sb.centre:
+                        settled = True  # the plan solved around the centre is the centre
+                        break
                     rounds += 1
                     sb = measure_around(model, sb, base, budget)
-                    if allocate(sb, budget) == sb.centre:
-                        settled = True
-                        break
+                settled = settled or (sb.centre is not None and allocate(sb, budget) == sb.centre)
                 per_budget[b] = {"rounds": rounds, "settled": settled, "wall": time.perf_counter() - t,
                                  "cpu": time.process_time() - c}
                 print(f"budget {b}: {json.dumps(per_budget[b])}", flush=True)
