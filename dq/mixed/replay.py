@@ -250,28 +250,33 @@ class Replayer:
         groups: dict[int, list[int]] = {}
         for i, v in enumerate(variants):
             groups.setdefault(self._first(list(v), 0), []).append(i)
+        chunks = []
         for _, members in sorted(groups.items()):
-            for s in range(0, len(members), max_batch):
-                chunk = members[s : s + max_batch]
-                if self.batched is not False and len(chunk) > 1:
-                    try:
-                        outs = self.replay_batch([variants[i] for i in chunk])
-                    except NotBatchable as exc:
-                        logger.info("mixed precision: replaying one by one (%s)", exc)
-                        self.batched = False
-                    else:
-                        if self.batched is None:  # the first batch: checked against a one-by-one replay
-                            one = self.replay_one(variants[chunk[0]])
-                            self.batched = _close(one, outs[0])
-                            if not self.batched:
-                                logger.info("mixed precision: a batched replay differs from a one-by-one replay; "
-                                            "replaying one by one")
-                                outs = None
-                        if outs is not None:
-                            for i, o in zip(chunk, outs):
-                                results[i] = o
-                            continue
-                for i in chunk:
+            if self.batched is None and not chunks and len(members) > 2:
+                chunks.append(members[:2])  # the check: a batch of two (little lost if it fails)
+                members = members[2:]
+            chunks += [members[s : s + max_batch] for s in range(0, len(members), max_batch)]
+        for chunk in chunks:
+            outs = None
+            if self.batched is not False and len(chunk) > 1:
+                try:
+                    outs = self.replay_batch([variants[i] for i in chunk])
+                except NotBatchable as exc:
+                    logger.info("mixed precision: replaying one by one (%s)", exc)
+                    self.batched = False
+                if outs is not None and self.batched is None:  # the first batch: checked against one by one
+                    one = self.replay_one(variants[chunk[0]])
+                    self.batched = _close(one, outs[0])
+                    if not self.batched:
+                        logger.info("mixed precision: a batched replay differs from a one-by-one replay (float "
+                                    "rounding of another batch size moved a quantized value); replaying one by one")
+                        results[chunk[0]], outs = one, None
+            if outs is not None:
+                for i, o in zip(chunk, outs):
+                    results[i] = o
+                continue
+            for i in chunk:
+                if results[i] is None:
                     results[i] = self.replay_one(variants[i])
         return results
 
