@@ -14,8 +14,10 @@ of quality against bytes, and the per-layer plot of the 5-bit plan.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import math
 import os
 import time
 
@@ -28,11 +30,14 @@ from dq.eval import generate_images
 from dq.eval.metrics import psnr, ssim
 from dq.mixed import (
     Budget,
+    LayerOption,
+    LayerSensitivity,
     MixedPlan,
     allocate,
     estimate_pairs,
     install_allocation,
     layer_report,
+    measure_around,
     measure_sensitivity,
     plot_allocation,
     spearman,
@@ -58,6 +63,13 @@ def main() -> None:
     parser.add_argument("--centre-budget", type=float, default=5.0, help="the budget the second round measures around")
     parser.add_argument("--record-prompts", type=int, default=None, help="mixed.num_prompts (default: the recipe's)")
     parser.add_argument("--record-steps", type=int, default=None, help="mixed.steps (default: the recipe's)")
+    parser.add_argument("--centre-each", action="store_true",
+                        help="in context: every other budget of the sweep gets its own second round, centred at the plan "
+                             "round one solves for it (dq.mixed.measure_around), instead of the --centre-budget numbers")
+    parser.add_argument("--max-rounds", type=int, default=1,
+                        help="with --centre-each: rounds per budget at most (stops when the plan solved around a centre "
+                             "is that centre)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default=str(RESULTS / "mixed.json"))
     parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
@@ -69,7 +81,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("dq.mixed").setLevel(logging.INFO)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start_all = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -112,7 +124,10 @@ def main() -> None:
     sens.mode = "measure"
     for ls in sens.layers:
         for o in ls.options:
-            o.damage = o.measured if (sens.method == "in-context" or o.format != "float") else 0.0
+            if sens.method == "in-context":
+                o.damage = o.measured if o.measured is not None else math.inf  # None: infeasible, not measured
+            else:
+                o.damage = o.measured if o.format != "float" else 0.0
     print(f"sensitivity in {sens_s:.0f} s ({json.dumps(sens.seconds)}); estimate vs measured Spearman over "
           f"{len(pairs)} (layer, option): {rho:.3f}", flush=True)
 
@@ -133,17 +148,35 @@ def main() -> None:
     budgets.append(round(rows[0]["avg_bits"], 3))  # the same average bits as uniform w4a8
     plans = {}
     allocate_cpu = []
+    per_budget = {}  # --centre-each: each budget's own rounds (seconds, rounds, whether the plan settled)
     for b in sorted(set(budgets)):
         budget = Budget("bits", b)
         try:
+            sb = sens
+            if args.centre_each and sens.round_one is not None:
+                # the centre budget continues from its two rounds; every other budget starts its own
+                # from the plan round one solves for it
+                own = b != args.centre_budget
+                sb = round_one(sens) if own else sens
+                t, c, settled, rounds = time.perf_counter(), time.process_time(), False, 0
+                for _ in range(args.max_rounds if own else args.max_rounds - 1):
+                    if sb.centre is not None and allocate(sb, budget) == sb.centre:
+                        settled = True  # the plan solved around the centre is the centre
+                        break
+                    rounds += 1
+                    sb = measure_around(model, sb, base, budget)
+                settled = settled or (sb.centre is not None and allocate(sb, budget) == sb.centre)
+                per_budget[b] = {"rounds": rounds, "settled": settled, "wall": time.perf_counter() - t,
+                                 "cpu": time.process_time() - c}
+                print(f"budget {b}: {json.dumps(per_budget[b])}", flush=True)
             c = time.process_time()
-            allocation = allocate(sens, budget)
+            allocation = allocate(sb, budget)
             allocate_cpu.append(time.process_time() - c)
         except dq.DQError as exc:
             print(f"budget {b}: {exc}", flush=True)
             rows.append({"variant": f"mixed {b:g} bits", "kind": "mixed", "budget": b, "error": str(exc)})
             continue
-        plan = MixedPlan(allocation, sens, budget)
+        plan = MixedPlan(allocation, sb, budget)
         plans[b] = plan
         rows.append(install(f"mixed {b:g} bits", allocation, {
             "kind": "mixed", "budget": b, "plan_avg_bits": plan.average_bits(), "predicted_error": plan.predicted_damage(),
@@ -166,7 +199,9 @@ def main() -> None:
                         "record_steps": base.mixed.steps, "seconds": sens_s, "phases": sens.seconds,
                         "allocate_cpu_per_budget": allocate_cpu, "load_start": load_start, "load_end": os.getloadavg(),
                         "spearman_estimate_vs_measured": rho, "pairs": len(pairs),
-                        "round_one": sens.round_one, "centre": sens.centre, "baseline": sens.baseline},
+                        "round_one": sens.round_one, "centre": sens.centre, "baseline": sens.baseline,
+                        "threads": args.threads, "centre_each": args.centre_each, "max_rounds": args.max_rounds,
+                        "per_budget": {str(k): v for k, v in per_budget.items()}},
         "fp_bytes": fp_bytes, "rows": rows, "total_s": time.perf_counter() - start_all,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -176,6 +211,19 @@ def main() -> None:
     print(table)
     if args.num_prompts >= 16:
         update_section("mixed", table)
+
+
+def round_one(sens):
+    """A copy of an in-context sensitivity holding its first round's numbers (centred at every
+    layer in the lowest format), to centre another budget's second round on."""
+    one = copy.copy(sens)
+    one.layers = [LayerSensitivity(s.name, s.weights, [
+        LayerOption(o.format, o.bytes, measured=sens.round_one[s.name][o.format], estimated=o.estimated,
+                    damage=sens.round_one[s.name][o.format] if sens.round_one[s.name][o.format] is not None else math.inf)
+        for o in s.options]) for s in sens.layers]
+    one.centre, one.round_one = None, None
+    one.baseline = sens.round_one[sens.layers[0].name][sens.low]
+    return one
 
 
 def plot_sweep(rows: list[dict], fp_bytes: int, path) -> None:
@@ -218,7 +266,10 @@ def render(result: dict) -> str:
         "base recipe w4a8 (smoothing, GPTQ, static int8 activations, fixed for every layer), each layer int4, "
         "int8 or float, chosen by the integer program on measured sensitivity "
         f"({s.get('method', 'alone')}"
-        + (f", {s['rounds']} rounds, the second around the {s['centre_budget']:g}-bit plan" if s.get("method") == "in-context" else "")
+        + ((f", {s['rounds']} rounds, the second around the {s['centre_budget']:g}-bit plan"
+            + (f" (every other budget: its own rounds, at most {s.get('max_rounds', 1)}, centred at the plan round one "
+               "solves for it)" if s.get("centre_each") else ""))
+           if s.get("method") == "in-context" else "")
         + f"; {s['record_prompts']} prompts x {s['record_steps']} steps of recorded denoiser calls; "
         f"{s['seconds']:.0f} s). Average bits: 8 x stored bytes (codes, scales, zero points, smoothing "
         "scales, activation ranges) / weights, over every Linear/Conv2d, float layers at 32 bits. "
@@ -256,7 +307,7 @@ def render(result: dict) -> str:
         alloc_cpu = sum(s.get("allocate_cpu_per_budget") or [0]) / max(1, len(s.get("allocate_cpu_per_budget") or [0]))
         builds = len(result.get("formats", ["int4", "int8"]))
         lines.append(
-            f"- time (process CPU, 2 threads): sensitivity {sens_cpu:.0f} s (record {ph.get('record_cpu', 0):.0f} s, "
+            f"- time (process CPU, {s.get('threads', 2)} thread(s)): sensitivity {sens_cpu:.0f} s (record {ph.get('record_cpu', 0):.0f} s, "
             f"measure {ph.get('measure_cpu', 0):.0f} s, re-centring solves {ph.get('allocate_cpu', 0):.2f} s) + allocation "
             f"{alloc_cpu:.2f} s per budget, against the calibration it reuses: {ph['calibration_cpu']:.0f} s for the "
             f"{builds} format builds ({ph['calibration_cpu'] / builds:.0f} s each); wall {ph.get('record_wall', 0) + ph.get('measure_wall', 0):.0f} s "

@@ -337,14 +337,20 @@ def _recorded_calls(pipe, recipe):
 
 
 def _damage_of(sens, recipe, allocation, calls):
-    """The relative denoiser-output error of a fresh model installed with `allocation` (simulated,
-    as the sensitivity pass runs the built layers), by a full replay of every call (no caching)."""
+    """The relative denoiser-output error of a fresh model installed with `allocation` (in the
+    recipe's execution, as the sensitivity pass runs the built layers), by a full replay of
+    every call (no caching)."""
     from dq.mixed import _replay, install_allocation, relative_error
 
     pipe = tiny_pipeline(KIND)
     install_allocation(pipe, sens, Recipe.from_dict({**recipe.to_dict(), "allocation": allocation}))
-    set_execution(find_denoiser(pipe)[1], "sim")  # as measured: the built layers simulate
     return relative_error(calls.reference, _replay(find_denoiser(pipe)[1], calls.calls))
+
+
+# Measured options come from batched replays (many variants in one batch): float rounding of
+# another batch size can move an activation across a rounding boundary, so they match a direct
+# one-by-one replay to this relative tolerance (the unbatched base: to 1e-6).
+BATCHED_REL = 3e-3
 
 
 def test_replay_from_a_block_equals_a_full_replay():
@@ -397,10 +403,10 @@ def test_in_context_sensitivity_equals_direct_leave_one_in():
         assert by[name]["int4"].measured == sens.baseline
         for fmt in ("int8", "float"):
             direct = _damage_of(sens, recipe, {**base, name: fmt}, calls)
-            assert by[name][fmt].measured == pytest.approx(direct, rel=1e-6), (name, fmt)
+            assert by[name][fmt].measured == pytest.approx(direct, rel=BATCHED_REL), (name, fmt)
             assert by[name][fmt].damage == by[name][fmt].measured
     # the in-context numbers are not the single-layer ones: the base error is in every option
-    assert min(o.measured for s in sens.layers for o in s.options) > 0
+    assert min(o.measured for s in sens.layers for o in s.options if o.measured is not None) > 0
     # the plan's prediction: base less each raised layer's reduction
     from dq.mixed import MixedPlan
 
@@ -428,7 +434,7 @@ def test_alone_sensitivity_equals_direct_single_layer():
                 assert o.damage == 0.0
                 continue
             direct = _damage_of(sens, recipe, {**floats, s.name: o.format}, calls)
-            assert o.measured == pytest.approx(direct, rel=1e-6), (s.name, o.format)
+            assert o.measured == pytest.approx(direct, rel=BATCHED_REL), (s.name, o.format)
 
 
 def test_sensitivity_times_each_phase():
@@ -460,7 +466,7 @@ def test_second_round_measures_around_the_first_plan():
     one = copy.deepcopy(sens)  # the first round's numbers: the centre is their plan
     for s in one.layers:
         for o in s.options:
-            o.damage = first[s.name][o.format]
+            o.damage = first[s.name][o.format] if first[s.name][o.format] is not None else math.inf
     one.baseline, one.centre = first[sens.layers[0].name]["int4"], None
     assert allocate(one, Budget("bits", 6.0)) == sens.centre
     assert any(f != "int4" for f in sens.centre.values())
@@ -471,5 +477,68 @@ def test_second_round_measures_around_the_first_plan():
     by = {s.name: {o.format: o for o in s.options} for s in sens.layers}
     for name, fmt in ((raised, "int4"), (lowered, "int8"), (lowered, "float")):
         direct = _damage_of(sens, recipe, {**sens.centre, name: fmt}, calls)
-        assert by[name][fmt].measured == pytest.approx(direct, rel=1e-6), (name, fmt)
+        assert by[name][fmt].measured == pytest.approx(direct, rel=BATCHED_REL), (name, fmt)
     assert by[raised][sens.centre[raised]].measured == sens.baseline
+
+
+def test_milp_never_chooses_an_infinite_damage():
+    # the cheap option of item 0 is unmeasured (infinite): the solver pays for the other one
+    picks = solve_allocation([[math.inf, 1.0], [0.0, 5.0]], [[1, 2], [1, 2]], 3)
+    assert picks == [1, 0]
+    with pytest.raises(DQError):
+        solve_allocation([[math.inf, math.inf], [0.0, 5.0]], [[1, 2], [1, 2]], 4)
+
+
+def test_batched_variants_equal_one_by_one_replays():
+    """replay_variants runs variants sharing their first changed block as one batch: the same
+    outputs as replaying each alone (to float rounding of another batch size), and the model is
+    left as it was."""
+    import copy
+
+    from dq.mixed import Replayer, _replay
+
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    calls = _recorded_calls(pipe, budget_recipe())
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    variants = []
+    for name in (layers[0], layers[1], *[n for n in layers if n.startswith("transformer_blocks.1.")][:3], layers[-1]):
+        changed = copy.deepcopy(model.get_submodule(name))
+        with torch.no_grad():
+            changed.weight.mul_(1.3)
+        variants.append({name: changed})
+    replayer = Replayer(model, calls.calls)
+    batched = replayer.replay_variants(variants)
+    assert replayer.batched is True  # the check against a one-by-one replay passed
+    for variant, outs in zip(variants, batched):
+        one = replayer.replay_one(variant)
+        assert any(not torch.equal(o, r) for o, r in zip(one, calls.reference))
+        for a, b in zip(one, outs):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for ref, out in zip(calls.reference, _replay(model, calls.calls)):
+        assert torch.equal(ref, out)
+
+
+def test_options_no_plan_can_hold_are_not_measured():
+    """Under a budget near the smallest plan, raising a large layer to float cannot fit: that
+    option is left unmeasured (None), has infinite damage and is never chosen; the built layers
+    are simulated again after measuring."""
+    from dq.mixed import achievable
+
+    probe = budget_recipe(mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1})  # no budget
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, probe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    assert all(o.measured is not None for s in sens.layers for o in s.options)
+    lo, _ = achievable(sens, "bits")
+    tight = budget_recipe(budget=lo + 0.05, mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1})
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, tight, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
+    skipped = [(s.name, o.format) for s in sens.layers for o in s.options if o.measured is None]
+    assert skipped and all(f != "int4" for _, f in skipped)
+    by = {s.name: {o.format: o for o in s.options} for s in sens.layers}
+    assert all(by[n][f].damage == math.inf for n, f in skipped)
+    allocation = allocate(sens, Budget("bits", lo + 0.05))
+    assert all(allocation[n] != f for n, f in skipped)
+    assert all(m.execution == "sim" for built in sens.built.values() for m in built.values())
