@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 4 steps")
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
+    parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md's quality table (partial runs)")
     parser.add_argument("--render", default=None, metavar="JSON", help="only render the table of an earlier run (and update BENCHMARKS.md)")
     args = parser.parse_args()
     if args.render:
@@ -105,7 +106,7 @@ def main() -> None:
         json.dump(result, f, indent=2)
     table = render(result)
     print(table)
-    if not args.quick:
+    if not args.quick and not args.no_update:
         update_section("quality", table)
 
 

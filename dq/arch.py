@@ -32,8 +32,10 @@ class ArchSpec:
     # regexes of layers whose input a static per-tensor range fits badly: under a recipe with
     # static activations they get dynamic per-token ranges of the same bits by default. The
     # cross-attention output projection of PixArt blocks: its input is a text-dependent mix of
-    # the caption's values, whose per-token scale varies from prompt to prompt (measured:
-    # BENCHMARKS.md, "Static W8A8 against torchao").
+    # the caption's values, whose per-token scale varies from prompt to prompt; the
+    # self-attention q/k/v (their shared input, the modulated norm) and the MLP's output
+    # projection (the GELU's output) vary per token too (measured: BENCHMARKS.md, "Static
+    # W8A8 against torchao").
     dynamic_inputs: tuple[str, ...] = ()
     # (producer regex, consumer regexes): consumers read the producer's output, so a
     # per-channel scale can be folded into the producer (smoothing, rotation).
@@ -58,7 +60,7 @@ ARCHS: dict[str, ArchSpec] = {
         name="pixart",
         keep=(r"^pos_embed\.", r"^adaln_single\.", r"^proj_out$"),
         weight_only=(r"^caption_projection\.",),
-        dynamic_inputs=(r"\.attn2\.to_out\.0$",),
+        dynamic_inputs=(r"\.attn2\.to_out\.0$", r"\.attn1\.to_[qkv]$", r"\.ff\.net\.2$"),
         fuse_pairs=((r"\.norm1$", (r"\.attn1\.to_q$", r"\.attn1\.to_k$", r"\.attn1\.to_v$")),),
     ),
     "SD3Transformer2DModel": ArchSpec(

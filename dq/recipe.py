@@ -707,9 +707,11 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   (benchmarks/quality.py, 2026-11-22) PSNR 33.2 (static) vs 36.3 dB (w8a8-dynamic), where
 #   torchao's int8 dynamic (no smoothing) gets 34.6; on the retrained model (2026-11-23)
 #   34.4 vs 40.2, torchao 36.5. Of the static layers, PixArt's cross-attention output projection
-#   loses most (its input mixes the caption's values per prompt): the architecture rule
-#   `dynamic_inputs` (dq/arch.py) gives it per-token ranges, +1.6 dB (34.1 -> 35.7 on 256 prompts,
-#   torchao 36.5; BENCHMARKS.md "Static W8A8 against torchao").
+#   loses most (its input mixes the caption's values per prompt), then the self-attention q/k/v
+#   and the MLP output projection: the architecture rule `dynamic_inputs` (dq/arch.py) gives
+#   them per-token ranges, 34.1 -> 35.7 dB (cross-attention outputs, 2026-12-01) -> 37.9 dB
+#   (all three, 2026-12-02) on 256 prompts, torchao 36.5, at 1.84x fp32 eager on the
+#   PixArt-Sigma slice instead of 2.09x all static (BENCHMARKS.md "Static W8A8 against torchao").
 # - GPTQ is the largest single gain for 4-bit weights (+5.6 dB at W4A8, +6.4 at W4A16) and
 #   comes almost free once H is collected for the smoothing search.
 # - the rank-32 low-rank branch (SVDQuant) is what makes W4A4 usable (+7 dB); it would add

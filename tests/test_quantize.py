@@ -227,16 +227,17 @@ def test_text_projections_are_weight_only_by_default(kind, layer):
 
 
 def test_cross_attention_output_gets_dynamic_ranges_under_a_static_recipe():
-    """PixArt's cross-attention output projections (the architecture's `dynamic_inputs`) get
-    per-token dynamic ranges of the recipe's bits under a static-activation recipe; every other
-    layer keeps the recipe's static ranges; an explicit override and keep_defaults: false win."""
+    """PixArt's cross-attention output projections and self-attention q/k/v (the architecture's
+    `dynamic_inputs`) get per-token dynamic ranges of the recipe's bits under a static-activation
+    recipe; every other layer keeps the recipe's static ranges; an explicit override and
+    keep_defaults: false win."""
     from dq.engine import plan_layers
     from dq.recipe import Recipe
 
     _, model = find_denoiser(tiny_pipeline("pixart"))
     plan = {c.name: c for c in plan_layers(model, Recipe.from_any("w8a8"))}
-    cross_out = sorted(n for n in plan if n.endswith("attn2.to_out.0"))
-    assert cross_out
+    cross_out = sorted(n for n in plan if n.endswith(("attn2.to_out.0", "attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.2")))
+    assert len(cross_out) == 5 * len([n for n in plan if n.endswith("attn2.to_out.0")]) > 0
     for name, c in plan.items():
         if c.activation is None:
             continue
@@ -245,7 +246,7 @@ def test_cross_attention_output_gets_dynamic_ranges_under_a_static_recipe():
         else:
             assert not c.activation.dynamic and c.activation.granularity == "tensor", name
     static = {"bits": 8, "granularity": "tensor", "symmetric": False, "range": "mse"}
-    pinned = Recipe.from_any({"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out", "activation": static}]})
+    pinned = Recipe.from_any({"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out|attn1\.to_[qkv]$|ff\.net\.2$", "activation": static}]})
     assert not any(c.activation.dynamic for c in plan_layers(model, pinned) if c.activation is not None)
     bare = Recipe.from_any({"base": "w8a8", "keep_defaults": False})
     assert not any(c.activation.dynamic for c in plan_layers(model, bare) if c.activation is not None)
