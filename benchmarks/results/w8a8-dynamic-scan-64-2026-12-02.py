@@ -1,11 +1,18 @@
 """Item 4 scan: which static layer classes of w8a8 gain from dynamic per-token ranges (64 prompts)."""
-import json, sys, time, torch, logging
-sys.path.insert(0, "/work/main/benchmarks")
+import json
+import logging
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # benchmarks/
 import dq
-from dq.recipe import Recipe
 from dq.eval import generate_images
 from dq.eval.metrics import psnr, ssim
 from dq.prompts import load_prompts
+from dq.recipe import Recipe
+
 logging.basicConfig(level=logging.WARNING)
 torch.set_num_threads(1)
 N, STEPS, CAL = int(sys.argv[1]), 10, 32
@@ -35,4 +42,4 @@ from quality import torchao_int8_dynamic  # noqa
 ao = dq.open_pipeline(None)
 torchao_int8_dynamic(ao)
 out["torchao"] = score(generate_images(ao, prompts, **gen)); print("torchao", out["torchao"], flush=True)
-json.dump(out, open(f"/tmp/scan/scan-{N}.json", "w"), indent=1)
+json.dump(out, open(f"scan-{N}.json", "w"), indent=1)
