@@ -1,4 +1,8 @@
-"""Item 4 scan: which static layer classes of w8a8 gain from dynamic per-token ranges (64 prompts)."""
+"""Item 4 scan: which static layer classes of w8a8 gain from dynamic per-token ranges (64 prompts).
+
+Run as it was on 2026-12-02, before the PixArt rule covered q/k/v and ff.net.2 (on today's
+rule the base row already has them dynamic): python benchmarks/results/w8a8-dynamic-scan-64-2026-12-02.py 64
+"""
 import json
 import logging
 import sys
@@ -35,11 +39,14 @@ out = {}
 for name, pats in variants.items():
     pipe = dq.open_pipeline(None)
     rec = Recipe.from_dict({"base": "w8a8", "overrides": [{"pattern": p, "activation": DYN} for p in pats]})
-    t = time.time(); dq.quantize(pipe, rec, calib_prompts=calib, num_inference_steps=STEPS)
+    t = time.time()
+    dq.quantize(pipe, rec, calib_prompts=calib, num_inference_steps=STEPS)
     imgs = generate_images(pipe, prompts, **gen)
-    out[name] = score(imgs); print(name, out[name], round(time.time() - t), flush=True)
+    out[name] = score(imgs)
+    print(name, out[name], round(time.time() - t), flush=True)
 from quality import torchao_int8_dynamic  # noqa
 ao = dq.open_pipeline(None)
 torchao_int8_dynamic(ao)
-out["torchao"] = score(generate_images(ao, prompts, **gen)); print("torchao", out["torchao"], flush=True)
+out["torchao"] = score(generate_images(ao, prompts, **gen))
+print("torchao", out["torchao"], flush=True)
 json.dump(out, open(f"scan-{N}.json", "w"), indent=1)
