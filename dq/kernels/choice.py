@@ -65,8 +65,9 @@ logger = logging.getLogger(__name__)
 PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float_input")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
 COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float_input")
-CACHE_VERSION = 3  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
-# activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost
+CACHE_VERSION = 4  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
+# activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost;
+# 4: path float_input (a dq without it would discard a whole file that names it)
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
