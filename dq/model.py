@@ -194,9 +194,9 @@ class Calibration:
         dropped a layer another kept, and a sum merged from some processes only is wrong. The
         dropped layers wait for a pass of their own."""
         optional = {t.name for t in self.targets if t.moment_optional}
-        have = store.moment_names() & optional
         if not optional:
             return
+        have = store.moment_names() & optional
         keep = set(have)
         if distributed.active():
             for theirs in distributed.gather_objects(sorted(have), "the agreement on shared second moments"):

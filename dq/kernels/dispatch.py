@@ -363,7 +363,7 @@ def _folded_weight(layer: QuantModule, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _float_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """Path "float": the kept float weight on the unquantized input (`float_activations`)."""
+    """Path "float_input": the kept float weight on the unquantized input (`float_activations`)."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return layer.float_op(x, _float_weight(layer, x.dtype), bias)
 
