@@ -32,11 +32,14 @@ class ArchSpec:
     # regexes of layers whose input a static per-tensor range fits badly: under a recipe with
     # static activations they get dynamic per-token ranges of the same bits by default. The
     # cross-attention output projection of PixArt blocks: its input is a text-dependent mix of
-    # the caption's values, whose per-token scale varies from prompt to prompt; the
-    # self-attention q/k/v (their shared input, the modulated norm) and the MLP's output
-    # projection (the GELU's output) vary per token too (measured: BENCHMARKS.md, "Static
-    # W8A8 against torchao").
+    # the caption's values, whose per-token scale varies from prompt to prompt (measured:
+    # BENCHMARKS.md, "Static W8A8 against torchao").
     dynamic_inputs: tuple[str, ...] = ()
+    # the same, only under 8-bit (or wider) weights: PixArt's self-attention q/k/v (their shared
+    # input, the modulated norm) and the MLP's output projection (the GELU's output). With
+    # 8-bit weights per-token ranges there gave +1.9 dB PSNR on 256 prompts; with 4-bit weights,
+    # whose own error dominates, they measured 0.45 dB worse than static (w4a8, 64 prompts).
+    dynamic_inputs_w8: tuple[str, ...] = ()
     # (producer regex, consumer regexes): consumers read the producer's output, so a
     # per-channel scale can be folded into the producer (smoothing, rotation).
     fuse_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -60,7 +63,8 @@ ARCHS: dict[str, ArchSpec] = {
         name="pixart",
         keep=(r"^pos_embed\.", r"^adaln_single\.", r"^proj_out$"),
         weight_only=(r"^caption_projection\.",),
-        dynamic_inputs=(r"\.attn2\.to_out\.0$", r"\.attn1\.to_[qkv]$", r"\.ff\.net\.2$"),
+        dynamic_inputs=(r"\.attn2\.to_out\.0$",),
+        dynamic_inputs_w8=(r"\.attn1\.to_[qkv]$", r"\.ff\.net\.2$"),
         fuse_pairs=((r"\.norm1$", (r"\.attn1\.to_q$", r"\.attn1\.to_k$", r"\.attn1\.to_v$")),),
     ),
     "SD3Transformer2DModel": ArchSpec(
@@ -116,10 +120,12 @@ def default_weight_only(model: nn.Module, spec: ArchSpec | None = None) -> set[s
     return _matching(quantizable_layers(model), spec.weight_only)
 
 
-def default_dynamic_inputs(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:
-    """Names of the layers whose static activation ranges become dynamic per-token by default."""
+def default_dynamic_inputs(model: nn.Module, spec: ArchSpec | None = None, weight_bits: int | None = None) -> set[str]:
+    """Names of the layers whose static activation ranges become dynamic per-token by default
+    (under weights of `weight_bits`: the `dynamic_inputs_w8` layers from 8 bits up)."""
     spec = spec or arch_for(model)
-    return _matching(quantizable_layers(model), spec.dynamic_inputs)
+    patterns = spec.dynamic_inputs + (spec.dynamic_inputs_w8 if weight_bits is not None and weight_bits >= 8 else ())
+    return _matching(quantizable_layers(model), patterns)
 
 
 def default_keep(model: nn.Module, spec: ArchSpec | None = None) -> set[str]:

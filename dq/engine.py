@@ -96,7 +96,7 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerChoice]:
     if recipe.keep_defaults:
         spec = arch_for(model)
         keep, weight_only = default_keep(model, spec), default_weight_only(model, spec)
-        dynamic_inputs = default_dynamic_inputs(model, spec)
+        dynamic_inputs = default_dynamic_inputs(model, spec, recipe.weight.bits if recipe.weight is not None else None)
     keep_patterns = [re.compile(p) for p in recipe.keep]
     layers = list(quantizable_layers(model))
     # a pattern that matches nothing is a warning, not an error: recipes are shared between models

@@ -708,7 +708,8 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   torchao's int8 dynamic (no smoothing) gets 34.6; on the retrained model (2026-11-23)
 #   34.4 vs 40.2, torchao 36.5. Of the static layers, PixArt's cross-attention output projection
 #   loses most (its input mixes the caption's values per prompt), then the self-attention q/k/v
-#   and the MLP output projection: the architecture rule `dynamic_inputs` (dq/arch.py) gives
+#   and the MLP output projection: the architecture rules `dynamic_inputs` / `dynamic_inputs_w8`
+#   (dq/arch.py; the latter for 8-bit weights only: at W4A8 static measured better) give
 #   them per-token ranges, 34.1 -> 35.7 dB (cross-attention outputs, 2026-12-01) -> 37.9 dB
 #   (all three, 2026-12-02) on 256 prompts, torchao 36.5, at 1.84x fp32 eager on the
 #   PixArt-Sigma slice instead of 2.09x all static (BENCHMARKS.md "Static W8A8 against torchao").

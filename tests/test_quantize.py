@@ -248,6 +248,9 @@ def test_cross_attention_output_gets_dynamic_ranges_under_a_static_recipe():
     static = {"bits": 8, "granularity": "tensor", "symmetric": False, "range": "mse"}
     pinned = Recipe.from_any({"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out|attn1\.to_[qkv]$|ff\.net\.2$", "activation": static}]})
     assert not any(c.activation.dynamic for c in plan_layers(model, pinned) if c.activation is not None)
+    # with 4-bit weights only the cross-attention outputs (q/k/v and the MLP output measured better static)
+    w4 = {c.name: c for c in plan_layers(model, Recipe.from_any("w4a8")) if c.activation is not None}
+    assert {n for n, c in w4.items() if c.activation.dynamic} == {n for n in cross_out if n.endswith("attn2.to_out.0")}
     bare = Recipe.from_any({"base": "w8a8", "keep_defaults": False})
     assert not any(c.activation.dynamic for c in plan_layers(model, bare) if c.activation is not None)
     # dynamic recipes are untouched; other architectures have no such rule
