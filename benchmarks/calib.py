@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -237,13 +238,16 @@ CORE_FP32_PEAK = 2 * 16 * 2 * 2.8e9
 EFFICIENCY = 0.5
 
 
+def _role(name: str) -> str:
+    """A layer name with its block numbers replaced by N: the same in the tiny and full FLUX."""
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
 def flux_roles() -> dict:
     """Run the tiny FLUX pipeline (FLUX.1's layer names, tiny widths) once under the W4A4 plan's
     moment hooks: which layers share one second moment, and which token stream each layer
     reads (image, text, both or one row per image). Keyed by role: the name with block numbers
     replaced by N, the same in FLUX.1-dev."""
-    import re
-
     import torch
 
     from dq.calibrate.hooks import Calibrator, CalibTarget
@@ -271,9 +275,8 @@ def flux_roles() -> dict:
     with torch.no_grad(), Calibrator(pipe, model, targets, None) as cal:
         pipe(prompt=prompts_for("flux", 1), **kwargs)
     kind = {streams["image"]: "image", streams["text"]: "text", streams["image"] + streams["text"]: "both", 1: "one"}
-    role = lambda name: re.sub(r"\.\d+\.", ".N.", name)  # noqa: E731
-    return {role(c.name): {"stream": kind.get(rows[c.name], f"rows={rows[c.name]}"),
-                           "shares_with": role(cal.store.shared[c.name]) if c.name in cal.store.shared else None}
+    return {_role(c.name): {"stream": kind.get(rows[c.name], f"rows={rows[c.name]}"),
+                            "shares_with": _role(cal.store.shared[c.name]) if c.name in cal.store.shared else None}
             for c in plan}
 
 
@@ -296,8 +299,6 @@ def prepare_rate() -> dict:
 
 def project_flux() -> dict:
     """FLUX.1-dev under W4A4 on one H100 (and on 8, the preparation split), from FLOP counts."""
-    import re
-
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -314,7 +315,7 @@ def project_flux() -> dict:
     linear = moments = moments_unshared = 0.0
     moment_bytes = moment_bytes_unshared = 0
     for c in plan:
-        info = roles[re.sub(r"\.\d+\.", ".N.", c.name)]
+        info = roles[_role(c.name)]
         weight = modules[c.name].weight
         n, d = tokens[info["stream"]], weight.shape[1]
         linear += n * d * weight.shape[0]
@@ -338,7 +339,7 @@ def project_flux() -> dict:
         "layers_planned": len(plan), "image_steps": FLUX_IMAGE_STEPS, "tokens": FLUX_TOKENS,
         "macs_per_image_step": {"linear": linear, "attention": attention, "moments": moments, "moments_unshared": moments_unshared},
         "moment_gb": {"shared": moment_bytes / 1e9, "unshared": moment_bytes_unshared / 1e9},
-        "distinct_inputs": sum(1 for c in plan if roles[re.sub(r"\.\d+\.", ".N.", c.name)]["shares_with"] is None),
+        "distinct_inputs": sum(1 for c in plan if roles[_role(c.name)]["shares_with"] is None),
         "prepare": {**rate, "units": prep_units, "cpu_s_this_core": prep_cpu_s, "h100_over_core_fp32": gpu_over_core},
         "assumptions": f"{EFFICIENCY:.0%} of H100 SXM dense peak (bf16 forward, fp32 or tf32 moments, fp32 preparation "
                        "at this core's measured rate x the peak ratio); moments in host memory when they do not fit (transfer not counted)",

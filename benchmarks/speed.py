@@ -68,6 +68,8 @@ logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8",
                "w8a8-dynamic+float-act", "w4a4+float-act", "w8a8+qkv-dyn", "w8a8+qkv+ff2-dyn")
+# per-token dynamic 8-bit activations (the overrides of the dynamic-inputs variants below)
+_DYN8 = {"bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}
 # variants that are a preset plus one option
 DERIVED = {
     "w4a16-a8": {"base": "w4a16", "weight_only_int8_activations": True},
@@ -75,10 +77,8 @@ DERIVED = {
     "w8a8-dynamic+float-act": {"base": "w8a8-dynamic", "float_activations_where_faster": True},
     "w4a4+float-act": {"base": "w4a4", "float_activations_where_faster": True},
     # issue 11 item 4 candidate: self-attention q/k/v inputs with dynamic per-token ranges
-    "w8a8+qkv-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$", "activation": {
-        "bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}}]},
-    "w8a8+qkv+ff2-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$|\.ff\.net\.2$", "activation": {
-        "bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}}]},
+    "w8a8+qkv-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$", "activation": _DYN8}]},
+    "w8a8+qkv+ff2-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$|\.ff\.net\.2$", "activation": _DYN8}]},
     "w8a8+attn-int8": {"base": "w8a8", "attention": {"int8": True}},
     # w8a8 with every layer static (before 2026-12-01): no architecture dynamic_inputs rule
     "w8a8-all-static": {"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out\.0$|attn1\.to_[qkv]$|ff\.net\.2$", "activation": {

@@ -217,6 +217,11 @@ def _default_path(layer: QuantModule) -> str:
     return "int_mm" if layer.kernel == "int8" else "dequant"
 
 
+def _nearest_choice(chosen: dict[int, str], rows: int) -> str:
+    """The choice of the row bucket nearest `rows` (log scale): what a compiled graph takes."""
+    return chosen[min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))]
+
+
 def _path(layer: QuantModule, x: torch.Tensor) -> str:
     """The path for this call: the layer's choice for its row bucket, measured on the
     first eager call (never inside torch.compile, which takes the nearest known choice)."""
@@ -231,8 +236,7 @@ def _path(layer: QuantModule, x: torch.Tensor) -> str:
     if torch.compiler.is_compiling():
         if not chosen:
             return _default_path(layer)
-        nearest = min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))
-        path = chosen[nearest]
+        path = _nearest_choice(chosen, rows)
         return path if path != "onednn" or "_dq_prepacked" in layer.__dict__ else "int_mm"
     key = f"{choice.describe(layer)}|m{rows}|{x.dtype}|{x.device.type}"
     store = choice.cache()
@@ -327,7 +331,7 @@ def _known_path(layer: QuantModule, x: torch.Tensor) -> str | None:
     rows = choice.bucket(_rows(layer, x))
     path = chosen.get(rows)
     if path is None and torch.compiler.is_compiling():
-        path = chosen[min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))]
+        path = _nearest_choice(chosen, rows)
     return path
 
 
