@@ -12,7 +12,8 @@ Kernels:
 - "dequant": weight-only quantization: the stored (packed) weight is dequantized
   per call into the input's dtype and the float op runs; what it saves is memory.
   Where the recipe allows it (`Recipe.weight_only_int8_activations`), such a layer may
-  also run as int8 x int8 with dynamic per-token activations (path "int_mm_a8").
+  also run as int8 x int8 with dynamic per-token activations (path "int_mm_a8"), or
+  (`Recipe.weight_only_bf16_activations`) in bfloat16 from a float32 input (path "bf16").
 
 A low-rank branch (`dq.nn.transforms.LowRankBranch`) is added into the kernel's output
 in place (`real_forward(..., branch=)`): one `addmm_`, no second output pass.
@@ -175,6 +176,8 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
     if (layer.kernel == "dequant" and layer.__dict__.get("_dq_weight_only_int8") and layout.integer_matmul_ready
             and _conv_geometry(layer) is None):
         paths.append("int_mm_a8")
+    if layer.kernel == "dequant" and layer.__dict__.get("_dq_weight_only_bf16") and dtype == torch.float32:
+        paths.append("bf16")
     if _float_copy_nbytes(layer, dtype) <= layer.__dict__.get("_dq_float_copy_max_bytes", choice.FLOAT_COPY_MAX_BYTES):
         paths.append("float_copy")
         if act is not None and layer.__dict__.get("_dq_float_activations") and layer.kernel in ("int8", "dequant"):
@@ -197,6 +200,8 @@ def _references(layer: QuantModule, allowed: list[str]) -> dict[str, object]:
         refs["int_mm_a8"] = lambda t: simulated_a8(layer, t)
     if "float_input" in allowed:
         refs["float_input"] = lambda t: float_activations(layer, t)
+    if "bf16" in allowed:
+        refs["bf16"] = lambda t: simulated_bf16(layer, t)
     return refs
 
 
@@ -205,6 +210,30 @@ def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     fake-quantized to `A8_SPEC` (dynamic per-token int8)."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return layer.float_op(P.fake_quantize(x, A8_SPEC), layer.dequantized_weight(x.dtype), bias)
+
+
+def simulated_bf16(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """What path "bf16" computes, in float32: the weight-only layer's op on its input and weight
+    rounded to bfloat16, the product rounded to bfloat16, the bias added in the input's dtype."""
+    y = layer.float_op(x.to(torch.bfloat16).to(x.dtype), layer.dequantized_weight(torch.bfloat16).to(x.dtype), None)
+    return _add_bias(layer, y.to(torch.bfloat16).to(x.dtype))
+
+
+def _add_bias(layer: QuantModule, y: torch.Tensor) -> torch.Tensor:
+    """`y` plus the layer's bias (per output channel: the last dim of a linear layer's output,
+    dim 1 of a convolution's), in place."""
+    if layer.bias is None:
+        return y
+    bias = layer.bias.to(y.dtype)
+    return y.add_(bias if _conv_geometry(layer) is None else bias.view(-1, *([1] * (y.dim() - 2))))
+
+
+def _bf16_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
+    """Path "bf16": a weight-only layer's op in bfloat16 (`simulated_bf16`'s function): the
+    weight dequantized per call into bfloat16 (no copy kept), float32 accumulation inside
+    the matmul, the result back in the input's dtype with the bias added there."""
+    y = layer.float_op(x.to(torch.bfloat16), layer.dequantized_weight(torch.bfloat16), None)
+    return _add_bias(layer, y.to(x.dtype))
 
 
 def float_activations(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
@@ -496,6 +525,7 @@ _RUN = {
     "dequant": lambda layer, x: layer.simulated(x),
     "int_mm_a8": _a8_forward,
     "float_input": _float_forward,
+    "bf16": _bf16_forward,
 }
 
 
@@ -576,7 +606,7 @@ def release_runtime(layer: nn.Module) -> None:
 def _prepare(
     layer: QuantModule, cpu_prepack: bool, path: str | None, float_copy_max_bytes: int,
     int8_copy: bool = True, weight_only_int8: bool = False, known_memo: dict | None = None,
-    float_activations: bool = False,
+    float_activations: bool = False, weight_only_bf16: bool = False,
 ) -> None:
     """A layer's path options and the choices this machine's cache already holds for its shape
     class; cheap, no weight is read. The runtime tensors derived from the weights (`ready`) are
@@ -592,6 +622,7 @@ def _prepare(
     layer.__dict__["_dq_allow_int8_copy"] = int8_copy
     layer.__dict__["_dq_weight_only_int8"] = weight_only_int8 and layer.kernel == "dequant"
     layer.__dict__["_dq_float_activations"] = float_activations and layer.act_spec is not None
+    layer.__dict__["_dq_weight_only_bf16"] = weight_only_bf16 and layer.kernel == "dequant"
     if layer.kernel is None or layer.kernel == "fp8" or layer.qweight.is_meta:
         return
     device = layer.qweight.device
@@ -694,6 +725,7 @@ def set_execution(
     model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
     float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES, int8_copy: bool = True,
     weight_only_int8: bool | None = None, float_activations: bool | None = None,
+    weight_only_bf16: bool | None = None,
 ) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
@@ -719,6 +751,10 @@ def set_execution(
     where that is faster than every integer path (narrow layers on a CPU; it changes the
     numerics, towards full precision). None: what the model's recipe says
     (`Recipe.float_activations_where_faster`, off unless set).
+    weight_only_bf16: let weight-only layers with a float32 input run their op in bfloat16
+    (path "bf16": input, weight and product rounded to bfloat16) where that is faster (CPUs
+    with bfloat16 matmul instructions). None: what the model's recipe says
+    (`Recipe.weight_only_bf16_activations`; on in the w4a16 preset).
     Runtime tensors derived from the weights are made on each layer's first call (or when a
     torch.compile trace starts, or by `prepare_runtime`): call it again after changing a
     layer's stored weights in place.
@@ -735,6 +771,9 @@ def set_execution(
     if float_activations is None:
         recipe = getattr(model, "_dq_recipe", None)
         float_activations = bool(getattr(recipe, "float_activations_where_faster", False))
+    if weight_only_bf16 is None:
+        recipe = getattr(model, "_dq_recipe", None)
+        weight_only_bf16 = bool(getattr(recipe, "weight_only_bf16_activations", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     known_memo: dict = {}
@@ -750,7 +789,8 @@ def set_execution(
                 why_sim[why].append(name)
         else:
             m.__dict__.update(execution="real", kernel=kernel, strict_execution=mode == "real")
-        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo, float_activations)
+        _prepare(m, cpu_prepack, path, float_copy_max_bytes, int8_copy, weight_only_int8, known_memo, float_activations,
+                 weight_only_bf16)
         counts[m.kernel or "sim"] += 1
     for m in model.modules():  # int8 attention processors (dq.nn.attention) follow the mode too
         # the instance dict, not getattr: a missing attribute raises inside nn.Module.__getattr__ (slow, per module)
