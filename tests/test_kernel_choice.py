@@ -129,6 +129,38 @@ def test_choices_are_cached_per_shape_class_and_reused(cache_folder, monkeypatch
     assert not [p for p in cache_folder.iterdir() if p.name.startswith(".")], "no temporary file is left"
 
 
+def test_a_cached_choice_serves_fewer_allowed_paths_and_more_are_measured(cache_folder, monkeypatch):
+    """A shape class measured with an opt-in path allowed (w4a16's bf16) serves a recipe without
+    it from the same numbers, without overwriting the entry; one that allows a path the entry
+    never saw measures again (before: the first recipe's choice stuck, or the second overwrote it)."""
+    calls = []
+    real_measure = choice.measure
+    monkeypatch.setattr(choice, "measure", lambda cands, *a, **k: calls.append(sorted(cands)) or real_measure(cands, *a, **k))
+    fake = {"bf16": 1e-4, "float_copy": 5e-4, "dequant": 1e-3}
+    monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: fake[p] for p in fns})
+    monkeypatch.setattr(choice, "SCREEN_FACTOR", float("inf"))  # the fake times decide, not the real screen
+    x = torch.randn(20, 64)
+
+    def run(**options):
+        q = linear(act=None)
+        set_execution(q, "real", **options)
+        q(x)
+        return q._dq_paths[32]
+
+    assert run() == "float_copy" and len(calls) == 1
+    assert run(weight_only_bf16=True) == "bf16" and len(calls) == 2  # bf16 was never measured: measured now
+    assert "bf16" in calls[1] and "float_copy" in calls[1]
+    assert run() == "float_copy" and len(calls) == 2  # from the stored numbers, nothing measured
+    assert run(weight_only_bf16=True) == "bf16" and len(calls) == 2  # the entry was not overwritten
+    # set_execution's scan of the cache (choices known before the first call) follows the same rule
+    q = linear(act=None)
+    set_execution(q, "real")
+    assert q._dq_paths == {32: "float_copy"}
+    m = choice.Measurement("bf16", {"bf16": 1.0, "dequant": 2.0}, {"float_copy": "wrong result"})
+    assert m.choice_among(["float_copy", "dequant"]) == "dequant"
+    assert m.choice_among(["int_mm_a8", "dequant"]) is None
+
+
 def test_a_second_process_measures_nothing(cache_folder):
     q = linear()
     set_execution(q, "real")

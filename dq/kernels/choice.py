@@ -59,7 +59,7 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,6 +142,18 @@ class Measurement:
 
     def to_dict(self) -> dict[str, object]:
         return {"choice": self.choice, "times": self.times, "dropped": self.dropped}
+
+    def choice_among(self, allowed: Sequence[str]) -> str | None:
+        """The choice among the `allowed` paths by this measurement's numbers, or None where one of
+        them was never measured here (an option allows a path the measurement did not see, e.g.
+        a recipe's opt-in path): then it must be measured again. So a model whose recipe allows
+        fewer paths reuses an entry without overwriting it, and one that allows more re-measures."""
+        seen = set(self.times) | set(self.dropped)
+        if any(p not in seen for p in allowed):
+            return None
+        if self.choice in allowed:
+            return self.choice
+        return decide({p: t for p, t in self.times.items() if p in allowed}, self.dropped)
 
     @classmethod
     def from_dict(cls, data: object) -> Measurement:

@@ -271,16 +271,18 @@ def _path(layer: QuantModule, x: torch.Tensor) -> str:
     store = choice.cache()
     found = store.get(key)
     allowed = candidate_paths(layer, x.device, x.dtype)
-    if found is None or found.choice not in allowed:
+    picked = None if found is None else found.choice_among(allowed)
+    if picked is None:
         found = choice.measure(
             {p: (lambda t, p=p: _RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x),
             references=_references(layer, allowed),
         )
         store.put(key, found)
         choice.log_choice(key, found)
-    chosen[rows] = found.choice
+        picked = found.choice
+    chosen[rows] = picked
     _release_unused(layer)
-    return found.choice
+    return picked
 
 
 def _release_unused(layer: QuantModule) -> None:
@@ -637,8 +639,9 @@ def _prepare(
         if known is None:
             known = {}
             for key, found in choice.cache().entries.items():
-                if key.startswith(prefix) and key.endswith(suffix) and found.choice in allowed:
-                    known[int(key[len(prefix):-len(suffix)])] = found.choice
+                picked = found.choice_among(allowed) if key.startswith(prefix) and key.endswith(suffix) else None
+                if picked is not None:
+                    known[int(key[len(prefix):-len(suffix)])] = picked
             if known_memo is not None:
                 known_memo[memo_key] = known
         layer.__dict__["_dq_paths"] = dict(known)  # each layer its own (choices are added per layer)

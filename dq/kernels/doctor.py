@@ -69,7 +69,7 @@ def measure_table(
                 found = choice.cache().get(key)
                 times = _race_paths(q, layer, x, found.dropped)
                 float_s = times.pop("float")
-            out.append(Row(fmt, width, rows, key, float_s, times, dict(found.dropped), found.choice))
+            out.append(Row(fmt, width, rows, key, float_s, times, dict(found.dropped), q._dq_paths[choice.bucket(rows)]))
     return out
 
 
