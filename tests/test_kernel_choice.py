@@ -248,3 +248,27 @@ def test_one_thread_on_the_cpu_is_timed_in_cpu_time(monkeypatch):
     assert choice.clock_for(x) is time.thread_time
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert choice.clock_for(x) is time.perf_counter
+
+
+def test_calls_under_inference_mode_keep_the_integer_paths(cache_folder):
+    """`dq eval` and the app generate under torch.inference_mode: the row sums made on the first
+    call there are inference tensors, which keep no version counter. The static int8 path read
+    it (its table's key), raised, and was dropped from the choice (found on an AMD EPYC,
+    2026-12-02: every static layer of the quick start fell back to float paths)."""
+    q = linear(width=256, out=256)
+    set_execution(q, "real")
+    x = torch.randn(64, 256)
+    with torch.inference_mode():
+        y = q(x)
+    found = next(iter(choice.cache().entries.values()))
+    assert not [why for why in found.dropped.values() if "raised" in why], found.dropped
+    assert "int_mm" in found.times
+    set_execution(q, "sim")
+    ref = q(x)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+    # a layer made under inference mode (every tensor an inference tensor), forced onto int_mm
+    with torch.inference_mode():
+        q2 = linear(width=256, out=256)
+        set_execution(q2, "real", path="int_mm")
+        y2 = q2(x)
+    assert float((y2 - ref).norm() / ref.norm()) < 1e-5

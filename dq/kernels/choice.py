@@ -76,7 +76,8 @@ PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", 
 COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float_input")
 CACHE_VERSION = 5  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
 # activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost;
-# 4: path float_input (a dq without it would discard a whole file that names it); 5: path bf16
+# 4: path float_input (a dq without it would discard a whole file that names it); 5: path bf16, and
+# entries measured under torch.inference_mode, where the static int8 path raised and was dropped
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0

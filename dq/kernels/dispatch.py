@@ -446,6 +446,13 @@ def _a8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+def _tensor_version(t: torch.Tensor) -> int:
+    """`t._version`, or -1 for an inference tensor (made under `torch.inference_mode`: a model
+    loaded there, or the row sums made on a first call there), which keeps no version counter;
+    such a tensor cannot be changed in place outside inference mode."""
+    return -1 if t.is_inference() else t._version
+
+
 def _static_table(layer: QuantModule) -> tuple | None:
     """Per timestep group: the activation (scale, zero) as Python numbers and the epilogue's
     column scale and shift [n] (`int8.dequantize_output`, static case), and the integer
@@ -456,7 +463,7 @@ def _static_table(layer: QuantModule) -> tuple | None:
     if azero is not None and wsum is None:
         return None
     tensors = (ascale, azero, bias, layer.wscale, wsum, qweight)
-    key = tuple((id(t), t._version) if t is not None else None for t in tensors)
+    key = tuple(None if t is None else (id(t), _tensor_version(t)) for t in tensors)
     table = layer.__dict__.get("_dq_static")
     if table is not None and table[0] == key:
         return table
