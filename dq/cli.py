@@ -455,13 +455,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False) and getattr(args, "quiet", False):
         print("dq: error: --verbose and --quiet contradict each other; pass one of them", file=sys.stderr)
         return 2
-    import torch
-
-    # torch's own thread setting also turns MKL's dynamic threading off (ATen's set_num_threads).
-    # Left at the default, on a 2-core AMD EPYC (Zen 4) with the other core busy, a tiny fp32
-    # matmul (8x64x48) took 7.9 ms instead of 0.005 ms in 3 of 4 runs (2026-12-02), which also
-    # misleads the kernel choice; the same count set explicitly never did.
-    torch.set_num_threads(torch.get_num_threads())
     verbosity = VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else DEFAULT
     if os.environ.get("RANK", "0") != "0" and verbosity == DEFAULT:
         verbosity = QUIET  # under `accelerate launch`, the main process speaks for all
