@@ -1,0 +1,72 @@
+"""Image cost of path "bf16" (weight-only layers in bfloat16, `weight_only_bf16_activations`) on
+the embedded default pipeline: the same w4a16 model run with bfloat16 allowed and with float32
+only, each scored against full precision (PSNR, SSIM) on the same seeds, and against each other.
+
+    python benchmarks/bf16_quality.py --num-prompts 64 --steps 10
+
+Writes benchmarks/results/bf16-quality-<date>-<machine>.json. On a CPU without bfloat16 matmul
+instructions the chooser never takes the path and both runs are the same model (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import dq
+from dq.engine import find_denoiser
+from dq.eval import generate_images
+from dq.eval.metrics import psnr, ssim
+from dq.kernels import choice, set_execution
+from dq.prompts import load_prompts
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def paths(model) -> dict[str, int]:
+    return dict(Counter(p for m in model.modules() for p in m.__dict__.get("_dq_paths", {}).values()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = load_prompts("shapes_eval")[: args.num_prompts]
+    kw = dict(num_inference_steps=args.steps, progress=False)
+    start = time.time()
+    pipe = dq.open_pipeline(None)
+    fp = generate_images(pipe, prompts, **kw)
+    dq.quantize(pipe, "w4a16")
+    _, model = find_denoiser(pipe)
+    runs = {}
+    for name, bf16 in (("w4a16 (bf16 allowed)", True), ("w4a16, float32 only", False)):
+        set_execution(model, "auto", weight_only_bf16=bf16)
+        images = generate_images(pipe, prompts, **kw)
+        runs[name] = {"images": images, "paths": paths(model),
+                      "psnr": float(psnr(images, fp)), "ssim": float(ssim(images, fp))}
+    a, b = (r["images"] for r in runs.values())
+    info = choice.machine()
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "cpu": info["cpu"], "family_model_stepping": info["family_model_stepping"],
+        "isa": info["isa"], "threads": args.threads, "num_prompts": len(prompts), "steps": args.steps,
+        "variants": {k: {kk: v for kk, v in r.items() if kk != "images"} for k, r in runs.items()},
+        "bf16_vs_float32": {"psnr": float(psnr(a, b)), "ssim": float(ssim(a, b))},
+        "seconds": time.time() - start,
+    }
+    print(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = info["cpu"].lower().replace(" ", "-").replace("(r)", "").replace("@", "")[:40]
+    (args.out / f"bf16-quality-{result['date']}-{name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
