@@ -21,6 +21,7 @@ from torch import nn
 
 from ..quant.spec import FP_FORMATS
 from .layers import QuantModule
+from .transforms import add_low_rank
 
 # how peft / diffusers name the two halves of a LoRA in a state dict
 LORA_KEY_PARTS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora_magnitude_vector", ".lora.down.", ".lora.up.")
@@ -131,9 +132,7 @@ class _Combined:
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not y.is_contiguous() or y.dtype != x.dtype:
             return y + self(x)
-        hidden = torch.nn.functional.linear(x.reshape(-1, self.down.shape[1]), self.down)
-        y.view(-1, self.up.shape[0]).addmm_(hidden, self.up.t())
-        return y
+        return add_low_rank(y, x, self.down, self.up)
 
 
 class BranchMergedLora:

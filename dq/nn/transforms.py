@@ -86,6 +86,14 @@ class InputTransform(nn.Module):
         return f"{self.channels}, " + "+".join(parts)
 
 
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y + (x down^T) up^T, for a contiguous `y` of x's dtype: accumulated into `y` in place (one
+    `addmm_`; the low-rank branch and the LoRAs merged with it, `dq.nn.lora`)."""
+    hidden = F.linear(x.reshape(-1, down.shape[1]), down)
+    y.view(-1, up.shape[0]).addmm_(hidden, up.t())
+    return y
+
+
 class LowRankBranch(nn.Module):
     """The float low-rank part of a weight: x -> (x down^T) up^T, for Linear or Conv2d.
 
@@ -124,10 +132,7 @@ class LowRankBranch(nn.Module):
         one `addmm_` instead of a float matmul, a temporary and an addition pass."""
         if self.conv is not None or not y.is_contiguous() or y.dtype != x.dtype or torch.is_grad_enabled() and y.requires_grad:
             return y + self(x)
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        hidden = F.linear(x.reshape(-1, self.in_features), down)
-        y.view(-1, self.out_features).addmm_(hidden, up.t())
-        return y
+        return add_low_rank(y, x, self.down.to(x.dtype), self.up.to(x.dtype))
 
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, "in_features": self.in_features, "out_features": self.out_features, "conv": self.conv}
