@@ -45,3 +45,20 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 @pytest.fixture
 def recorder():
     return DenoiserRecorder
+
+
+def favour_path(monkeypatch, path: str) -> dict:
+    """Make the kernel chooser (`dq.kernels.choice`) time `path` fastest; its correctness check
+    still runs, its screen drops nothing as slow (on a loaded machine a first call can look 100x
+    slow). Returns the candidates the race saw."""
+    from dq.kernels import choice
+
+    seen: dict = {}
+
+    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
+        seen.update(fns)
+        return {p: (1e-4 if p == path else 1e-3) for p in fns}
+
+    monkeypatch.setattr(choice, "_race", fake_race)
+    monkeypatch.setattr(choice, "SCREEN_FACTOR", float("inf"))
+    return seen

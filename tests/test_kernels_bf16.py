@@ -3,6 +3,7 @@ recipe, on in the w4a16 preset), checked against a float32 simulation of its rou
 
 import pytest
 import torch
+from conftest import favour_path
 
 from dq.kernels import choice, dispatch, set_execution
 from dq.nn import QuantConv2d, QuantLinear
@@ -113,13 +114,7 @@ def test_bf16_on_a_pointwise_convolution_adds_the_bias_per_channel():
 def test_the_chooser_checks_bf16_against_its_own_reference(monkeypatch):
     q = weight_only()
     set_execution(q, "real", weight_only_bf16=True)
-    seen = {}
-
-    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
-        seen.update(fns)
-        return {p: (1e-4 if p == "bf16" else 1e-3) for p in fns}
-
-    monkeypatch.setattr(choice, "_race", fake_race)
+    seen = favour_path(monkeypatch, "bf16")
     q(torch.randn(64, 128))
     # not dropped as "wrong" against the float32 layer, whose function it does not compute
     assert q._dq_paths[64] == "bf16" and "bf16" in seen

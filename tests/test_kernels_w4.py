@@ -3,6 +3,7 @@ layers with dynamic int8 activations, opt-in), the low-rank branch added in plac
 
 import pytest
 import torch
+from conftest import favour_path
 
 from dq.kernels import choice, dispatch, set_execution
 from dq.nn import QuantLinear
@@ -102,13 +103,7 @@ def test_int_mm_a8_matches_its_simulation_and_stays_close_to_float(rank):
 def test_the_chooser_can_pick_the_new_paths_and_checks_a8_against_its_own_reference(monkeypatch):
     q = layer("w4a16")
     set_execution(q, "real", weight_only_int8=True)
-    seen = {}
-
-    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
-        seen.update(fns)
-        return {p: (1e-4 if p == "int_mm_a8" else 1e-3) for p in fns}
-
-    monkeypatch.setattr(choice, "_race", fake_race)
+    seen = favour_path(monkeypatch, "int_mm_a8")
     x = torch.randn(64, 128)
     q(x)
     assert q._dq_paths[64] == "int_mm_a8" and "int_mm_a8" in seen  # not dropped as "wrong" against float
