@@ -246,3 +246,19 @@ def test_folded_float_path_compiles_to_the_same_values():
         eager = q(x)
         compiled = torch.compile(q)(x)
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dynamic_epilogue_compiled_matches_eager(bias):
+    """Per-token activations: inside torch.compile the epilogue (row and column scales, the
+    zero-point term, the bias) is one elementwise expression instead of the eager addmm_."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=8, granularity="token", symmetric=False, dynamic=True)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96, bias=bias), QuantSpec(bits=8), spec, None)
+    set_execution(q, "real", path="int_mm")
+    x = torch.randn(40, 128) * 3 + 1
+    eager = q(x)
+    compiled = torch.compile(q, fullgraph=True)(x)
+    assert rel(compiled, eager) < 1e-5
+    set_execution(q, "sim")
+    assert rel(eager, q(x)) < 1e-5

@@ -183,8 +183,14 @@ def dequantize_output(
     # Per-row activation scales (dynamic): y = (acc * s_w) * s_a, then the zero-point term and
     # the bias as one rank-1/rank-2 update (addmm_): 3 passes over [m, n] instead of 6 (the
     # int32 x float32 product promotes in its one pass); 5x faster at 512 x 1152 on a Xeon.
-    y = acc.float() * w_scale if torch.compiler.is_compiling() else _float_view(acc).mul_(w_scale)
-    y = y.mul_(a_scale)
+    if torch.compiler.is_compiling():
+        # one fused loop in the graph: there an addmm_ is an extern call plus a copy back into y
+        # (measured at 512 x 1152 on an AMD EPYC: 0.09 ms fused against 0.24 ms)
+        y = acc.float() * w_scale * a_scale
+        if a_zero is not None:
+            y = y - (a_zero * a_scale) * (w_sum * w_scale)
+        return y if bias is None else y + bias.float()
+    y = _float_view(acc).mul_(w_scale).mul_(a_scale)
     rows, cols = [], []
     if a_zero is not None:
         rows.append(-(a_zero * a_scale))
