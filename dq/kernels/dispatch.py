@@ -775,14 +775,12 @@ def set_execution(
         raise DQError(f"unknown kernel path {path!r}; choose one of {list(choice.PATHS)} or None (measure)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     choices = check_execution(layers, mode)
+    recipe = getattr(model, "_dq_recipe", None)  # the options not given come from the model's recipe
     if weight_only_int8 is None:
-        recipe = getattr(model, "_dq_recipe", None)
         weight_only_int8 = bool(getattr(recipe, "weight_only_int8_activations", False))
     if float_activations is None:
-        recipe = getattr(model, "_dq_recipe", None)
         float_activations = bool(getattr(recipe, "float_activations_where_faster", False))
     if weight_only_bf16 is None:
-        recipe = getattr(model, "_dq_recipe", None)
         weight_only_bf16 = bool(getattr(recipe, "weight_only_bf16_activations", False))
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
