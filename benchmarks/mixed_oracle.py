@@ -47,6 +47,7 @@ from report import RESULTS, machine
 
 import dq
 from dq.engine import find_denoiser
+from dq.eval import generate_images
 from dq.eval.metrics import psnr, ssim
 from dq.mixed import (
     Budget,
@@ -81,19 +82,8 @@ class Evaluator:
         self.bytes = {s.name: {o.format: o.bytes for o in s.options} for s in sens.layers}
 
     def _generate(self, prompts, seeds):
-        """dq.eval.generate_images (one CPU generator per image, seeded), under torch.no_grad
-        instead of inference_mode: on the AMD EPYC, the static int8 "int8_copy" kernel path
-        fails under inference_mode (dq/kernels/dispatch.py `_static_table` reads the version
-        counter of a tensor made there: "Inference tensors do not track version counter")."""
-        images = []
-        self.pipe.set_progress_bar_config(disable=True)
-        for start in range(0, len(prompts), self.batch_size):
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + self.batch_size]]
-            with torch.no_grad():
-                out = self.pipe(prompt=prompts[start:start + self.batch_size], generator=generators,
-                                num_inference_steps=self.steps, output_type="pil")
-            images.extend(out.images)
-        return images
+        return generate_images(self.pipe, prompts, seeds, batch_size=self.batch_size,
+                               num_inference_steps=self.steps, progress=False)
 
     def add_set(self, name: str, prompts: list[str], seeds: list[int]) -> float:
         setattr(self.pipe, self.attr, copy.deepcopy(self.template))
