@@ -8,7 +8,15 @@ import torch
 from dq.errors import DQError
 from dq.nn import QuantLinear
 from dq.quant import primitives as P
-from dq.quant.packing import WeightLayout, pack_int4, unpack_int4, weight_nbytes
+from dq.quant.packing import (
+    WeightLayout,
+    pack_bits,
+    pack_int4,
+    packed_bytes,
+    unpack_bits,
+    unpack_int4,
+    weight_nbytes,
+)
 from dq.quant.spec import QuantSpec
 
 W4G = QuantSpec(bits=4, granularity="group", group_size=64, range="mse")
@@ -35,6 +43,55 @@ def test_pack_and_unpack_refuse_bad_input():
         pack_int4(torch.tensor([1], dtype=torch.int32))
     with pytest.raises(DQError, match="cannot hold"):
         unpack_int4(torch.zeros(2, 3, dtype=torch.uint8), 8)
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("shape", [(6, 8), (5, 7), (3, 1), (2, 3, 9), (4, 17)])
+def test_bit_plane_pack_round_trip_including_odd_sizes(bits, shape):
+    torch.manual_seed(bits)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), shape, dtype=torch.int8)
+    codes.view(-1)[0] = -(1 << (bits - 1))  # the extremes survive the sign extension
+    codes.view(-1)[-1] = (1 << (bits - 1)) - 1
+    packed = pack_bits(codes, bits)
+    n = shape[-1]
+    per_byte = 8 // (bits - 4)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (*shape[:-1], math.ceil(n / 2) + math.ceil(n / per_byte)) == (*shape[:-1], packed_bytes(n, bits))
+    assert torch.equal(unpack_bits(packed, n, bits), codes)
+
+
+def test_bit_plane_layout_low_nibbles_then_top_bits():
+    # 6 bits: 5 = 0b000101, -3 = 0b111101, 31 = 0b011111, -32 = 0b100000
+    packed = pack_bits(torch.tensor([[5, -3, 31, -32]], dtype=torch.int8), 6)
+    assert packed.tolist() == [[0xD5, 0x0F, 0b10_01_11_00]]  # nibbles 5, D, F, 0; tops 0, 3, 1, 2
+
+
+def test_bit_plane_pack_refuses_bad_input():
+    with pytest.raises(DQError, match="6 bits"):
+        pack_bits(torch.tensor([32], dtype=torch.int8), 6)
+    with pytest.raises(DQError, match="5 bits"):
+        pack_bits(torch.tensor([-17], dtype=torch.int8), 5)
+    with pytest.raises(DQError, match="not packed"):
+        pack_bits(torch.tensor([1], dtype=torch.int8), 7)
+    with pytest.raises(DQError, match="cannot hold"):
+        unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 8, 6)
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_5_and_6_bit_weights_are_stored_in_exactly_their_bits(bits):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1152, 1152)
+    spec = QuantSpec(bits=bits, granularity="channel", range="mse")
+    q = QuantLinear.from_float(layer, spec, None)
+    assert q.weight_layout.packed and q.weight_layout.tag == "packed-planes/row"
+    # codes: `bits` bits each; a float32 scale per channel; the bias
+    assert weight_nbytes(q) == 1152 * 1152 * bits // 8 + 1152 * 4 + 1152 * 4
+    plain = QuantLinear.from_float(layer, spec, None)
+    plain.set_weight_layout(WeightLayout(plain.weight_shape, spec))
+    buf = plain.weight_layout.store(*P.quantize_tensor(layer.weight.detach(), spec))
+    plain.qweight.copy_(buf["qweight"])
+    plain.wscale.copy_(buf["wscale"])
+    assert torch.equal(q.dequantized_weight(), plain.dequantized_weight())
 
 
 def test_two_level_scales_are_exact_int8_on_a_channel_scale():
@@ -65,9 +122,18 @@ def test_two_level_costs_little_weight_sqnr_against_free_group_scales():
 
 
 def test_layout_tags_round_trip_and_legacy_checkpoints_keep_int8_codes():
-    for spec in (W4G, QuantSpec(bits=8), QuantSpec(kind="fp8_e4m3"), QuantSpec(bits=4, granularity="channel")):
+    for spec in (W4G, QuantSpec(bits=8), QuantSpec(kind="fp8_e4m3"), QuantSpec(bits=4, granularity="channel"),
+                 QuantSpec(bits=5, granularity="channel"), QuantSpec(bits=6, granularity="group", group_size=32)):
         layout = WeightLayout.default((32, 64), spec)
         assert WeightLayout.from_tag((32, 64), spec, layout.tag) == layout
+    # 5-6 bit weights saved before bit planes existed: int8 codes
+    six = QuantSpec(bits=6, granularity="channel")
+    old = WeightLayout.from_tag((32, 64), six, "plain/row")
+    assert not old.packed and old.empty()["qweight"].dtype == torch.int8
+    with pytest.raises(DQError, match="does not match"):
+        WeightLayout.from_tag((32, 64), six, "packed4/row")
+    with pytest.raises(DQError, match="does not match"):
+        WeightLayout.from_tag((32, 64), W4G, "packed-planes/two-level")
     legacy = WeightLayout.from_tag((32, 64), W4G, None)
     assert not legacy.packed and not legacy.two_level
     assert legacy.empty()["qweight"].dtype == torch.int8

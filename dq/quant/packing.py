@@ -4,10 +4,14 @@ A layer's float weight [out, ...] is seen as a matrix [out, cols] (cols = in, or
 in/groups * kh * kw for a convolution, in `F.unfold` order). Its storage depends on
 the weight spec, and `WeightLayout` names each variant:
 
-- codes: int8 [out, ...] (the weight's own shape) for 5-8 bit integers, float8 for
+- codes: int8 [out, ...] (the weight's own shape) for 7-8 bit integers, float8 for
   float kinds (fp4 values are exact in e4m3); integers of at most 4 bits are packed
   two per byte, uint8 [out, ceil(cols / 2)]: code 2i in the low nibble, code 2i + 1
   in the high nibble, each in two's complement, an odd last column padded with 0.
+  5- and 6-bit integers are packed in two bit planes per row (`pack_bits`): their low
+  four bits as above, then their top 1 or 2 bits, 8 or 4 codes per byte (code i at
+  bit (i mod per_byte) * width), uint8 [out, ceil(cols / 2) + ceil(cols * (bits - 4) / 8)]:
+  exactly `bits` bits per weight (plus padding of the last byte of each plane).
 - scales: one float32 scale per row of `row_view` (per tensor, channel or group), or,
   for group-wise integer weights of up to 6 bits (5 if asymmetric), *two-level*
   scales: a float32 scale per output channel times a small integer multiplier per
@@ -76,6 +80,65 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     return codes if codes.shape[-1] == n else codes[..., :n]
 
 
+# Integer widths `pack_bits` stores in bit planes (<= 4 bits: `pack_int4`'s nibbles).
+PLANE_BITS = (5, 6)
+
+
+def packed_bytes(cols: int, bits: int) -> int:
+    """Bytes per row of `cols` codes of `bits` bits, packed (`pack_int4` / `pack_bits`)."""
+    if bits <= 4:
+        return (cols + 1) // 2
+    if bits not in PLANE_BITS:
+        raise DQError(f"{bits}-bit codes are not packed (packing covers up to 6 bits); they are stored as int8")
+    per_byte = 8 // (bits - 4)
+    return (cols + 1) // 2 + (cols + per_byte - 1) // per_byte
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed `bits`-bit codes (int8, two's complement; bits <= 6) along the last dim:
+    uint8 [..., packed_bytes(n, bits)]; `unpack_bits` inverts it."""
+    if bits <= 4:
+        return pack_int4(codes)
+    if codes.dtype != torch.int8:
+        raise DQError(f"pack_bits takes int8 codes, got {codes.dtype}")
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise DQError(f"codes in [{int(codes.min())}, {int(codes.max())}] do not fit in {bits} bits")
+    packed_bytes(codes.shape[-1], bits)  # checks `bits`
+    width = bits - 4
+    per_byte = 8 // width
+    unsigned = codes.view(torch.uint8) & ((1 << bits) - 1)
+    low = pack_int4((unsigned & 0x0F).view(torch.int8) << 4 >> 4)  # the nibble as a 4-bit code
+    top = unsigned >> 4
+    n = codes.shape[-1]
+    if n % per_byte:
+        top = torch.nn.functional.pad(top, (0, per_byte - n % per_byte))
+    top = top.reshape(*top.shape[:-1], -1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * width
+    high = (top << shifts).sum(dim=-1).to(torch.uint8)
+    return torch.cat((low, high), dim=-1)
+
+
+def unpack_bits(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: int8 codes [..., n] from uint8 [..., packed_bytes(n, bits)]."""
+    if bits <= 4:
+        return unpack_int4(packed, n)
+    if packed.dtype != torch.uint8:
+        raise DQError(f"unpack_bits takes uint8 packed codes, got {packed.dtype}")
+    if packed.shape[-1] != packed_bytes(n, bits):
+        raise DQError(f"{packed.shape[-1]} packed bytes per row cannot hold {n} {bits}-bit codes; "
+                      f"expected {packed_bytes(n, bits)}")
+    half = (n + 1) // 2
+    width = bits - 4
+    per_byte = 8 // width
+    low = unpack_int4(packed[..., :half], n).view(torch.uint8) & 0x0F
+    high = packed[..., half:].unsqueeze(-1)
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * width
+    top = ((high >> shifts) & ((1 << width) - 1)).reshape(*packed.shape[:-1], -1)[..., :n]
+    unsigned = low | (top << 4)
+    return (unsigned << (8 - bits)).view(torch.int8) >> (8 - bits)  # sign-extend
+
+
 def new_tensor(shape, fill: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """``torch.zeros``/``torch.ones`` (`fill` 0 or 1); on the meta device an empty tensor: there
     are no values to fill, and meta fills run through torch's Python meta kernels (slow per call)."""
@@ -99,8 +162,9 @@ class WeightLayout:
     two_level: bool = False
 
     def __post_init__(self) -> None:
-        if self.packed and not (self.is_int and self.spec.bits <= 4):
-            raise DQError(f"only integer weights of at most 4 bits can be packed, not {self.spec.kind}{self.spec.bits}")
+        if self.packed and not (self.is_int and self.spec.bits <= max(PLANE_BITS)):
+            raise DQError(f"only integer weights of at most {max(PLANE_BITS)} bits can be packed, "
+                          f"not {self.spec.kind}{self.spec.bits}")
         if self.two_level and not self.two_level_possible(self.spec):
             raise DQError("two-level scales need group-wise uniform integer weights of at most 6 bits (5 if asymmetric)")
         if self.spec.granularity == "group" and self.cols % self.spec.group_size:
@@ -116,7 +180,7 @@ class WeightLayout:
 
     @classmethod
     def default(cls, shape: tuple[int, ...], spec: QuantSpec) -> WeightLayout:
-        packed = spec.kind == "int" and spec.bits <= 4
+        packed = spec.kind == "int" and spec.bits <= max(PLANE_BITS)
         return cls(tuple(shape), spec, packed=packed, two_level=cls.two_level_possible(spec))
 
     @classmethod
@@ -124,14 +188,22 @@ class WeightLayout:
         if tag is None:
             return cls(tuple(shape), spec)
         codes, _, scales = tag.partition("/")
-        if codes not in ("packed4", "plain") or scales not in ("two-level", "row"):
+        if codes not in ("packed4", "packed-planes", "plain") or scales not in ("two-level", "row"):
             raise DQError(f"unknown weight storage {tag!r}; this checkpoint needs a newer dq")
-        return cls(tuple(shape), spec, packed=codes == "packed4", two_level=scales == "two-level")
+        layout = cls(tuple(shape), spec, packed=codes != "plain", two_level=scales == "two-level")
+        if codes != "plain" and codes != layout._packed_tag:
+            raise DQError(f"weight storage {tag!r} does not match the layer's {spec.bits}-bit weights; "
+                          "the checkpoint's plan is inconsistent")
+        return layout
+
+    @property
+    def _packed_tag(self) -> str:
+        return "packed4" if self.spec.bits <= 4 else "packed-planes"
 
     @property
     def tag(self) -> str:
         """What a checkpoint's plan stores to rebuild this layout."""
-        return f"{'packed4' if self.packed else 'plain'}/{'two-level' if self.two_level else 'row'}"
+        return f"{self._packed_tag if self.packed else 'plain'}/{'two-level' if self.two_level else 'row'}"
 
     @property
     def out_features(self) -> int:
@@ -175,7 +247,7 @@ class WeightLayout:
         `device` (default: torch's current default device)."""
         spec, n = self.spec, self.out_features
         if self.packed:
-            qweight = new_tensor((n, (self.cols + 1) // 2), 0, torch.uint8, device)
+            qweight = new_tensor((n, packed_bytes(self.cols, spec.bits)), 0, torch.uint8, device)
         elif self.is_int:
             qweight = new_tensor(self.shape, 0, torch.int8, device)
         else:
@@ -278,14 +350,14 @@ class WeightLayout:
 
     def _store_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return pack_int4(codes.reshape(self.out_features, self.cols))
+            return pack_bits(codes.reshape(self.out_features, self.cols), self.spec.bits)
         return codes
 
     # -- decoding -----------------------------------------------------------------
     def codes(self, qweight: torch.Tensor) -> torch.Tensor:
         """Integer codes as int8 [out, cols] (packed codes unpacked)."""
         if self.packed:
-            return unpack_int4(qweight, self.cols)
+            return unpack_bits(qweight, self.cols, self.spec.bits)
         return qweight.reshape(self.out_features, self.cols)
 
     def integer_weight(
