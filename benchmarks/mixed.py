@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budgets", default="4.6,5,6,7,8")
+    parser.add_argument("--weights", default="int4,int5,int6,int8",
+                        help="mixed.weights: the candidate weight formats (float is always one)")
     parser.add_argument("--presets", default="w8a8", help="comma-separated presets also quantized with dq.quantize")
     parser.add_argument("--measure", default="in-context", choices=["in-context", "alone"], help="mixed.measure")
     parser.add_argument("--rounds", type=int, default=2, help="mixed.rounds (in context: measure again around the plan)")
@@ -108,7 +110,9 @@ def main() -> None:
     # then uses the measurement. The built layers are kept: every variant below is installed
     # from them (dq.mixed.install_allocation: the layers dq.quantize builds, without
     # re-calibrating; tests/test_mixed.py checks they are identical).
-    mixed_cfg = {"sensitivity": "auto", "sample": 10_000, "measure": args.measure, "rounds": args.rounds}
+    weights = [w for w in args.weights.split(",") if w]
+    mixed_cfg = {"sensitivity": "auto", "sample": 10_000, "measure": args.measure, "rounds": args.rounds,
+                 "weights": weights}
     if args.record_prompts:
         mixed_cfg["num_prompts"] = args.record_prompts
     if args.record_steps:
@@ -134,13 +138,15 @@ def main() -> None:
     def install(name: str, allocation: dict, extra: dict) -> dict:
         pipe = dq.open_pipeline(None)
         install_allocation(pipe, sens, dq.Recipe.from_dict({**base.to_dict(), "allocation": allocation}))
-        return score(name, pipe, {**extra, "layers": {f: sum(v == f for v in allocation.values()) for f in ("int4", "int8", "float")}})
+        return score(name, pipe, {**extra, "layers": {f: sum(v == f for v in allocation.values()) for f in (*weights, "float")}})
 
     # uniform baselines under the same recipe: the layers w4a8 quantizes, all int4 (= the w4a8
     # preset) or all int8 (w4a8's smoothing + GPTQ + static int8 activations, int8 weights)
     planned = {c.name for c in plan_layers(find_denoiser(dq.open_pipeline(None))[1], dq.Recipe.from_any("w4a8"))}
     rows = []
-    for fmt, label in (("int4", "uniform w4a8"), ("int8", "uniform w8a8 (w4a8 recipe, int8 weights)")):
+    uniform = [("int4", "uniform w4a8"), ("int8", "uniform w8a8 (w4a8 recipe, int8 weights)")]
+    uniform += [(f, f"uniform {f} (w4a8 recipe, {f} weights)") for f in weights if f not in ("int4", "int8")]
+    for fmt, label in uniform:
         allocation = {s.name: (fmt if s.name in planned else "float") for s in sens.layers}
         rows.append(install(label, allocation, {"kind": "uniform"}))
 
@@ -202,7 +208,7 @@ def main() -> None:
                         "round_one": sens.round_one, "centre": sens.centre, "baseline": sens.baseline,
                         "threads": args.threads, "centre_each": args.centre_each, "max_rounds": args.max_rounds,
                         "per_budget": {str(k): v for k, v in per_budget.items()}},
-        "fp_bytes": fp_bytes, "rows": rows, "total_s": time.perf_counter() - start_all,
+        "fp_bytes": fp_bytes, "rows": rows, "total_s": time.perf_counter() - start_all, "formats": weights,
     }
     RESULTS.mkdir(exist_ok=True)
     with open(args.out, "w") as f:
@@ -257,14 +263,16 @@ def render(result: dict) -> str:
     s = result["sensitivity"]
     rows = result["rows"]
     by = {r["variant"]: r for r in rows}
+    formats = result.get("formats", ["int4", "int8"])
     lines = [
         "## Mixed precision (`python benchmarks/mixed.py`)",
         "",
         f"Embedded default pipeline, {result['num_prompts']} evaluation prompts (calib/shapes_eval.txt), "
         f"{result['calib_prompts']} calibration prompts, {result['steps']} steps; {m['cpu']}, {m['cores']} cores, "
         f"torch {m['torch']}, {m['date']}. PSNR/SSIM against the full-precision images of the same seeds. Mixed: "
-        "base recipe w4a8 (smoothing, GPTQ, static int8 activations, fixed for every layer), each layer int4, "
-        "int8 or float, chosen by the integer program on measured sensitivity "
+        "base recipe w4a8 (smoothing, GPTQ, static int8 activations, fixed for every layer), each layer "
+        + ", ".join(formats) + " or float (int4: groups of 64; int5, int6: per channel, packed in bit planes; int8: "
+        "per channel), chosen by the integer program on measured sensitivity "
         f"({s.get('method', 'alone')}"
         + ((f", {s['rounds']} rounds, the second around the {s['centre_budget']:g}-bit plan"
             + (f" (every other budget: its own rounds, at most {s.get('max_rounds', 1)}, centred at the plan round one "
@@ -276,7 +284,7 @@ def render(result: dict) -> str:
         f"Analytic estimate vs measurement, Spearman over all {s['pairs']} (layer, format) pairs: "
         f"{s['spearman_estimate_vs_measured']:.3f}.",
         "",
-        "| variant | avg weight bits | int4 / int8 / float layers | denoiser MiB | PSNR dB | SSIM |",
+        f"| variant | avg weight bits | {' / '.join(formats)} / float layers | denoiser MiB | PSNR dB | SSIM |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -284,7 +292,7 @@ def render(result: dict) -> str:
             lines.append(f"| {r['variant']} | refused: {r['error'][:80]}... | | | | |")
             continue
         layers = r.get("layers")
-        counts = f"{layers['int4']} / {layers['int8']} / {layers['float']}" if layers else "uniform"
+        counts = " / ".join(str(layers.get(f, 0)) for f in (*formats, "float")) if layers else "uniform"
         lines.append(f"| {r['variant']} | {r['avg_bits']:.3f} | {counts} | {r['weight_bytes'] / 2**20:.3f} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     lo, hi = by.get("uniform w4a8"), by.get("uniform w8a8 (w4a8 recipe, int8 weights)")
     same = f"mixed {round(lo['avg_bits'], 3):g} bits" if lo else None
@@ -296,7 +304,7 @@ def render(result: dict) -> str:
             for metric in ("psnr", "ssim"):
                 gap = hi[metric] - lo[metric]
                 got = (target[metric] - lo[metric]) / gap if gap else float("nan")
-                verdict = ("met" if got >= 0.75 else "MISSED") if label == "5 bits" else "reference"
+                verdict = "met" if got >= 0.75 else "MISSED"
                 lines.append(
                     f"- mixed at {label} recovers {100 * got:.0f}% of the {metric.upper()} gap between uniform w4a8 "
                     f"({lo[metric]:.4g}) and uniform int8 ({hi[metric]:.4g}): target 75%, {verdict}."
@@ -305,7 +313,7 @@ def render(result: dict) -> str:
     if "calibration_cpu" in ph:
         sens_cpu = ph.get("record_cpu", 0) + ph.get("measure_cpu", 0) + ph.get("allocate_cpu", 0)
         alloc_cpu = sum(s.get("allocate_cpu_per_budget") or [0]) / max(1, len(s.get("allocate_cpu_per_budget") or [0]))
-        builds = len(result.get("formats", ["int4", "int8"]))
+        builds = len(formats)
         lines.append(
             f"- time (process CPU, {s.get('threads', 2)} thread(s)): sensitivity {sens_cpu:.0f} s (record {ph.get('record_cpu', 0):.0f} s, "
             f"measure {ph.get('measure_cpu', 0):.0f} s, re-centring solves {ph.get('allocate_cpu', 0):.2f} s) + allocation "

@@ -357,16 +357,16 @@ SENSITIVITY_MODES = ("auto", "estimate", "measure")
 # lowest format, this one raised) or "alone" (this layer quantized alone in the float model).
 MEASURE_METHODS = ("in-context", "alone")
 # Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
-WEIGHT_FORMATS = ("int4", "int8", "fp8")
+WEIGHT_FORMATS = ("int4", "int5", "int6", "int8", "fp8")
 
 
 @dataclass
 class MixedConfig:
     """Options of the mixed-precision allocation (used when a recipe has a `budget` or `memory`).
 
-    weights: candidate weight formats per layer ("int4": 4-bit groups of 64, "int8": per channel,
-        "fp8": e4m3 per channel), each with the recipe's activation format; float is always a
-        candidate. sensitivity: "measure" (damage on the denoiser output over recorded calibration
+    weights: candidate weight formats per layer ("int4": 4-bit groups of 64; "int5", "int6": per
+        channel with an MSE range, packed in bit planes; "int8": per channel; "fp8": e4m3 per
+        channel), each with the recipe's activation format; float is always a candidate. sensitivity: "measure" (damage on the denoiser output over recorded calibration
         calls), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
         validated against measurement on `sample` layers; measure everything when their rank
         correlation is below 0.8). measure: "in-context" (leave-one-in: every layer in scope at

@@ -129,7 +129,7 @@ def test_recipe_refuses_bad_budget_fields():
     with pytest.raises(DQError, match="unknown mixed.weights"):
         Recipe.from_dict({"budget": 5, "mixed": {"weights": ["int3"]}})
     with pytest.raises(DQError, match="allocation"):
-        Recipe.from_dict({"allocation": {"proj_out": "int5"}})
+        Recipe.from_dict({"allocation": {"proj_out": "int7"}})
 
 
 # -- on a tiny pipeline -----------------------------------------------------------------------
@@ -542,3 +542,66 @@ def test_options_no_plan_can_hold_are_not_measured():
     allocation = allocate(sens, Budget("bits", lo + 0.05))
     assert all(allocation[n] != f for n, f in skipped)
     assert all(m.execution == "sim" for built in sens.built.values() for m in built.values())
+
+
+def test_five_and_six_bit_layers_run_save_and_reload(tmp_path):
+    """int5 / int6 (per channel, packed in bit planes) beside int4, int8 and float in one model:
+    stored in their bits, real execution matches the simulation, the checkpoint reloads identical."""
+    from dq.mixed import allocation_scope
+
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    recipe = Recipe.from_dict({"base": "w4a8", "calib_num_prompts": 2, "calib_batch_size": 2})
+    free = [name for name, _, _ in allocation_scope(model, recipe).free]
+    cycle = ["int5", "int6", "int4", "int8", "float"]
+    allocation = {name: cycle[i % len(cycle)] for i, name in enumerate(free)}
+    with DenoiserRecorder(model) as rec:
+        pipe(prompt=prompts_for(KIND, 1), generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
+             **{**call_kwargs(), "output_type": "latent"})
+    quantize(pipe, Recipe.from_dict({**recipe.to_dict(), "allocation": allocation}))
+    _, model = find_denoiser(pipe)
+    rows = {r["name"]: r for r in layer_report(model)}
+    for name, fmt in allocation.items():
+        assert rows[name]["format"] == fmt
+        if fmt in ("int5", "int6"):
+            layer = model.get_submodule(name)
+            assert layer.qweight.dtype == torch.uint8 and layer.weight_layout.packed
+            # codes at exactly their bits; a float32 scale per output channel (plus smoothing and ranges)
+            codes_bits = 8 * layer.qweight.numel() / rows[name]["weights"]
+            assert codes_bits == pytest.approx(int(fmt[3:]), abs=0.1), (name, codes_bits)
+    rec.model = model
+    set_execution(model, "real")
+    real = rec.replay()
+    set_execution(model, "sim")
+    sim = rec.replay()
+    set_execution(model, "auto")
+    assert min(sqnr_db(s, r) for s, r in zip(sim, real)) > 35
+    dq.save(pipe, tmp_path / "m")
+    loaded = find_denoiser(dq.load(tmp_path / "m"))[1]
+    assert {r["name"]: r["format"] for r in layer_report(loaded)} == {n: r["format"] for n, r in rows.items()}
+    rec.model = loaded
+    set_execution(loaded, "sim")
+    assert all(torch.equal(a, b) for a, b in zip(rec.replay(), sim))
+
+
+def test_allocated_layers_get_the_activation_format_a_uniform_recipe_gives_them():
+    """An allocation's layer at format F has the activations the uniform recipe of F gives it:
+    the architecture's per-token `dynamic_inputs` (and `dynamic_inputs_w8` under 8-bit weights)
+    included, so a mixed plan is not penalized against the uniform presets it is compared with."""
+    from dq.engine import plan_layers, plan_model
+    from dq.mixed import allocation_scope
+
+    model = find_denoiser(tiny_pipeline(KIND))[1]
+    base = Recipe.from_any("w4a8")
+    free = [n for n, _, _ in allocation_scope(model, base).free]
+    for fmt, bits in (("int4", None), ("int6", 6), ("int8", 8)):
+        uniform = base if bits is None else Recipe.from_dict(
+            {**base.to_dict(), "weight": {"bits": bits, "granularity": "channel"}})
+        expected = {c.name: c.activation for c in plan_layers(model, uniform)}
+        allocation = {n: (fmt if n in expected else "float") for n in free}
+        plan, _ = plan_model(model, Recipe.from_dict({**base.to_dict(), "allocation": allocation}))
+        got = {c.name: c.activation for c in plan}
+        assert got == expected, fmt
+        dynamic = {n for n, a in got.items() if a is not None and a.dynamic}
+        assert any(n.endswith("attn2.to_out.0") for n in dynamic), fmt
+        assert any(n.endswith("attn1.to_q") for n in dynamic) == (fmt == "int8"), fmt

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..arch import arch_for, default_weight_only, quantizable_layers
+from ..arch import arch_for, default_dynamic_inputs, default_weight_only, quantizable_layers
 from ..errors import DQError
 from ..quant.packing import weight_nbytes
 from ..quant.spec import QuantSpec
@@ -29,15 +29,15 @@ def weight_formats(recipe: Recipe) -> dict[str, QuantSpec]:
     format (a w4a8 recipe's int4 is its 4-bit spec: group size, range search)."""
     table = {
         "int4": QuantSpec(bits=4, granularity="group", group_size=64, range="mse"),
+        "int5": QuantSpec(bits=5, granularity="channel", range="mse"),
+        "int6": QuantSpec(bits=6, granularity="channel", range="mse"),
         "int8": QuantSpec(bits=8, granularity="channel"),
         "fp8": QuantSpec(kind="fp8_e4m3", granularity="channel"),
     }
     own = recipe.weight
     if own is not None:
-        if own.kind == "int" and own.bits == 4:
-            table["int4"] = own
-        elif own.kind == "int" and own.bits == 8:
-            table["int8"] = own
+        if own.kind == "int" and f"int{own.bits}" in table:
+            table[f"int{own.bits}"] = own
         elif own.kind == "fp8_e4m3":
             table["fp8"] = own
     return table
@@ -51,6 +51,29 @@ class Scope:
     free: list[tuple[str, nn.Module, bool]]
     fixed: list[str]
     kept: list[str]
+
+
+def activation_rule(model: nn.Module, recipe: Recipe) -> Callable[[str, bool, QuantSpec | None], QuantSpec | None]:
+    """`rule(name, weight_only, weight_spec)`: the activation format of a layer the allocation
+    decides, as `dq.engine.plan_layers` gives it under a uniform recipe of that layer's weight
+    format: None for weight-only layers, else the recipe's activation format, with per-token
+    dynamic ranges for the architecture's `dynamic_inputs` layers (and its `dynamic_inputs_w8`
+    layers when the layer's weights have 8 bits or more)."""
+    from ..engine import dynamic_per_token
+
+    act = recipe.activation
+    dynamic: dict[bool, set[str]] = {False: set(), True: set()}
+    if recipe.keep_defaults and act is not None and not act.dynamic:
+        spec = arch_for(model)
+        dynamic = {False: default_dynamic_inputs(model, spec, None), True: default_dynamic_inputs(model, spec, 8)}
+
+    def rule(name: str, weight_only: bool, weight: QuantSpec | None) -> QuantSpec | None:
+        if weight_only or act is None:
+            return None
+        wide = weight is not None and weight.bits >= 8
+        return dynamic_per_token(act) if name in dynamic[wide] else act
+
+    return rule
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -95,14 +118,15 @@ def apply_allocation(model: nn.Module, plan: list, recipe: Recipe) -> list:
     scope = allocation_scope(model, recipe)
     free = {name: weight_only for name, _, weight_only in scope.free}
     formats = weight_formats(recipe)
+    activation = activation_rule(model, recipe)
     by_name = {c.name: c for c in plan}
     new = []
     for name, module in layers.items():
         fmt = recipe.allocation.get(name)
         if name in free and fmt is not None:
             if fmt != FLOAT:
-                act = None if free[name] else recipe.activation
-                new.append(LayerChoice(name, module, _fits(formats[fmt], module, name, "weight"), act))
+                weight = _fits(formats[fmt], module, name, "weight")
+                new.append(LayerChoice(name, module, weight, activation(name, free[name], weight)))
         elif name in by_name:
             new.append(by_name[name])
     return new

@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from .budget import (
     FLOAT,
     Budget,
+    activation_rule,
     allocate,
     allocation_scope,
     budget_of,
@@ -301,6 +302,7 @@ def measure_sensitivity(
     if not scope.free:
         raise DQError("no layer is left for the allocation to decide: the recipe's keep/overrides fix every layer")
     formats = weight_formats(recipe)
+    activation = activation_rule(model, recipe)
     base_plan = {c.name: c for c in plan_layers(model, recipe)}
     fixed_plan = [base_plan[n] for n in scope.fixed if n in base_plan]
     prompts = resolve_prompts(pipe, calib_prompts, recipe)[: cfg.num_prompts]
@@ -324,8 +326,8 @@ def measure_sensitivity(
     fixed_bytes = 0
     fixed_layers: dict[str, nn.Module] = {}
     for i, fmt in enumerate(cfg.weights):
-        plan = [LayerChoice(n, m, _fits(formats[fmt], m, n, "weight"), None if wo else recipe.activation)
-                for n, m, wo in scope.free]
+        plan = [LayerChoice(n, m, w, activation(n, wo, w))
+                for n, m, wo in scope.free for w in [_fits(formats[fmt], m, n, "weight")]]
         if i == 0:
             plan += fixed_plan  # their exact storage (built once)
         logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cfg.weights))
@@ -338,9 +340,10 @@ def measure_sensitivity(
         elif not torch.equal(routers[fmt].boundaries, routers[cfg.weights[0]].boundaries):
             raise DQError("the formats' calibrations saw different timesteps; calibrate with the same prompts and steps")
         built_all[fmt] = built
-        for name, module, wo in scope.free:
-            est = estimate_damage(name, module, store, plan[[c.name for c in plan].index(name)].weight,
-                                  None if wo else recipe.activation, recipe.timestep_groups) if store else None
+        chosen = {c.name: c for c in plan}
+        for name, module, _ in scope.free:
+            choice = chosen[name]
+            est = estimate_damage(name, module, store, choice.weight, choice.activation, recipe.timestep_groups) if store else None
             sens[name].options.append(LayerOption(fmt, layer_bytes(built[name]), estimated=est))
 
     names = [n for n, _, _ in scope.free]
