@@ -3,6 +3,7 @@ the embedded default pipeline: the same w4a16 model run with bfloat16 allowed an
 only, each scored against full precision (PSNR, SSIM) on the same seeds, and against each other.
 
     python benchmarks/bf16_quality.py --num-prompts 64 --steps 10
+    python benchmarks/bf16_quality.py --recipe w8a8     # its weight-only caption projections
 
 Writes benchmarks/results/bf16-quality-<date>-<machine>.json. On a CPU without bfloat16 matmul
 instructions the chooser never takes the path and both runs are the same model (reported).
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recipe", default="w4a16", help="preset quantized (calibrated on its default prompts)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,10 +47,10 @@ def main() -> None:
     start = time.time()
     pipe = dq.open_pipeline(None)
     fp = generate_images(pipe, prompts, **kw)
-    dq.quantize(pipe, "w4a16")
+    dq.quantize(pipe, args.recipe)
     _, model = find_denoiser(pipe)
     runs = {}
-    for name, bf16 in (("w4a16 (bf16 allowed)", True), ("w4a16, float32 only", False)):
+    for name, bf16 in ((f"{args.recipe} (bf16 allowed)", True), (f"{args.recipe}, float32 only", False)):
         set_execution(model, "auto", weight_only_bf16=bf16)
         images = generate_images(pipe, prompts, **kw)
         runs[name] = {"images": images, "paths": paths(model),
@@ -57,7 +59,7 @@ def main() -> None:
     info = choice.machine()
     result = {
         "date": time.strftime("%Y-%m-%d"), "cpu": info["cpu"], "family_model_stepping": info["family_model_stepping"],
-        "isa": info["isa"], "threads": args.threads, "num_prompts": len(prompts), "steps": args.steps,
+        "isa": info["isa"], "recipe": args.recipe, "threads": args.threads, "num_prompts": len(prompts), "steps": args.steps,
         "variants": {k: {kk: v for kk, v in r.items() if kk != "images"} for k, r in runs.items()},
         "bf16_vs_float32": {"psnr": float(psnr(a, b)), "ssim": float(ssim(a, b))},
         "seconds": time.time() - start,
@@ -65,7 +67,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     name = info["cpu"].lower().replace(" ", "-").replace("(r)", "").replace("@", "")[:40]
-    (args.out / f"bf16-quality-{result['date']}-{name}.json").write_text(json.dumps(result, indent=1))
+    suffix = "" if args.recipe == "w4a16" else f"-{args.recipe}"
+    (args.out / f"bf16-quality-{result['date']}-{name}{suffix}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     q.add_argument("--budget", type=budget_float, default=None, metavar="BITS",
                    help="mixed precision: average weight bits per layer weight, scales included (e.g. 4.5); "
-                   "each layer gets int4, int8 or float by measured sensitivity")
+                   "each layer gets one of the recipe's mixed.weights formats (default int4, int5, int6, int8) or float "
+                   "by measured sensitivity")
     q.add_argument("--memory", type=memory_size, default=None, metavar="SIZE",
                    help="mixed precision: the quantized denoiser's size at most SIZE (2GB, 1.5GiB, 800MB or bytes)")
     q.add_argument("--plot", default=None, metavar="PNG", help="with --budget/--memory: write the per-layer plan as a PNG plot")

@@ -377,7 +377,7 @@ class MixedConfig:
         calibration prompts and sampler steps of the recorded calls (steps null: the recipe's
         calib_steps)."""
 
-    weights: list[str] = field(default_factory=lambda: ["int4", "int8"])
+    weights: list[str] = field(default_factory=lambda: ["int4", "int5", "int6", "int8"])
     sensitivity: str = "auto"
     num_prompts: int = 1
     steps: int | None = 4
