@@ -14,8 +14,8 @@ CPU part:
       option (`--bare`: formats only, as measured before 2026-12-01). "w4a16-a8" is w4a16
       with `weight_only_int8_activations` (kernel path int_mm_a8 allowed);
       "w8a8+attn-int8" is w8a8 with real int8 attention; "w4a16-fp32-act" is w4a16 without
-      its bfloat16 path (as before 2026-12-02), "w8a8+bf16-wo" w8a8 whose weight-only layers
-      may run in bfloat16;
+      its bfloat16 path (as before 2026-12-02), "w8a8-fp32-wo" w8a8 whose weight-only layers
+      may not run in bfloat16 (as before 2026-12-02 08:30 UTC);
   (c) the attention core alone: float SDPA against dq's int8 attention
       (`dq.nn.attention.int8_attention`), eager and compiled, at the slice's token counts.
   Memory: bytes of the quantized modules (dq storage + runtime copies), a 4-bit
@@ -70,7 +70,7 @@ logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8",
                "w8a8-dynamic+float-act", "w4a4+float-act", "w8a8+qkv-dyn", "w8a8+qkv+ff2-dyn", "w4a16-fp32-act",
-               "w8a8+bf16-wo")
+               "w8a8-fp32-wo")
 # per-token dynamic 8-bit activations (the overrides of the dynamic-inputs variants below)
 _DYN8 = {"bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}
 # variants that are a preset plus one option
@@ -78,8 +78,9 @@ DERIVED = {
     "w4a16-a8": {"base": "w4a16", "weight_only_int8_activations": True},
     # w4a16 as before 2026-12-02: weight-only layers in float32 only (no path bf16)
     "w4a16-fp32-act": {"base": "w4a16", "weight_only_bf16_activations": False},
-    # w8a8 whose weight-only layers (PixArt's caption projection) may run in bfloat16
-    "w8a8+bf16-wo": {"base": "w8a8", "weight_only_bf16_activations": True},
+    # w8a8 as before 2026-12-02 (08:30 UTC): its weight-only layers (PixArt's caption projection)
+    # in float32 only, no path bf16
+    "w8a8-fp32-wo": {"base": "w8a8", "weight_only_bf16_activations": False},
     # small layers may skip their activation rounding where no integer path pays (path "float")
     "w8a8-dynamic+float-act": {"base": "w8a8-dynamic", "float_activations_where_faster": True},
     "w4a4+float-act": {"base": "w4a4", "float_activations_where_faster": True},

@@ -53,7 +53,9 @@ def test_bf16_is_opt_in_and_on_in_the_w4a16_preset_only():
     set_execution(model, "real")
     assert "bf16" in dispatch.candidate_paths(model[0], CPU, torch.float32)
     assert preset("w4a16").weight_only_bf16_activations is True
-    assert not any(preset(p).weight_only_bf16_activations for p in ("w8a8", "w4a8", "w8a16", "w4a4"))
+    # on in every calibrated W*A* preset (their weight-only layers), off in the baselines and w8a16
+    assert all(preset(p).weight_only_bf16_activations for p in ("w8a8", "w8a8-dynamic", "w4a8", "w4a4"))
+    assert not any(preset(p).weight_only_bf16_activations for p in ("w8a16", "w8a8-rtn", "w4a8-rtn", "w4a4-rtn", "fp8"))
     assert Recipe.from_dict({"base": "w4a16", "weight_only_bf16_activations": False}).weight_only_bf16_activations is False
 
 
