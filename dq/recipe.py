@@ -366,7 +366,9 @@ class MixedConfig:
 
     weights: candidate weight formats per layer ("int4": 4-bit groups of 64; "int5", "int6": per
         channel with an MSE range, packed in bit planes; "int8": per channel; "fp8": e4m3 per
-        channel), each with the recipe's activation format; float is always a candidate. sensitivity: "measure" (damage on the denoiser output over recorded calibration
+        channel), each with the activation format a uniform recipe of that weight format gives the
+        layer (`dq.mixed.activation_rule`); float is always a candidate. sensitivity: "measure"
+        (damage on the denoiser output over recorded calibration
         calls), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
         validated against measurement on `sample` layers; measure everything when their rank
         correlation is below 0.8). measure: "in-context" (leave-one-in: every layer in scope at
@@ -736,9 +738,10 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 # - w4a16 stays calibration-free; `base: w4a16, gptq: true` gives +6.4 dB with calibration.
 # - weight-only layers (the architecture's `weight_only`: PixArt's caption projection) may run in
 #   bfloat16 where the CPU's bfloat16 matmul is faster (path "bf16"), in every calibrated preset:
-#   on the PixArt-Sigma slice (AMD EPYC Zen 4, 2026-12-02) w8a8 compiled 2.84-2.92x -> 3.01-3.18x
-#   fp32; on the embedded pipeline (64 prompts) w8a8's PSNR 38.41 dB float32 only, 38.72 with
-#   bf16 allowed (the 2 caption layers took it); w4a16 23.13 -> 23.10 dB.
+#   on the PixArt-Sigma slice (AMD EPYC Zen 4, 2026-12-02, two quiet runs) w8a8 +2/+4 % eager and
+#   -1.5/+8 % compiled against its caption layers in float32 (2.97-3.37x fp32 compiled); on the
+#   embedded pipeline (64 prompts, the 2 caption layers took it) PSNR w8a8 38.41 -> 38.72 dB,
+#   w4a8 27.33 -> 27.26, w4a16 23.13 -> 23.10: no loss beyond noise.
 _PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(
         weight=_w(8, granularity="channel"),

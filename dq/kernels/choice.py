@@ -8,8 +8,8 @@ on an AMD EPYC). So nothing is chosen by availability:
 
 - "onednn": the fused oneDNN int8 linear on a prepacked weight copy (CPU, static
   per-tensor activations, 8-bit weights; one more byte per weight);
-- "int_mm": `torch._int_mm` and a fused epilogue (4-bit weights unpacked per call);
-- "int8_copy": the same with the int8 weight kept unpacked beside the packed codes (4-bit and
+- "int_mm": `torch._int_mm` and a fused epilogue (packed 4/5/6-bit weights unpacked per call);
+- "int8_copy": the same with the int8 weight kept unpacked beside the packed codes (packed and
   two-level weights: one more byte per weight at run time, no unpacking per call);
 - "float_copy": a dequantized weight kept in the input's dtype and the float op on the
   (fake-)quantized input: the same function in float, fastest where a layer is too small

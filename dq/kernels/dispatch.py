@@ -7,7 +7,7 @@ with a debug log line, where the kernel cannot take the call.
 
 Kernels:
 - "int8": integer activations x integer weights, `torch._int_mm` (CPU and CUDA);
-  W8A8, W4A8 (4-bit codes unpacked per call), W4A4 (4-bit codes in int8).
+  W8A8, W4A8 (4-bit codes unpacked per call; 5/6-bit likewise), W4A4 (4-bit codes in int8).
 - "fp8": float8 x float8, `torch._scaled_mm` (CUDA, compute capability >= 8.9).
 - "dequant": weight-only quantization: the stored (packed) weight is dequantized
   per call into the input's dtype and the float op runs; what it saves is memory.
@@ -187,7 +187,7 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
 
 
 def _unpacks_per_call(layer: QuantModule) -> bool:
-    """Whether `_integer_weight` computes a new tensor on every call (packed 4-bit codes,
+    """Whether `_integer_weight` computes a new tensor on every call (packed 4/5/6-bit codes,
     two-level scales, weight zero points) rather than viewing the stored codes."""
     layout = layer.weight_layout
     return layout.packed or layout.two_level or getattr(layer, "wzero", None) is not None
@@ -751,8 +751,8 @@ def set_execution(
     (tests, benchmarks); the others are measured as usual.
     float_copy_max_bytes: the largest dequantized float weight copy a layer may keep for
     the "float_copy" path (small layers, where integer matmuls do not pay).
-    int8_copy: False removes "int8_copy" (4-bit weights kept unpacked as int8 at run time:
-    faster, one byte per weight instead of half a byte) from the choice.
+    int8_copy: False removes "int8_copy" (packed 4/5/6-bit weights kept unpacked as int8 at run
+    time: faster, one byte per weight instead of 4/8 to 6/8) from the choice.
     weight_only_int8: let weight-only layers run as int8 x int8 with dynamic per-token int8
     activations (path "int_mm_a8"; it changes the numerics). None: what the model's recipe
     says (`Recipe.weight_only_int8_activations`, off unless set).

@@ -1,7 +1,7 @@
 """Mixed precision: each layer's weight format (or float) under a bit or memory budget.
 
 A recipe with `budget` (average weight bits) or `memory` (bytes of the denoiser) is resolved
-by `resolve_budget` into `recipe.allocation` ({layer: "int4" | "int8" | "fp8" | "float"}),
+by `resolve_budget` into `recipe.allocation` ({layer: "int4" | "int5" | "int6" | "int8" | "fp8" | "float"}),
 which `apply_allocation` turns into the layer plan. The steps:
 
 1. Scope: every Linear/Conv2d the recipe could quantize, the layers the architecture keeps in
@@ -46,8 +46,10 @@ Average weight bits (what `budget` bounds and the report prints): 8 x the storag
 every layer in scope, divided by the number of weights of those layers; a layer left in float
 counts its float bytes (32 bits per fp32 weight). Layers kept by the recipe's `keep` are left
 out of the average (counted in a memory budget). The activation format is FIXED to the recipe's
-(weight-only layers stay weight-only): a weight-bits budget cannot drift a layer to a slower
-activation format; only float, which costs its full float bits, is slower.
+(weight-only layers stay weight-only), as a uniform recipe of the layer's weight format gives it:
+the architecture's per-token `dynamic_inputs` layers included (`activation_rule`). So a
+weight-bits budget cannot drift a layer to a slower activation format; only float, which costs
+its full float bits, is slower.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from .budget import (
     Budget,
     Scope,
     achievable,
+    activation_rule,
     allocate,
     allocation_scope,
     apply_allocation,
@@ -104,7 +107,7 @@ from .sensitivity import (
 
 __all__ = [
     "FLOAT", "RANK_THRESHOLD", "Budget", "Calls", "NotBatchable", "batch_size", "LayerOption", "LayerReport", "LayerSensitivity", "MixedPlan",
-    "Replayer", "Scope", "Sensitivity", "achievable", "allocate", "allocation_scope", "apply_allocation",
+    "Replayer", "Scope", "Sensitivity", "achievable", "activation_rule", "allocate", "allocation_scope", "apply_allocation",
     "budget_of", "check_budget", "estimate_damage", "estimate_pairs", "float_bytes", "format_of",
     "infeasible", "install_allocation", "layer_bytes", "measure_around", "layer_report", "measure_sensitivity", "plot_allocation", "precheck",
     "record", "relative_error", "replay_units", "resolve_budget", "solve_allocation", "spearman", "weight_count",
