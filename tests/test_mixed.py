@@ -46,6 +46,16 @@ def quantize(pipe, recipe):
     return dq.quantize(pipe, recipe, calib_prompts=prompts_for(KIND, 2), num_inference_steps=STEPS, **call_kwargs())
 
 
+def real_and_simulated(model, rec):
+    """The recorded calls replayed on real kernels, then simulated (execution back to auto)."""
+    set_execution(model, "real")
+    real = rec.replay()
+    set_execution(model, "sim")
+    sim = rec.replay()
+    set_execution(model, "auto")
+    return real, sim
+
+
 # -- the integer program ----------------------------------------------------------------------
 def brute_force(damage, cost, capacity):
     best, pick = math.inf, None
@@ -171,11 +181,7 @@ def test_mixed_model_real_execution_matches_simulation(mixed_pipe):
     _, model = find_denoiser(pipe)
     kernels = {format_of(m) for m in model.modules() if isinstance(m, QuantModule)}
     assert {"int4", "int8"} <= kernels
-    set_execution(model, "real")
-    real = rec.replay()
-    set_execution(model, "sim")
-    sim = rec.replay()
-    set_execution(model, "auto")
+    real, sim = real_and_simulated(model, rec)
     assert min(sqnr_db(s, r) for s, r in zip(sim, real)) > 35
     assert min(sqnr_db(f, r) for f, r in zip(ref, real)) > 20
 
@@ -578,11 +584,7 @@ def test_five_and_six_bit_layers_run_save_and_reload(tmp_path):
             codes_bits = 8 * layer.qweight.numel() / rows[name]["weights"]
             assert codes_bits == pytest.approx(int(fmt[3:]), abs=0.1), (name, codes_bits)
     rec.model = model
-    set_execution(model, "real")
-    real = rec.replay()
-    set_execution(model, "sim")
-    sim = rec.replay()
-    set_execution(model, "auto")
+    real, sim = real_and_simulated(model, rec)
     assert min(sqnr_db(s, r) for s, r in zip(sim, real)) > 35
     dq.save(pipe, tmp_path / "m")
     loaded = find_denoiser(dq.load(tmp_path / "m"))[1]
