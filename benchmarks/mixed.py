@@ -1,14 +1,16 @@
 """Mixed precision against uniform presets on the embedded default pipeline.
 
-Sensitivity is taken once (dq.mixed.measure_sensitivity, base recipe w4a8: int4 or int8
-weights per layer or float, activations fixed at the recipe's static int8), then one
-allocation per budget of the sweep, each quantized (dq.quantize with the solved allocation)
+Sensitivity is taken once (dq.mixed.measure_sensitivity, base recipe w4a8: each layer in
+one of `--weights` (default int4, int5, int6, int8) or float, activations as the uniform recipe
+of that weight format gives them: static int8, per-token where the architecture says), then
+one allocation per budget of the sweep, each quantized (dq.quantize with the solved allocation)
 and scored against the full-precision images of the same seeds (PSNR, SSIM), beside
-uniform w4a8 and w8a8. Also: estimate-vs-measurement rank correlation over all layers, a plot
+uniform w4a8, uniform int8 weights, the other uniform formats and the `--presets`. Also: estimate-vs-measurement rank correlation over all layers, a plot
 of quality against bytes, and the per-layer plot of the 5-bit plan.
 
     python benchmarks/mixed.py                      # 64 eval prompts, 10 steps
     python benchmarks/mixed.py --num-prompts 8 --steps 4 --budgets 5   # smoke test
+    python benchmarks/mixed.py --budgets 5,6,8 --centre-each --max-rounds 3 --presets ""  # BENCHMARKS run F
 """
 
 from __future__ import annotations
