@@ -22,8 +22,14 @@ FORMATS: dict[str, tuple[QuantSpec, QuantSpec | None]] = {
     "w4a8": (QuantSpec(bits=4, granularity="group", group_size=64), QuantSpec(bits=8, granularity="tensor", symmetric=False)),
     "w4a16": (QuantSpec(bits=4, granularity="group", group_size=64), None),
 }
-# The execution options the presets of these names set (`dq.recipes`): w4a16 may run in bfloat16.
-OPTIONS: dict[str, dict[str, bool]] = {"w4a16": {"weight_only_bf16": True}}
+
+
+def _options(fmt: str) -> dict[str, bool]:
+    """The execution options the preset of this name sets (`dq.recipe.preset`): e.g. whether its
+    weight-only layers may run in bfloat16."""
+    from ..recipe import preset
+
+    return {"weight_only_bf16": preset(fmt).weight_only_bf16_activations}
 
 
 @dataclass
@@ -61,7 +67,7 @@ def measure_table(
             q = QuantLinear.from_float(layer, weight, act, None if act is None or act.dynamic else [(-4.0, 4.0)])
             q = q.to(device=device, dtype=dtype)
             layer = layer.to(dtype)
-            dispatch.set_execution(q, "real", **OPTIONS.get(fmt, {}))
+            dispatch.set_execution(q, "real", **_options(fmt))
             x = torch.randn(rows, width, device=device, dtype=dtype)
             key = f"{choice.describe(q)}|m{choice.bucket(rows)}|{dtype}|{x.device.type}"
             with torch.no_grad():
