@@ -357,14 +357,15 @@ SENSITIVITY_MODES = ("auto", "estimate", "measure")
 # lowest format, this one raised) or "alone" (this layer quantized alone in the float model).
 MEASURE_METHODS = ("in-context", "alone")
 # Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
-WEIGHT_FORMATS = ("int4", "int5", "int6", "int8", "fp8")
+WEIGHT_FORMATS = ("int4", "int4g32", "int5", "int6", "int8", "fp8")
 
 
 @dataclass
 class MixedConfig:
     """Options of the mixed-precision allocation (used when a recipe has a `budget` or `memory`).
 
-    weights: candidate weight formats per layer ("int4": 4-bit groups of 64; "int5", "int6": per
+    weights: candidate weight formats per layer ("int4": 4-bit groups of 64, or the recipe's own
+        4-bit spec; "int4g32": 4-bit groups of 32, a quarter bit more per weight; "int5", "int6": per
         channel with an MSE range, packed in bit planes; "int8": per channel; "fp8": e4m3 per
         channel), each with the activation format a uniform recipe of that weight format gives the
         layer (`dq.mixed.activation_rule`); float is always a candidate. sensitivity: "measure"

@@ -559,15 +559,16 @@ def test_options_no_plan_can_hold_are_not_measured():
 
 
 def test_five_and_six_bit_layers_run_save_and_reload(tmp_path):
-    """int5 / int6 (per channel, packed in bit planes) beside int4, int8 and float in one model:
-    stored in their bits, real execution matches the simulation, the checkpoint reloads identical."""
+    """int5 / int6 (per channel, packed in bit planes) beside int4 in groups of 64 and of 32, int8
+    and float in one model: stored in their bits, real execution matches the simulation, the
+    checkpoint reloads identical."""
     from dq.mixed import allocation_scope
 
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     recipe = Recipe.from_dict({"base": "w4a8", "calib_num_prompts": 2, "calib_batch_size": 2})
     free = [name for name, _, _ in allocation_scope(model, recipe).free]
-    cycle = ["int5", "int6", "int4", "int8", "float"]
+    cycle = ["int5", "int6", "int4", "int4g32", "int8", "float"]
     allocation = {name: cycle[i % len(cycle)] for i, name in enumerate(free)}
     with DenoiserRecorder(model) as rec:
         pipe(prompt=prompts_for(KIND, 1), generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
@@ -583,6 +584,12 @@ def test_five_and_six_bit_layers_run_save_and_reload(tmp_path):
             # codes at exactly their bits; a float32 scale per output channel (plus smoothing and ranges)
             codes_bits = 8 * layer.qweight.numel() / rows[name]["weights"]
             assert codes_bits == pytest.approx(int(fmt[3:]), abs=0.1), (name, codes_bits)
+        if fmt.startswith("int4"):
+            layer = model.get_submodule(name)
+            group = 32 if fmt == "int4g32" else 64
+            assert layer.weight_spec.group_size == group
+            # one 8-bit multiplier per group: a quarter bit per weight at 32, an eighth at 64
+            assert layer.wmult.dtype == torch.uint8 and layer.wmult.shape[1] == layer.weight_shape[1] // group
     rec.model = model
     real, sim = real_and_simulated(model, rec)
     assert min(sqnr_db(s, r) for s, r in zip(sim, real)) > 35

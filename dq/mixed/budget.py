@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -26,9 +26,11 @@ FLOAT = "float"
 # -- formats and scope ------------------------------------------------------------------------
 def weight_formats(recipe: Recipe) -> dict[str, QuantSpec]:
     """Every weight format an allocation may name; the recipe's own weight spec stands for its
-    format (a w4a8 recipe's int4 is its 4-bit spec: group size, range search)."""
+    format (a w4a8 recipe's int4 is its 4-bit spec: group size, range search); "int4g32" is that
+    4-bit spec in groups of 32 (`format_of` tells the two apart by group size)."""
     table = {
         "int4": QuantSpec(bits=4, granularity="group", group_size=64, range="mse"),
+        "int4g32": QuantSpec(bits=4, granularity="group", group_size=32, range="mse"),
         "int5": QuantSpec(bits=5, granularity="channel", range="mse"),
         "int6": QuantSpec(bits=6, granularity="channel", range="mse"),
         "int8": QuantSpec(bits=8, granularity="channel"),
@@ -38,6 +40,8 @@ def weight_formats(recipe: Recipe) -> dict[str, QuantSpec]:
     if own is not None:
         if own.kind == "int" and f"int{own.bits}" in table:
             table[f"int{own.bits}"] = own
+            if own.bits == 4 and own.granularity == "group":
+                table["int4g32"] = replace(own, group_size=32)
         elif own.kind == "fp8_e4m3":
             table["fp8"] = own
     return table

@@ -132,6 +132,8 @@ def format_of(module: nn.Module) -> str:
     if not isinstance(module, QuantModule) or module.weight_spec is None:
         return FLOAT
     w = module.weight_spec
+    if w.kind == "int" and w.bits == 4 and w.granularity == "group" and w.group_size == 32:
+        return "int4g32"
     return f"int{w.bits}" if w.kind == "int" else ("fp8" if w.kind.startswith("fp8") else w.kind)
 
 
@@ -149,7 +151,7 @@ def plot_allocation(rows: Sequence[dict[str, Any] | LayerReport], path: str | Pa
     names = [r["name"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, max(4, 0.18 * len(rows))), sharey=True)
     y = list(range(len(rows)))
-    colors = {"int4": "tab:red", "int5": "tab:orange", "int6": "tab:green", "int8": "tab:blue", "fp8": "tab:purple", FLOAT: "tab:gray"}
+    colors = {"int4": "tab:red", "int4g32": "tab:pink", "int5": "tab:orange", "int6": "tab:green", "int8": "tab:blue", "fp8": "tab:purple", FLOAT: "tab:gray"}
     ax1.barh(y, [r["bits"] for r in rows], color=[colors.get(r["format"], "k") for r in rows])
     ax1.set_yticks(y, names, fontsize=6)
     ax1.invert_yaxis()
