@@ -40,8 +40,10 @@ from dq.mixed import (
     install_allocation,
     layer_report,
     measure_around,
+    measure_plan,
     measure_sensitivity,
     plot_allocation,
+    select_plan,
     spearman,
 )
 from dq.prompts import load_prompts
@@ -178,17 +180,29 @@ def main() -> None:
                                  "cpu": time.process_time() - c}
                 print(f"budget {b}: {json.dumps(per_budget[b])}", flush=True)
             c = time.process_time()
-            allocation = allocate(sb, budget)
+            solved = allocate(sb, budget)
             allocate_cpu.append(time.process_time() - c)
+            if sb.method == "in-context" and sb.calls is not None:
+                measure_plan(model, sb, base, solved)  # one replay: the last solved plan, measured whole
+            allocation = select_plan(sb, budget)  # what dq.quantize takes
         except dq.DQError as exc:
             print(f"budget {b}: {exc}", flush=True)
             rows.append({"variant": f"mixed {b:g} bits", "kind": "mixed", "budget": b, "error": str(exc)})
             continue
         plan = MixedPlan(allocation, sb, budget)
         plans[b] = plan
+        errors = {json.dumps(p, sort_keys=True): e for p, e in sb.tried}
         rows.append(install(f"mixed {b:g} bits", allocation, {
             "kind": "mixed", "budget": b, "plan_avg_bits": plan.average_bits(), "predicted_error": plan.predicted_damage(),
+            "measured_error": errors.get(json.dumps(allocation, sort_keys=True)),
+            "selected": "solved" if allocation == solved else "an earlier measured plan",
         }))
+        if allocation != solved:  # the last solved plan too, to see what the selection did
+            other = MixedPlan(solved, sb, budget)
+            rows.append(install(f"mixed {b:g} bits, last solved plan (not selected)", solved, {
+                "kind": "mixed-unselected", "budget": b, "plan_avg_bits": other.average_bits(),
+                "predicted_error": other.predicted_damage(), "measured_error": errors.get(json.dumps(solved, sort_keys=True)),
+            }))
     for preset in [p for p in args.presets.split(",") if p]:  # the real presets, calibrated on their own
         pipe = dq.open_pipeline(None)
         t, c = time.perf_counter(), time.process_time()
@@ -231,6 +245,7 @@ def round_one(sens):
         for o in s.options]) for s in sens.layers]
     one.centre, one.round_one = None, None
     one.baseline = sens.round_one[sens.layers[0].name][sens.low]
+    one.tried = list(sens.tried[:1])  # the first round's centre (every layer at the lowest format)
     return one
 
 

@@ -2,6 +2,7 @@
 checkpoint, and real execution of a model with int4, int8 and float layers."""
 
 import itertools
+import json
 import math
 import random
 
@@ -20,6 +21,8 @@ from dq.mixed import (
     format_of,
     layer_report,
     measure_sensitivity,
+    plan_cost,
+    select_plan,
     solve_allocation,
     spearman,
 )
@@ -493,6 +496,57 @@ def test_second_round_measures_around_the_first_plan():
         direct = _damage_of(sens, recipe, {**sens.centre, name: fmt}, calls)
         assert by[name][fmt].measured == pytest.approx(direct, rel=BATCHED_REL), (name, fmt)
     assert by[raised][sens.centre[raised]].measured == sens.baseline
+    # every whole plan measured is remembered with its error: both centres, and the plan the last
+    # round solves (one more replay), which `select_plan` compares with them
+    tried = {json.dumps(p, sort_keys=True): e for p, e in sens.tried}
+    lowest = {s.name: "int4" for s in sens.layers}
+    assert tried[json.dumps(lowest, sort_keys=True)] == pytest.approx(first[sens.layers[0].name]["int4"])
+    assert tried[json.dumps(sens.centre, sort_keys=True)] == sens.baseline
+    final = allocate(sens, Budget("bits", 6.0))
+    assert tried[json.dumps(final, sort_keys=True)] == pytest.approx(_damage_of(sens, recipe, final, calls), rel=1e-6)
+    chosen = select_plan(sens, Budget("bits", 6.0))
+    assert tried[json.dumps(chosen, sort_keys=True)] == min(e for p, e in sens.tried)
+
+
+def _toy_sensitivity(damages, costs):
+    """A Sensitivity over layers a, b, c of 8 weights: damages/bytes per layer (int4, int8), float
+    32 bytes with no damage."""
+    from dq.mixed import LayerOption, LayerSensitivity, Sensitivity
+
+    layers = [LayerSensitivity(n, 8, [LayerOption("float", 32, damage=0.0), LayerOption("int4", c[0], damage=d[0]),
+                                      LayerOption("int8", c[1], damage=d[1])])
+              for n, d, c in zip("abc", damages, costs)]
+    return Sensitivity(layers, 0, 0, 0, 0, "measure", method="in-context", low="int4")
+
+
+def test_select_plan_prefers_a_measured_plan_with_a_lower_error():
+    """The integer program's plan is kept unless a plan measured whole under the same budget has
+    a lower measured error; plans over the budget, or unmeasured solutions, never replace it."""
+    sens = _toy_sensitivity([(3, 1), (3, 2), (3, 0.5)], [(4, 8), (4, 8), (4, 8)])
+    budget = Budget("bits", 7.0)  # 7 x 24 weights = 21 bytes: two of the three layers at int8, no float
+    solved = allocate(sens, budget)
+    assert solved == {"a": "int8", "b": "int4", "c": "int8"}
+    assert select_plan(sens, budget) == solved  # nothing measured: the solution
+    other = {"a": "int4", "b": "int8", "c": "int8"}
+    sens.tried = [(other, 0.1)]
+    assert select_plan(sens, budget) == solved  # the solution itself unmeasured: not compared
+    sens.tried.append((solved, 0.2))
+    assert select_plan(sens, budget) == other  # measured lower
+    sens.tried[0] = (other, 0.3)
+    assert select_plan(sens, budget) == solved  # measured higher
+    over = {"a": "int8", "b": "int8", "c": "int8"}
+    sens.tried.append((over, 0.0))
+    assert plan_cost(sens, budget, over) > budget.capacity(sens)
+    assert select_plan(sens, budget) == solved  # the lowest error, but over the budget
+    # a memory budget (21 bytes): a measured plan using less than 99 % of the solved plan's bytes
+    # does not replace it; one using as much does
+    memory = Budget("memory", 21.0)
+    assert allocate(sens, memory) == solved
+    low = {"a": "int4", "b": "int4", "c": "int8"}
+    sens.tried = [(solved, 0.2), (low, 0.1)]
+    assert select_plan(sens, memory) == solved
+    sens.tried.append((other, 0.05))
+    assert select_plan(sens, memory) == other
 
 
 def test_milp_never_chooses_an_infinite_damage():

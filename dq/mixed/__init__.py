@@ -41,6 +41,11 @@ which `apply_allocation` turns into the layer plan. The steps:
    (`scipy.optimize.milp`, zero optimality gap; `solve_allocation`). Damages are assumed
    additive over layers (as in MixDQ): single-layer damages from zero, in-context ones as
    reductions from the centre's error (the plan's `predicted_damage`).
+5. Selection (in context, with a budget): every whole plan whose error was measured is kept
+   with it (`Sensitivity.tried`: each round's centre, and the plan the last round solves,
+   measured with one more replay); the allocation is the solved plan unless one of those plans
+   under the same budget measured a lower error, then that one (`select_plan`). A solved plan
+   that changes many layers at once can do worse than the sum of its single-layer moves.
 
 Average weight bits (what `budget` bounds and the report prints): 8 x the storage bytes of
 every layer in scope, divided by the number of weights of those layers; a layer left in float
@@ -101,7 +106,10 @@ from .sensitivity import (
     infeasible,
     install_allocation,
     measure_around,
+    measure_plan,
     measure_sensitivity,
+    plan_cost,
+    select_plan,
     spearman,
 )
 
@@ -109,7 +117,7 @@ __all__ = [
     "FLOAT", "RANK_THRESHOLD", "Budget", "Calls", "NotBatchable", "batch_size", "LayerOption", "LayerReport", "LayerSensitivity", "MixedPlan",
     "Replayer", "Scope", "Sensitivity", "achievable", "activation_rule", "allocate", "allocation_scope", "apply_allocation",
     "budget_of", "check_budget", "estimate_damage", "estimate_pairs", "float_bytes", "format_of",
-    "infeasible", "install_allocation", "layer_bytes", "measure_around", "layer_report", "measure_sensitivity", "plot_allocation", "precheck",
+    "infeasible", "install_allocation", "layer_bytes", "measure_around", "layer_report", "measure_plan", "measure_sensitivity", "plan_cost", "select_plan", "plot_allocation", "precheck",
     "record", "relative_error", "replay_units", "resolve_budget", "solve_allocation", "spearman", "weight_count",
     "weight_formats", "_call", "_clone", "_replay",
 ]
@@ -128,7 +136,7 @@ def resolve_budget(pipe, model: nn.Module, recipe: Recipe, calib_prompts, steps:
     precheck(model, recipe, budget)
     # looked up in this package's namespace (tests patch dq.mixed.measure_sensitivity)
     sens = measure_sensitivity(pipe, model, recipe, calib_prompts, steps, call_kwargs)
-    allocation = allocate(sens, budget)
+    allocation = select_plan(sens, budget)
     plan = MixedPlan(allocation, sens, budget)
     model._dq_mixed = plan
     logger.info("%s", plan.table())

@@ -131,6 +131,10 @@ class Sensitivity:
     fixed_layers: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     router: nn.Module | None = field(default=None, repr=False)
     calls: Any = field(default=None, repr=False)  # with keep_built: the recorded calls (`measure_around`)
+    # in context: every whole plan whose error was measured ({layer: format}, relative error on
+    # the recorded calls): the centres of the rounds and the plan the last round solves
+    # (`select_plan` picks among them)
+    tried: list[tuple[dict[str, str], float]] = field(default_factory=list, repr=False)
 
 
 def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
@@ -371,6 +375,7 @@ def measure_sensitivity(
                 sensitivity.baseline = _measure_in_context(model, sens, which, centre, built_all, routers, fixed_layers,
                                                            calls, skip)
                 sensitivity.centre = dict(centre)
+                _remember(sensitivity, centre, sensitivity.baseline)
             else:
                 _measure_alone(model, sens, which, built_all, routers, calls)
         clock("measure", t)
@@ -417,6 +422,15 @@ def measure_sensitivity(
             centre = plan
             measure(names)
             set_damages(mode)
+        # the plan the last measurement solves, measured whole (one replay), so that
+        # `select_plan` can compare it with the centres measured before it
+        t = now()
+        final = allocate(sensitivity, budget)
+        if _known_error(sensitivity, final) is None:
+            with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+                error = _measure_in_context(model, sens, [], final, built_all, routers, fixed_layers, calls)
+            _remember(sensitivity, final, error)
+        clock("measure", t)
     if mode != "measure" or method != "in-context":
         sensitivity.baseline = None  # damages are single-layer: additive from zero
     sensitivity.rank_correlation, sensitivity.sample = rho, sample
@@ -424,6 +438,65 @@ def measure_sensitivity(
         sensitivity.built, sensitivity.fixed_layers, sensitivity.router = built_all, fixed_layers, routers[cfg.weights[0]]
         sensitivity.calls = calls
     return sensitivity
+
+
+def _remember(sens: Sensitivity, plan: dict[str, str], error: float) -> None:
+    if _known_error(sens, plan) is None:
+        sens.tried.append((dict(plan), float(error)))
+
+
+def _known_error(sens: Sensitivity, plan: dict[str, str]) -> float | None:
+    return next((e for p, e in sens.tried if p == plan), None)
+
+
+def plan_cost(sens: Sensitivity, budget: Budget, plan: dict[str, str]) -> float:
+    """The plan's summed cost in `budget`'s units (what `Budget.capacity` bounds)."""
+    costs = budget.costs(sens)
+    return sum(c for s, row in zip(sens.layers, costs) for o, c in zip(s.options, row) if o.format == plan[s.name])
+
+
+def select_plan(sens: Sensitivity, budget: Budget) -> dict[str, str]:
+    """The allocation for `budget`: the plan the integer program solves on the damages
+    (`allocate`), unless a plan measured whole under the same budget (`Sensitivity.tried`: the
+    rounds' centres, the last solved plan) has a lower measured error; then that one. The
+    additive model sums single-layer moves around a centre, and a plan that changes many layers
+    at once can do worse than its sum predicts: the measured whole-plan error decides among the
+    plans that have one. Under a memory budget only plans using at least 99 % of the solved
+    plan's bytes compete (the budget is to be used). Without measured plans (estimated or
+    alone): the solved plan."""
+    solved = allocate(sens, budget)
+    names = {s.name for s in sens.layers}
+    capacity = budget.capacity(sens)
+    # a memory budget is to be used (99 % where the choices allow): no plan using less than 99 %
+    # of what the solved plan uses replaces it
+    floor = 0.99 * plan_cost(sens, budget, solved) if budget.kind == "memory" else -math.inf
+    measured = [(e, p) for p, e in sens.tried if set(p) == names and floor <= plan_cost(sens, budget, p) <= capacity]
+    own = _known_error(sens, solved)
+    if own is None or not measured:
+        return solved
+    error, best = min(measured, key=lambda ep: ep[0])
+    if error < own:
+        logger.info("mixed precision: a plan measured earlier has a lower whole-model error than the last solved plan "
+                    "(%.4g against %.4g): keeping it", error, own)
+        return dict(best)
+    return solved
+
+
+def measure_plan(model: nn.Module, sens: Sensitivity, recipe: Recipe, plan: dict[str, str]) -> float:
+    """The whole-model relative error of `plan` on the recorded calls (one replay), remembered in
+    `sens.tried` for `select_plan`; needs `measure_sensitivity(..., keep_built=True)`."""
+    known = _known_error(sens, plan)
+    if known is not None:
+        return known
+    if sens.router is None or sens.calls is None:
+        raise DQError("measure_plan needs an in-context measure_sensitivity(..., keep_built=True)")
+    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
+    routers = {f: sens.router for f in sens.built}
+    by = {s.name: s for s in sens.layers}
+    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+        error = _measure_in_context(model, by, [], plan, sens.built, routers, sens.fixed_layers, sens.calls)
+    _remember(sens, plan, error)
+    return error
 
 
 def _damage(option: LayerOption, method: str) -> float:
@@ -470,6 +543,8 @@ def measure_around(model: nn.Module, sens: Sensitivity, recipe: Recipe, budget: 
         new.baseline = _measure_in_context(model, by, list(by), centre, sens.built, routers, sens.fixed_layers,
                                            sens.calls, infeasible(new, budget))
     new.centre = centre
+    new.tried = list(sens.tried)
+    _remember(new, centre, new.baseline)
     new.round_one = sens.round_one or {s.name: {o.format: o.measured for o in s.options} for s in sens.layers}
     for s in new.layers:
         for o in s.options:
