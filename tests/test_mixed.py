@@ -676,3 +676,24 @@ def test_allocated_layers_get_the_activation_format_a_uniform_recipe_gives_them(
         dynamic = {n for n, a in got.items() if a is not None and a.dynamic}
         assert any(n.endswith("attn2.to_out.0") for n in dynamic), fmt
         assert any(n.endswith("attn1.to_q") for n in dynamic) == (fmt == "int8"), fmt
+
+
+def test_int4g32_is_named_by_the_plan_when_the_recipe_own_4bit_spec_has_groups_of_32():
+    """A recipe whose 4-bit spec is in groups of 32 calls its 4-bit format "int4" in the plan; the
+    report follows the plan, and a w4a8 recipe's "int4g32" is its spec with groups of 32."""
+    from dq.mixed import allocation_scope, weight_formats
+
+    base = Recipe.from_dict({"base": "w4a8"})
+    assert weight_formats(base)["int4g32"].group_size == 32 and weight_formats(base)["int4"].group_size == 64
+    assert weight_formats(base)["int4g32"].range == base.weight.range
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    recipe = Recipe.from_dict({"base": "w4a8", "calib_num_prompts": 2, "calib_batch_size": 2,
+                               "weight": {"bits": 4, "granularity": "group", "group_size": 32, "range": "mse"}})
+    free = [name for name, _, _ in allocation_scope(model, recipe).free]
+    allocation = {name: ("int4" if i % 2 else "int8") for i, name in enumerate(free)}
+    quantize(pipe, Recipe.from_dict({**recipe.to_dict(), "allocation": allocation}))
+    _, model = find_denoiser(pipe)
+    rows = {r["name"]: r["format"] for r in layer_report(model)}
+    assert {n: rows[n] for n in allocation} == allocation
+    assert all(model.get_submodule(n).weight_spec.group_size == 32 for n, f in allocation.items() if f == "int4")

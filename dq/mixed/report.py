@@ -112,11 +112,16 @@ def layer_report(model_or_pipe) -> list[dict[str, Any]]:
     plan: MixedPlan | None = getattr(model, "_dq_mixed", None)
     known = {r.name: r for r in plan.rows()} if plan is not None else {}
     float_layers = dict(quantizable_layers(model))
+    # the plan's own format names where it has one (a recipe whose 4-bit spec is in groups of 32
+    # calls it "int4"; `format_of` alone would say "int4g32")
+    allocation = getattr(getattr(model, "_dq_recipe", None), "allocation", None) or {}
     rows = []
     for name, module in model.named_modules():
         if not isinstance(module, QuantModule) and name not in float_layers:
             continue
         fmt = format_of(module)
+        if allocation.get(name) == "int4" and fmt == "int4g32":
+            fmt = "int4"
         nbytes, weights = layer_bytes(module), weight_count(module)
         r = known.get(name)
         rows.append({
