@@ -1,0 +1,114 @@
+"""Trust-region candidates for a mixed-precision plan, each measured whole on the proxy (run M in
+BENCHMARKS.md). For budgets 5 and 6.884 bits (uniform w4a8's): rounds around each budget's own
+plan as `benchmarks/mixed.py --centre-each --max-rounds 3` takes them; then, around the last
+centre, the integer program solved again with at most K layers changed (K = 2, 4, 8, 16); every
+candidate's whole-model error measured on the recorded calls (`dq.mixed.measure_plan`); the
+lowest picked by `dq.mixed.select_plan`; it and the unconstrained solution scored on 64 prompts
+against full precision. An experiment on whether lowering the proxy error further improves the
+images (it did not).
+
+    python benchmarks/mixed_trust.py > trust.log
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mixed import round_one  # noqa: E402
+from scipy.optimize import Bounds, LinearConstraint, milp  # noqa: E402
+
+import dq  # noqa: E402
+from dq.engine import find_denoiser  # noqa: E402
+from dq.eval import generate_images  # noqa: E402
+from dq.eval.metrics import psnr, ssim  # noqa: E402
+from dq.mixed import (  # noqa: E402
+    Budget,
+    allocate,
+    install_allocation,
+    measure_around,
+    measure_plan,
+    measure_sensitivity,
+    select_plan,
+)
+from dq.prompts import load_prompts  # noqa: E402
+
+
+def trust_region_plan(sens, budget: Budget, k: int) -> dict[str, str]:
+    """The plan minimizing the summed damage under `budget` with at most `k` layers changed from
+    `sens.centre` (the plan the damages were measured around)."""
+    damage = [[o.damage for o in s.options] for s in sens.layers]
+    sizes = [len(row) for row in damage]
+    n = sum(sizes)
+    d = np.array([v for row in damage for v in row], dtype=np.float64)
+    allowed = np.isfinite(d).astype(np.float64)
+    d[~np.isfinite(d)] = 0.0
+    cost = np.array([v for row in budget.costs(sens) for v in row], dtype=np.float64)
+    choose, keep = np.zeros((len(sizes), n)), np.zeros(n)
+    start = 0
+    for i, (s, size) in enumerate(zip(sens.layers, sizes)):
+        choose[i, start : start + size] = 1
+        keep[start + [o.format for o in s.options].index(sens.centre[s.name])] = 1
+        start += size
+    result = milp(
+        d / (float(np.abs(d).max()) or 1.0),
+        constraints=[LinearConstraint(choose, 1, 1), LinearConstraint(cost[None, :], -np.inf, budget.capacity(sens)),
+                     LinearConstraint(keep[None, :], len(sizes) - k, np.inf)],
+        integrality=np.ones(n), bounds=Bounds(0, allowed), options={"mip_rel_gap": 0.0},
+    )
+    x = np.round(result.x)
+    plan, start = {}, 0
+    for s, size in zip(sens.layers, sizes):
+        plan[s.name] = s.options[int(np.argmax(x[start : start + size]))].format
+        start += size
+    return plan
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    prompts = load_prompts("shapes_eval")[:64]
+    calib = load_prompts("shapes_calib")[:16]
+    gen = dict(batch_size=16, num_inference_steps=10, progress=False)
+    reference = generate_images(dq.open_pipeline(None), prompts, **gen)
+    base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {
+        "sensitivity": "measure", "rounds": 1, "weights": ["int4", "int5", "int6", "int8"]}})
+    pipe = dq.open_pipeline(None)
+    _, model = find_denoiser(pipe)
+    sens = measure_sensitivity(pipe, model, base, calib, 10, {}, keep_built=True)
+    sens.round_one = {s.name: {o.format: o.measured for o in s.options} for s in sens.layers}
+
+    def score(allocation):
+        p = dq.open_pipeline(None)
+        install_allocation(p, sens, dq.Recipe.from_dict({**base.to_dict(), "allocation": allocation}))
+        images = generate_images(p, prompts, **gen)
+        return float(psnr(images, reference)), float(ssim(images, reference))
+
+    for b in (5.0, 6.884):
+        budget = Budget("bits", b)
+        sb = round_one(sens)
+        for _ in range(3):
+            if sb.centre is not None and allocate(sb, budget) == sb.centre:
+                break
+            sb = measure_around(model, sb, base, budget)
+        solved = allocate(sb, budget)
+        solved_error = measure_plan(model, sb, base, solved)
+        candidates = {k: trust_region_plan(sb, budget, k) for k in (2, 4, 8, 16)}
+        errors = {k: measure_plan(model, sb, base, p) for k, p in candidates.items()}
+        best = select_plan(sb, budget)
+        measured = {json.dumps(p, sort_keys=True): e for p, e in sb.tried}
+        print(json.dumps({"budget": b, "solved_err": solved_error, "trust_errs": errors,
+                          "changes": {k: sum(p[n] != sb.centre[n] for n in p) for k, p in candidates.items()},
+                          "centre_err": sb.baseline, "best_err": measured[json.dumps(best, sort_keys=True)],
+                          "best_is_solved": best == solved}), flush=True)
+        solved_scores = score(solved)
+        best_scores = score(best) if best != solved else solved_scores
+        print(json.dumps({"budget": b, "solved": solved_scores, "selected": best_scores}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
