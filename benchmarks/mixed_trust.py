@@ -18,10 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mixed import round_one  # noqa: E402
-from scipy.optimize import Bounds, LinearConstraint, milp  # noqa: E402
 
 import dq  # noqa: E402
 from dq.engine import find_denoiser  # noqa: E402
@@ -35,6 +33,7 @@ from dq.mixed import (  # noqa: E402
     measure_plan,
     measure_sensitivity,
     select_plan,
+    solve_allocation,
 )
 from dq.prompts import load_prompts  # noqa: E402
 
@@ -42,31 +41,10 @@ from dq.prompts import load_prompts  # noqa: E402
 def trust_region_plan(sens, budget: Budget, k: int) -> dict[str, str]:
     """The plan minimizing the summed damage under `budget` with at most `k` layers changed from
     `sens.centre` (the plan the damages were measured around)."""
-    damage = [[o.damage for o in s.options] for s in sens.layers]
-    sizes = [len(row) for row in damage]
-    n = sum(sizes)
-    d = np.array([v for row in damage for v in row], dtype=np.float64)
-    allowed = np.isfinite(d).astype(np.float64)
-    d[~np.isfinite(d)] = 0.0
-    cost = np.array([v for row in budget.costs(sens) for v in row], dtype=np.float64)
-    choose, keep = np.zeros((len(sizes), n)), np.zeros(n)
-    start = 0
-    for i, (s, size) in enumerate(zip(sens.layers, sizes)):
-        choose[i, start : start + size] = 1
-        keep[start + [o.format for o in s.options].index(sens.centre[s.name])] = 1
-        start += size
-    result = milp(
-        d / (float(np.abs(d).max()) or 1.0),
-        constraints=[LinearConstraint(choose, 1, 1), LinearConstraint(cost[None, :], -np.inf, budget.capacity(sens)),
-                     LinearConstraint(keep[None, :], len(sizes) - k, np.inf)],
-        integrality=np.ones(n), bounds=Bounds(0, allowed), options={"mip_rel_gap": 0.0},
-    )
-    x = np.round(result.x)
-    plan, start = {}, 0
-    for s, size in zip(sens.layers, sizes):
-        plan[s.name] = s.options[int(np.argmax(x[start : start + size]))].format
-        start += size
-    return plan
+    around = [[o.format for o in s.options].index(sens.centre[s.name]) for s in sens.layers]
+    picks = solve_allocation([[o.damage for o in s.options] for s in sens.layers], budget.costs(sens),
+                             budget.capacity(sens), around=around, max_changes=k)
+    return {s.name: s.options[j].format for s, j in zip(sens.layers, picks)}
 
 
 def main() -> None:

@@ -89,6 +89,30 @@ def test_milp_matches_brute_force(seed):
     assert sum(damage[i][j] for i, j in enumerate(picks)) == pytest.approx(best, rel=1e-9, abs=1e-15)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_trust_region_matches_brute_force(seed):
+    """With `around` and `max_changes`, the exact optimum among plans changing at most that many
+    items from `around`."""
+    rng = random.Random(100 + seed)
+    damage = [[rng.uniform(0, 10) for _ in range(3)] for _ in range(5)]
+    cost = [[rng.randint(1, 9) for _ in range(3)] for _ in range(5)]
+    around = [min(range(3), key=lambda j: c[j]) for c in cost]  # the cheapest plan: always feasible
+    capacity = sum(min(c) for c in cost) + rng.randint(5, 15)
+    for k in (0, 1, 2, 5):
+        best, pick = math.inf, None
+        for choice in itertools.product(range(3), repeat=5):
+            changed = sum(a != b for a, b in zip(choice, around))
+            if changed <= k and sum(cost[i][j] for i, j in enumerate(choice)) <= capacity:
+                value = sum(damage[i][j] for i, j in enumerate(choice))
+                if value < best:
+                    best, pick = value, choice
+        got = solve_allocation(damage, cost, capacity, around=around, max_changes=k)
+        assert sum(a != b for a, b in zip(got, around)) <= k
+        assert sum(damage[i][j] for i, j in enumerate(got)) == pytest.approx(best), (k, got, pick)
+    with pytest.raises(DQError, match="max_changes needs"):
+        solve_allocation(damage, cost, capacity, max_changes=1)
+
+
 def test_milp_beats_greedy_on_a_knapsack_trap():
     # greedy by damage-per-byte takes item 0's upgrade first and then cannot afford item 1's
     damage = [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]

@@ -161,11 +161,13 @@ def weight_count(module: nn.Module) -> int:
 
 
 # -- the integer program ----------------------------------------------------------------------
-def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], capacity: float) -> list[int]:
+def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], capacity: float,
+                     around: Sequence[int] | None = None, max_changes: int | None = None) -> list[int]:
     """The option index per item minimizing sum damage[i][j] subject to sum cost[i][j] <= capacity
     (a multiple-choice knapsack), solved exactly as an integer program by HiGHS
-    (`scipy.optimize.milp`, relative gap 0); an option of infinite damage is never chosen.
-    Raises DQError when no choice fits."""
+    (`scipy.optimize.milp`, relative gap 0); an option of infinite damage is never chosen. With
+    `around` (an option index per item) and `max_changes`: at most that many items choose another
+    option than `around` (a trust region). Raises DQError when no choice fits."""
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError as exc:  # pragma: no cover - scipy ships with the mixed extra
@@ -188,9 +190,16 @@ def solve_allocation(damage: Sequence[Sequence[float]], cost: Sequence[Sequence[
     for i, s in enumerate(sizes):
         choose[i, start : start + s] = 1
         start += s
+    constraints = [LinearConstraint(choose, 1, 1), LinearConstraint(c[None, :], -np.inf, capacity)]
+    if max_changes is not None:
+        if around is None or len(around) != len(sizes):
+            raise DQError("max_changes needs `around`: one option index per item")
+        kept = np.zeros(n)
+        kept[np.cumsum([0, *sizes[:-1]]) + np.asarray(around)] = 1
+        constraints.append(LinearConstraint(kept[None, :], len(sizes) - max_changes, np.inf))
     result = milp(
         d / scale,
-        constraints=[LinearConstraint(choose, 1, 1), LinearConstraint(c[None, :], -np.inf, capacity)],
+        constraints=constraints,
         integrality=np.ones(n), bounds=Bounds(0, allowed), options={"mip_rel_gap": 0.0},
     )
     if result.x is None:

@@ -490,13 +490,18 @@ def measure_plan(model: nn.Module, sens: Sensitivity, recipe: Recipe, plan: dict
         return known
     if sens.router is None or sens.calls is None:
         raise DQError("measure_plan needs an in-context measure_sensitivity(..., keep_built=True)")
-    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
-    routers = {f: sens.router for f in sens.built}
-    by = {s.name: s for s in sens.layers}
-    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
-        error = _measure_in_context(model, by, [], plan, sens.built, routers, sens.fixed_layers, sens.calls)
+    error = _measure_kept(model, sens, {s.name: s for s in sens.layers}, [], plan, recipe)
     _remember(sens, plan, error)
     return error
+
+
+def _measure_kept(model, sens: Sensitivity, by, names, centre, recipe: Recipe, skip=None) -> float:
+    """`_measure_in_context` on the layers `measure_sensitivity(..., keep_built=True)` kept, run in
+    the recipe's execution: the centre's whole-model error (and `names`' options into `by`)."""
+    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
+    routers = {f: sens.router for f in sens.built}
+    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+        return _measure_in_context(model, by, names, centre, sens.built, routers, sens.fixed_layers, sens.calls, skip)
 
 
 def _damage(option: LayerOption, method: str) -> float:
@@ -537,11 +542,7 @@ def measure_around(model: nn.Module, sens: Sensitivity, recipe: Recipe, budget: 
                   for s in sens.layers]
     new.seconds = {}
     by = {s.name: s for s in new.layers}
-    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
-    routers = {f: sens.router for f in sens.built}
-    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
-        new.baseline = _measure_in_context(model, by, list(by), centre, sens.built, routers, sens.fixed_layers,
-                                           sens.calls, infeasible(new, budget))
+    new.baseline = _measure_kept(model, sens, by, list(by), centre, recipe, infeasible(new, budget))
     new.centre = centre
     new.tried = list(sens.tried)
     _remember(new, centre, new.baseline)
