@@ -1,11 +1,17 @@
-"""Image cost of path "bf16" (weight-only layers in bfloat16, `weight_only_bf16_activations`) on
-the embedded default pipeline: the same w4a16 model run with bfloat16 allowed and with float32
-only, each scored against full precision (PSNR, SSIM) on the same seeds, and against each other.
+"""Image cost of an opt-in kernel path on the embedded default pipeline: the same quantized model
+run with the path allowed and without it, each scored against full precision (PSNR, SSIM) on the
+same seeds, and against each other.
+
+- `--option bf16` (default): path "bf16", weight-only layers in bfloat16
+  (`weight_only_bf16_activations`);
+- `--option float_input`: path "float_input", narrow layers on their unrounded input where that
+  is faster (`float_activations_where_faster`; on in w8a8-dynamic and w4a4).
 
     python benchmarks/bf16_quality.py --num-prompts 64 --steps 10
     python benchmarks/bf16_quality.py --recipe w8a8     # its weight-only caption projections
+    python benchmarks/bf16_quality.py --option float_input --recipe w4a4
 
-Writes benchmarks/results/bf16-quality-<date>-<machine>.json. On a CPU without bfloat16 matmul
+Writes benchmarks/results/bf16-quality-<date>-<machine>.json (float-input-quality-... for that option). On a CPU without bfloat16 matmul
 instructions the chooser never takes the path and both runs are the same model (reported).
 """
 
@@ -39,6 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--recipe", default="w4a16", help="preset quantized (calibrated on its default prompts)")
+    parser.add_argument("--option", choices=("bf16", "float_input"), default="bf16", help="the path allowed, or not")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,8 +57,9 @@ def main() -> None:
     dq.quantize(pipe, args.recipe)
     _, model = find_denoiser(pipe)
     runs = {}
-    for name, bf16 in ((f"{args.recipe} (bf16 allowed)", True), (f"{args.recipe}, float32 only", False)):
-        set_execution(model, "auto", weight_only_bf16=bf16)
+    for name, on in ((f"{args.recipe} ({args.option} allowed)", True), (f"{args.recipe}, without {args.option}", False)):
+        flag = {"weight_only_bf16": on} if args.option == "bf16" else {"float_activations": on}
+        set_execution(model, "auto", **flag)
         images = generate_images(pipe, prompts, **kw)
         runs[name] = {"images": images, "paths": paths(model),
                       "psnr": float(psnr(images, fp)), "ssim": float(ssim(images, fp))}
@@ -61,14 +69,16 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "cpu": info["cpu"], "family_model_stepping": info["family_model_stepping"],
         "isa": info["isa"], "recipe": args.recipe, "threads": args.threads, "num_prompts": len(prompts), "steps": args.steps,
         "variants": {k: {kk: v for kk, v in r.items() if kk != "images"} for k, r in runs.items()},
-        "bf16_vs_float32": {"psnr": float(psnr(a, b)), "ssim": float(ssim(a, b))},
+        "option": args.option,
+        "with_vs_without": {"psnr": float(psnr(a, b)), "ssim": float(ssim(a, b))},
         "seconds": time.time() - start,
     }
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     name = info["cpu"].lower().replace(" ", "-").replace("(r)", "").replace("@", "")[:40]
     suffix = "" if args.recipe == "w4a16" else f"-{args.recipe}"
-    (args.out / f"bf16-quality-{result['date']}-{name}{suffix}.json").write_text(json.dumps(result, indent=1))
+    stem = "bf16-quality" if args.option == "bf16" else "float-input-quality"
+    (args.out / f"{stem}-{result['date']}-{name}{suffix}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ def test_dynamic_per_token_w8a8_real_matches_sim_layer_by_layer(kind):
     with DenoiserRecorder(model) as rec:
         run(pipe, kind)
     fp = rec.replay()
-    dq.quantize(pipe, "w8a8-dynamic", calib_prompts=prompts_for(kind, 2), num_inference_steps=3, **calib_kwargs(kind))
+    # the preset lets narrow layers skip their activation rounding where faster (path
+    # "float_input"); this test is about the integer kernels computing the simulated function
+    recipe = {"base": "w8a8-dynamic", "float_activations_where_faster": False}
+    dq.quantize(pipe, recipe, calib_prompts=prompts_for(kind, 2), num_inference_steps=3, **calib_kwargs(kind))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
     assert any(m.kernel == "int8" for m in layers.values())
     inputs = {}

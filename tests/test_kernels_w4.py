@@ -192,14 +192,17 @@ def test_float_activations_are_opt_in_and_compute_the_float_op_on_the_quantized_
     monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == "float_input" else 1e-3) for p in fns})
     x = torch.randn(2, 32, 128)
     real = q(x)
-    assert q._dq_paths[64] == "float_input" and "_dq_float_weight" in q.__dict__
+    assert q._dq_paths[64] == "float_input"
+    # one float copy: the branch folded into it from the first call on (w4a4), else the plain one
+    assert ("_dq_float_folded" in q.__dict__) == (q.branch is not None) != ("_dq_float_weight" in q.__dict__)
     bias = q.bias
     expected = torch.nn.functional.linear(x, q.dequantized_weight(x.dtype), bias) + (q.branch(x) if q.branch is not None else 0)
     assert rel(real, expected) < 1e-6
     set_execution(q, "sim")
     sim = q(x)
     assert rel(real, sim) > 1e-4  # the simulated layer rounds its input; this path does not
-    assert preset(fmt).float_activations_where_faster is False
+    assert preset(fmt).float_activations_where_faster is (fmt == "w4a4")  # on where per-token rounding costs most
+    assert preset("w8a8-dynamic").float_activations_where_faster and not preset("w8a8").float_activations_where_faster
     with pytest.raises(Exception, match="float_activations_where_faster"):
         Recipe.from_dict({"base": fmt, "float_activations_where_faster": "yes"})
 
@@ -262,3 +265,104 @@ def test_dynamic_epilogue_compiled_matches_eager(bias):
     assert rel(compiled, eager) < 1e-5
     set_execution(q, "sim")
     assert rel(eager, q(x)) < 1e-5
+
+
+def _spin(seconds: float) -> None:
+    """Busy for `seconds` of this thread's CPU time (what the chooser's clock counts with one thread)."""
+    clock = choice.clock_for(torch.zeros(1))
+    end = clock() + seconds
+    while clock() < end:
+        pass
+
+
+def test_chooser_times_the_transform_and_branch_on_paths_that_do_not_fold_them():
+    """`measure(overhead=, folded=)`: a path whose op alone is faster loses to "float_input" when
+    the work around its op (smoothing, the branch) makes the whole layer slower."""
+    x = torch.randn(4, 8)
+    ref = lambda t: t * 2  # noqa: E731
+    cands = {"int_mm": lambda t: (_spin(2e-3), t * 2)[1], "float_input": lambda t: (_spin(3e-3), t * 2)[1]}
+    plain = choice.measure(cands, ref, x, x[:2])
+    assert plain.choice == "int_mm"
+    whole = choice.measure(cands, ref, x, x[:2], overhead=lambda t: _spin(3e-3), folded=("float_input",))
+    assert whole.choice == "float_input"
+    assert whole.times["int_mm"] > whole.times["float_input"] and whole.times["int_mm"] >= 4.5e-3
+
+
+def test_layer_choice_counts_its_transform_and_branch(monkeypatch, tmp_path):
+    """A layer with smoothing and a branch is measured with them (its cache key says so), and the
+    timed function of every path but "float_input" runs them."""
+    from dq.nn.transforms import InputTransform
+
+    monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    branch = LowRankBranch(128, 96, 8)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    set_execution(q, "real", float_activations=True)
+    seen = {}
+    real_measure = choice.measure
+
+    def spy(cands, reference, x, probe, **kw):
+        seen.update(kw)
+        return real_measure(cands, reference, x, probe, **kw)
+    monkeypatch.setattr(choice, "measure", spy)
+    with torch.no_grad():
+        q(torch.randn(2, 32, 128))
+    assert seen["overhead"] is not None and seen["folded"] == ("float_input",)
+    keys = list(choice.cache().entries)
+    assert len(keys) == 1 and "|around:tb|" in keys[0]
+    # without float_input allowed nothing folds: the op alone is compared, the plain key
+    choice.cache().clear()
+    seen.clear()
+    set_execution(q, "real", float_activations=False)
+    with torch.no_grad():
+        q(torch.randn(2, 32, 128))
+    assert seen["overhead"] is None and "|around:" not in list(choice.cache().entries)[0]
+
+
+def test_weight_only_layer_folds_its_transform_and_branch_without_opt_in():
+    """A weight-only layer (no activation rounding to skip) with smoothing and a branch may take
+    "float_input": the float op on its raw input with both folded in is its exact function."""
+    from dq.nn.transforms import InputTransform
+
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    branch = LowRankBranch(128, 96, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, None, None, input_transform=transform, branch=branch)
+    set_execution(q, "real")
+    assert "float_input" in dispatch.candidate_paths(q, torch.device("cpu"), torch.float32)
+    assert "float_input" not in dispatch.candidate_paths(layer("w4a16"), torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 32, 128)
+    with torch.no_grad():
+        set_execution(q, "sim")
+        sim = q(x)
+        set_execution(q, "real", path="float_input")
+        real = q(x)
+    assert rel(real, sim) < 1e-5
+    assert "_dq_float_folded" in q.__dict__
+
+
+@pytest.mark.parametrize("path", ["float_input", "int8_copy"])
+def test_first_call_computes_what_later_calls_do(path, monkeypatch):
+    """The call that measures the paths already runs the chosen one as later calls do (folded for
+    "float_input"): a pipeline's first step rounds like its others, runs repeat bit for bit."""
+    from dq.nn.transforms import InputTransform
+
+    favour_path(monkeypatch, path)
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    branch = LowRankBranch(128, 96, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    set_execution(q, "real", float_activations=True)
+    x = torch.randn(2, 32, 128)
+    with torch.no_grad():
+        first, second = q(x), q(x)
+    assert q._dq_paths[64] == path
+    assert torch.equal(first, second)

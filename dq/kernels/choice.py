@@ -26,8 +26,13 @@ on an AMD EPYC). So nothing is chosen by availability:
   (narrow layers, dynamic per-token activations), the layer costs what the float one does.
   It changes the numerics (no activation rounding: closer to full precision than the
   simulated layer), so it is a candidate only where the recipe allows it
-  (`Recipe.float_activations_where_faster`, `set_execution(float_activations=True)`), and
-  it is checked against the float op on the same weight.
+  (`Recipe.float_activations_where_faster`, on in w8a8-dynamic and w4a4;
+  `set_execution(float_activations=True)`), and it is checked against the float op on the same
+  weight. The layer's input transform (smoothing, rotation) and low-rank branch fold into its
+  copy, so it is timed against the other paths WITH those (`measure(overhead=)`): whole-layer
+  costs, not the op alone, which had it lose to integer paths that were slower in the model.
+  A weight-only layer with a transform or a branch (w4a4's caption projection) may take it
+  without any opt-in: there the float op on the raw input is exactly its function.
 - "bf16": weight-only layers (W4A16, W8A16) with a float32 input run their op in bfloat16:
   input and weight (dequantized per call, no copy kept) rounded to bfloat16, float32
   accumulation, the result rounded to bfloat16 and returned in float32, the bias added there.
@@ -318,10 +323,14 @@ def measure(
     *,
     tolerance: float = MAX_REL_ERROR,
     references: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    overhead: Callable[[torch.Tensor], object] | None = None,
+    folded: Sequence[str] = (),
 ) -> Measurement:
     """Screen each candidate on `probe`, check it against `reference` (or its own entry of
     `references`: a path that computes another function, e.g. with rounded activations, is
-    checked against a simulation of that function), time the survivors on `x`."""
+    checked against a simulation of that function), time the survivors on `x`. `overhead`:
+    work every path but those in `folded` does on top of its own call (a layer's input
+    transform and low-rank branch, which a folded weight absorbs), timed with each of them."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     clock = clock_for(x)
     dropped: dict[str, str] = {}
@@ -348,7 +357,8 @@ def measure(
             for path, t in screen.items():
                 if t > SCREEN_FACTOR * best and t > SCREEN_MIN_S:
                     dropped[path] = f"{t / best:.0f}x slower than the best path on {probe.shape[0]} rows"
-        survivors = {p: (lambda fn=fn: fn(x)) for p, fn in candidates.items() if p not in dropped}
+        survivors = {p: (lambda fn=fn: fn(x)) if overhead is None or p in folded else (lambda fn=fn: (fn(x), overhead(x)))
+                     for p, fn in candidates.items() if p not in dropped}
         try:
             times = _race(survivors, sync, clock=clock)
         except Exception:  # one raised on the full shape: find which, time the rest alone

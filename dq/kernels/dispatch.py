@@ -105,22 +105,37 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
     with `branch` (its low-rank branch), that branch added into the output in place; with
     `transform` (its input transform), `x` is the raw input, transformed here (path "float_input"
     folds the transform and the layer's own branch into its weight copy instead)."""
-    if layer.__dict__.get("_dq_float_activations") and (transform is not None or branch is not None and branch is layer.branch):
+    fold = (transform is not None or branch is not None) and _may_fold(layer) and _foldable(layer, transform, branch)
+    if fold:
         key = (x.shape, x.dtype, branch is None, transform is None)
-        if layer.__dict__.get("_dq_fold_key") == key or (
-                _known_path(layer, x) == "float_input" and _foldable(layer, transform, branch)):
-            bias = None if layer.bias is None else layer.bias.to(x.dtype)
-            y = F.linear(x, _folded_weight(layer, x.dtype), bias)
-            if not torch.compiler.is_compiling():
-                layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
-            return y
+        if layer.__dict__.get("_dq_fold_key") == key or _known_path(layer, x) == "float_input":
+            return _folded_forward(layer, x, key)
+    raw = x
     if transform is not None:
         x = transform(x)
+    if (fold and not torch.compiler.is_compiling() and layer.kernel in ("int8", "dequant")
+            and _known_path(layer, raw) is None):
+        # the first call for these rows: choose with the transform and branch counted (path
+        # "float_input" folds them, the others pay them on top), and if it is chosen, this
+        # call already runs folded, as every later one will (the same rounding throughout)
+        if layer.__dict__.get("_dq_pending"):
+            ready(layer)
+        if _path(layer, x, (transform, branch)) == "float_input":
+            return _folded_forward(layer, raw, key)
     y = _real_forward(layer, x)
     if branch is None:
         return y
     add_to = getattr(branch, "add_to", None)
     return add_to(y, x) if add_to is not None else y + branch(x)
+
+
+def _folded_forward(layer: QuantModule, x: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Path "float_input" on the raw input: one float op with the transform and branch folded in."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    y = F.linear(x, _folded_weight(layer, x.dtype), bias)
+    if not torch.compiler.is_compiling():
+        layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
+    return y
 
 
 def _real_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +197,8 @@ def candidate_paths(layer: QuantModule, device: torch.device, dtype: torch.dtype
         paths.append("float_copy")
         if act is not None and layer.__dict__.get("_dq_float_activations") and layer.kernel in ("int8", "dequant"):
             paths.append("float_input")
+        elif act is None and layer.kernel == "dequant" and (layer.input_transform is not None or layer.branch is not None):
+            paths.append("float_input")  # weight-only: the same function, transform and branch folded in
     paths.append("dequant")
     return paths
 
@@ -251,9 +268,30 @@ def _nearest_choice(chosen: dict[int, str], rows: int) -> str:
     return chosen[min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))]
 
 
-def _path(layer: QuantModule, x: torch.Tensor) -> str:
+def _overhead(layer: QuantModule, x: torch.Tensor, around: tuple) -> tuple[str, object]:
+    """(key suffix, function): the work a layer's call does around its op on every path but
+    "float_input", which folds it into its weight: the input transform and the low-rank branch's
+    two matmuls. Timed with the other paths, so the choice compares whole-layer costs (on a
+    128-wide layer smoothing and a rank-32 branch cost more than int8 saves over float)."""
+    transform, branch = around
+    suffix = "|around:" + ("t" if transform is not None else "") + ("b" if branch is not None else "")
+    out: list[torch.Tensor] = []
+
+    def run(t: torch.Tensor) -> None:
+        if transform is not None:
+            transform(t)
+        if branch is not None:
+            if not out:
+                out.append(torch.zeros(*t.shape[:-1], layer.weight_layout.out_features, dtype=t.dtype, device=t.device))
+            add_to = getattr(branch, "add_to", None)
+            add_to(out[0], t) if add_to is not None else branch(t)
+    return suffix, run
+
+
+def _path(layer: QuantModule, x: torch.Tensor, around: tuple | None = None) -> str:
     """The path for this call: the layer's choice for its row bucket, measured on the
-    first eager call (never inside torch.compile, which takes the nearest known choice)."""
+    first eager call (never inside torch.compile, which takes the nearest known choice).
+    `around`: (input transform, branch) of a call that path "float_input" could fold."""
     forced = layer.__dict__.get("_dq_forced_path")
     if forced is not None:
         return forced
@@ -267,15 +305,16 @@ def _path(layer: QuantModule, x: torch.Tensor) -> str:
             return _default_path(layer)
         path = _nearest_choice(chosen, rows)
         return path if path != "onednn" or "_dq_prepacked" in layer.__dict__ else "int_mm"
-    key = f"{choice.describe(layer)}|m{rows}|{x.dtype}|{x.device.type}"
+    allowed = candidate_paths(layer, x.device, x.dtype)
+    suffix, overhead = ("", None) if around is None or "float_input" not in allowed else _overhead(layer, x, around)
+    key = f"{choice.describe(layer)}{suffix}|m{rows}|{x.dtype}|{x.device.type}"
     store = choice.cache()
     found = store.get(key)
-    allowed = candidate_paths(layer, x.device, x.dtype)
     picked = None if found is None else found.choice_among(allowed)
     if picked is None:
         found = choice.measure(
             {p: (lambda t, p=p: _RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x),
-            references=_references(layer, allowed),
+            references=_references(layer, allowed), overhead=overhead, folded=("float_input",),
         )
         store.put(key, found)
         choice.log_choice(key, found)
@@ -364,6 +403,14 @@ def _known_path(layer: QuantModule, x: torch.Tensor) -> str | None:
     if path is None and torch.compiler.is_compiling():
         path = _nearest_choice(chosen, rows)
     return path
+
+
+def _may_fold(layer: QuantModule) -> bool:
+    """Whether path "float_input" may serve this layer: allowed to skip its activation rounding
+    (`_dq_float_activations`), or weight-only, where the float op on its raw input IS its function
+    (its input transform and low-rank branch folded into one float weight copy, exact up to float
+    rounding), so no recipe opt-in is needed."""
+    return bool(layer.__dict__.get("_dq_float_activations")) or (layer.act_spec is None and layer.kernel == "dequant")
 
 
 def _foldable(layer: QuantModule, transform: nn.Module | None, branch: nn.Module | None) -> bool:
@@ -760,7 +807,7 @@ def set_execution(
     their quantized weight and UNQUANTIZED input (path "float_input", a kept float weight copy)
     where that is faster than every integer path (narrow layers on a CPU; it changes the
     numerics, towards full precision). None: what the model's recipe says
-    (`Recipe.float_activations_where_faster`, off unless set).
+    (`Recipe.float_activations_where_faster`: on in w8a8-dynamic and w4a4, off unless set).
     weight_only_bf16: let weight-only layers with a float32 input run their op in bfloat16
     (path "bf16": input, weight and product rounded to bfloat16) where that is faster (CPUs
     with bfloat16 matmul instructions). None: what the model's recipe says
