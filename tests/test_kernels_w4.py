@@ -366,3 +366,37 @@ def test_first_call_computes_what_later_calls_do(path, monkeypatch):
         first, second = q(x), q(x)
     assert q._dq_paths[64] == path
     assert torch.equal(first, second)
+
+
+def test_folded_fast_path_only_serves_the_call_it_was_made_for(monkeypatch):
+    """The folded layer's later calls skip every lookup, but only for the same input shape and
+    dtype and the layer's own transform and branch: another branch (a LoRA's) or shape takes
+    the full path."""
+    from dq.nn.transforms import InputTransform
+
+    favour_path(monkeypatch, "float_input")
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    branch = LowRankBranch(128, 96, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    set_execution(q, "real", float_activations=True)
+
+    def expected(x, b=branch):
+        t = transform(x)
+        return torch.nn.functional.linear(t, q.dequantized_weight(x.dtype), q.bias) + b(t)
+    x = torch.randn(2, 32, 128)
+    with torch.no_grad():
+        q(x)
+        assert "_dq_fold_fast" in q.__dict__
+        assert rel(q(x), expected(x)) < 1e-5
+        other = LowRankBranch(128, 96, 8)
+        other.down.normal_(0, 0.1)
+        other.up.normal_(0, 0.1)
+        assert rel(dispatch.real_forward(q, x, other, transform), expected(x, other)) < 1e-5
+        x3 = torch.randn(3, 5, 128)
+        assert rel(q(x3), expected(x3)) < 1e-5
+        q.double()  # another dtype: the runtime copies are released
+        assert "_dq_fold_fast" not in q.__dict__

@@ -105,6 +105,10 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
     with `branch` (its low-rank branch), that branch added into the output in place; with
     `transform` (its input transform), `x` is the raw input, transformed here (path "float_input"
     folds the transform and the layer's own branch into its weight copy instead)."""
+    fast = layer.__dict__.get("_dq_fold_fast")
+    if (fast is not None and fast[0] is transform and fast[1] is branch and fast[2] == x.shape and fast[3] == x.dtype
+            and not torch.compiler.is_compiling()):
+        return F.linear(x, fast[4], fast[5])  # a folded layer's later calls: nothing to look up
     fold = (transform is not None or branch is not None) and _may_fold(layer) and _foldable(layer, transform, branch)
     if fold:
         key = (x.shape, x.dtype, branch is None, transform is None)
@@ -132,9 +136,13 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
 def _folded_forward(layer: QuantModule, x: torch.Tensor, key: tuple) -> torch.Tensor:
     """Path "float_input" on the raw input: one float op with the transform and branch folded in."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    y = F.linear(x, _folded_weight(layer, x.dtype), bias)
+    weight = _folded_weight(layer, x.dtype)
+    y = F.linear(x, weight, bias)
     if not torch.compiler.is_compiling():
         layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
+        transform = None if key[3] else layer.input_transform
+        branch = None if key[2] else layer.branch
+        layer.__dict__["_dq_fold_fast"] = (transform, branch, x.shape, x.dtype, weight, bias)
     return y
 
 
@@ -333,6 +341,7 @@ def _release_unused(layer: QuantModule) -> None:
         layer.__dict__.pop("_dq_float_weight", None)
     if "float_input" not in used:
         layer.__dict__.pop("_dq_float_folded", None)
+        layer.__dict__.pop("_dq_fold_fast", None)
     if not used & {"int8_copy", "int_mm_a8"}:
         layer.__dict__.pop("_dq_int8_weight", None)
     if "int_mm_a8" not in used:
@@ -648,7 +657,7 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 # -- setting the mode -----------------------------------------------------------------
 RUNTIME_STATE = (
-    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_fold_key", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_fold_key", "_dq_fold_fast", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
 )
 
 
