@@ -356,6 +356,7 @@ SENSITIVITY_MODES = ("auto", "estimate", "measure")
 # How a measured sensitivity is taken (dq.mixed): "in-context" (leave-one-in: every other layer at the
 # lowest format, this one raised) or "alone" (this layer quantized alone in the float model).
 MEASURE_METHODS = ("in-context", "alone")
+SELECT_METHODS = ("proxy", "sampled")
 # Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
 WEIGHT_FORMATS = ("int4", "int4g32", "int5", "int6", "int8", "fp8")
 
@@ -378,7 +379,11 @@ class MixedConfig:
         budget, measure again around the plan the previous measurement solves (up to `rounds`
         measurements in all; 1: only around the lowest format). num_prompts / steps:
         calibration prompts and sampler steps of the recorded calls (steps null: the recipe's
-        calib_steps)."""
+        calib_steps). select: how the final plan is chosen among the plans the measurement
+        produced: "proxy" (the lowest whole-model error on the recorded calls, `select_plan`) or
+        "sampled" (each candidate sampled closed loop on `select_prompts` calibration prompts,
+        the closest final latents to full precision; `dq.mixed.sampled`: about 9 candidates, one
+        pipeline run of `select_prompts` prompts each)."""
 
     weights: list[str] = field(default_factory=lambda: ["int4", "int5", "int6", "int8"])
     sensitivity: str = "auto"
@@ -387,6 +392,8 @@ class MixedConfig:
     sample: int = 12
     measure: str = "in-context"
     rounds: int = 2
+    select: str = "proxy"
+    select_prompts: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, str):
@@ -404,6 +411,9 @@ class MixedConfig:
         _positive_int(self.num_prompts, "mixed.num_prompts")
         _positive_int(self.sample, "mixed.sample")
         _positive_int(self.rounds, "mixed.rounds")
+        _positive_int(self.select_prompts, "mixed.select_prompts")
+        if self.select not in SELECT_METHODS:
+            raise DQError(f"mixed.select must be one of {list(SELECT_METHODS)}, got {self.select!r}")
         if self.steps is not None:
             _positive_int(self.steps, "mixed.steps")
 

@@ -96,6 +96,7 @@ from .replay import (
     replay_units,
 )
 from .report import LayerReport, MixedPlan, format_of, layer_report, plot_allocation
+from .sampled import candidate_plans, sample_plans, select_sampled, trust_region_plan
 from .sensitivity import (
     RANK_THRESHOLD,
     LayerOption,
@@ -119,7 +120,7 @@ __all__ = [
     "budget_of", "check_budget", "estimate_damage", "estimate_pairs", "float_bytes", "format_of",
     "infeasible", "install_allocation", "layer_bytes", "measure_around", "layer_report", "measure_plan", "measure_sensitivity", "plan_cost", "select_plan", "plot_allocation", "precheck",
     "record", "relative_error", "replay_units", "resolve_budget", "solve_allocation", "spearman", "weight_count",
-    "weight_formats", "_call", "_clone", "_replay",
+    "weight_formats", "_call", "_clone", "_replay", "candidate_plans", "sample_plans", "select_sampled", "trust_region_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,9 +136,19 @@ def resolve_budget(pipe, model: nn.Module, recipe: Recipe, calib_prompts, steps:
         return recipe
     precheck(model, recipe, budget)
     # looked up in this package's namespace (tests patch dq.mixed.measure_sensitivity)
-    sens = measure_sensitivity(pipe, model, recipe, calib_prompts, steps, call_kwargs)
-    allocation = select_plan(sens, budget)
-    plan = MixedPlan(allocation, sens, budget)
+    sampled = recipe.mixed.select == "sampled" and recipe.mixed.measure == "in-context"
+    sens = measure_sensitivity(pipe, model, recipe, calib_prompts, steps, call_kwargs, **({"keep_built": True} if sampled else {}))
+    record = None
+    if sampled and sens.mode == "measure":
+        from ..prompts import resolve_prompts
+
+        prompts = resolve_prompts(pipe, calib_prompts, recipe)[: recipe.mixed.select_prompts]
+        allocation, record = select_sampled(pipe, model, sens, recipe, budget, prompts, steps, call_kwargs)
+    else:
+        allocation = select_plan(sens, budget)
+    if sampled:
+        sens.built, sens.fixed_layers, sens.calls = {}, {}, None  # the built copies are not needed any more
+    plan = MixedPlan(allocation, sens, budget, selection=record)
     model._dq_mixed = plan
     logger.info("%s", plan.table())
     return Recipe.from_dict({**recipe.to_dict(), "allocation": allocation})

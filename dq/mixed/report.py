@@ -41,6 +41,9 @@ class MixedPlan:
     allocation: dict[str, str]
     sensitivity: Sensitivity
     budget: Budget
+    # with `mixed.select: sampled`: every candidate's sampled score and the one chosen
+    # (`dq.mixed.sampled.select_sampled`)
+    selection: dict[str, Any] | None = None
 
     def rows(self) -> list[LayerReport]:
         out = []
@@ -83,6 +86,8 @@ class MixedPlan:
             f"mixed precision under {what}: average {self.average_bits():.3f} weight bits, denoiser "
             f"{_size(self.total_bytes())}; layers {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; "
             f"sensitivity {self.sensitivity.mode}d{check}; predicted relative error {self.predicted_damage():.3g}"
+            + (f"; chosen among {len(self.selection['candidates'])} candidate plans sampled on "
+               f"{self.selection['prompts']} prompts ({self.selection['chosen']})" if self.selection else "")
         )
 
     def table(self) -> str:
