@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from mixed import round_one  # noqa: E402
-from mixed_trust import trust_region_plan  # noqa: E402
 
 import dq  # noqa: E402
 from dq.engine import find_denoiser  # noqa: E402
@@ -49,6 +48,7 @@ from dq.mixed import (  # noqa: E402
     plan_cost,
     select_plan,
     spearman,
+    trust_region_plan,
 )
 from dq.prompts import load_prompts  # noqa: E402
 

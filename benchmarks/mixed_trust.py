@@ -33,18 +33,9 @@ from dq.mixed import (  # noqa: E402
     measure_plan,
     measure_sensitivity,
     select_plan,
-    solve_allocation,
+    trust_region_plan,
 )
 from dq.prompts import load_prompts  # noqa: E402
-
-
-def trust_region_plan(sens, budget: Budget, k: int) -> dict[str, str]:
-    """The plan minimizing the summed damage under `budget` with at most `k` layers changed from
-    `sens.centre` (the plan the damages were measured around)."""
-    around = [[o.format for o in s.options].index(sens.centre[s.name]) for s in sens.layers]
-    picks = solve_allocation([[o.damage for o in s.options] for s in sens.layers], budget.costs(sens),
-                             budget.capacity(sens), around=around, max_changes=k)
-    return {s.name: s.options[j].format for s, j in zip(sens.layers, picks)}
 
 
 def main() -> None:
