@@ -37,33 +37,53 @@ from dq.mixed import (  # noqa: E402
 )
 from dq.prompts import load_prompts  # noqa: E402
 
+GEN = dict(batch_size=16, num_inference_steps=10, progress=False)
 
-def main() -> None:
-    torch.set_num_threads(2)
-    prompts = load_prompts("shapes_eval")[:64]
-    calib = load_prompts("shapes_calib")[:16]
-    gen = dict(batch_size=16, num_inference_steps=10, progress=False)
-    reference = generate_images(dq.open_pipeline(None), prompts, **gen)
+
+def built_sensitivity(calib):
+    """(base recipe, pipeline, denoiser, sensitivity): the table's w4a8 recipe with int4/5/6/8
+    candidates, every format built once and kept, one in-context round around all-int4."""
     base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {
         "sensitivity": "measure", "rounds": 1, "weights": ["int4", "int5", "int6", "int8"]}})
     pipe = dq.open_pipeline(None)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, base, calib, 10, {}, keep_built=True)
     sens.round_one = {s.name: {o.format: o.measured for o in s.options} for s in sens.layers}
+    return base, pipe, model, sens
+
+
+def centred(model, sens, base, budget: Budget, rounds: int = 3):
+    """The sensitivity re-measured around `budget`'s own plan, as `benchmarks/mixed.py --centre-each
+    --max-rounds 3` takes its rounds."""
+    sb = round_one(sens)
+    for _ in range(rounds):
+        if sb.centre is not None and allocate(sb, budget) == sb.centre:
+            break
+        sb = measure_around(model, sb, base, budget)
+    return sb
+
+
+def plan_images(sens, base, allocation, prompts):
+    """Images of `prompts` (seeds 0..) from a fresh pipeline with `allocation` installed."""
+    p = dq.open_pipeline(None)
+    install_allocation(p, sens, dq.Recipe.from_dict({**base.to_dict(), "allocation": allocation}))
+    return generate_images(p, prompts, **GEN)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    prompts = load_prompts("shapes_eval")[:64]
+    calib = load_prompts("shapes_calib")[:16]
+    reference = generate_images(dq.open_pipeline(None), prompts, **GEN)
+    base, _pipe, model, sens = built_sensitivity(calib)
 
     def score(allocation):
-        p = dq.open_pipeline(None)
-        install_allocation(p, sens, dq.Recipe.from_dict({**base.to_dict(), "allocation": allocation}))
-        images = generate_images(p, prompts, **gen)
+        images = plan_images(sens, base, allocation, prompts)
         return float(psnr(images, reference)), float(ssim(images, reference))
 
     for b in (5.0, 6.884):
         budget = Budget("bits", b)
-        sb = round_one(sens)
-        for _ in range(3):
-            if sb.centre is not None and allocate(sb, budget) == sb.centre:
-                break
-            sb = measure_around(model, sb, base, budget)
+        sb = centred(model, sens, base, budget)
         solved = allocate(sb, budget)
         solved_error = measure_plan(model, sb, base, solved)
         candidates = {k: trust_region_plan(sb, budget, k) for k in (2, 4, 8, 16)}

@@ -267,6 +267,20 @@ def test_dynamic_epilogue_compiled_matches_eager(bias):
     assert rel(eager, q(x)) < 1e-5
 
 
+def smoothed_branched(act=TOKEN4):
+    """A 128 -> 96 layer with smoothing (scales 0.5-2) and a rank-8 branch: (layer, transform, branch)."""
+    from dq.nn.transforms import InputTransform
+
+    torch.manual_seed(0)
+    transform = InputTransform(128, smooth=True)
+    transform.inv_scale.uniform_(0.5, 2.0)
+    branch = LowRankBranch(128, 96, 8)
+    branch.down.normal_(0, 0.1)
+    branch.up.normal_(0, 0.1)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, act, None, input_transform=transform, branch=branch)
+    return q, transform, branch
+
+
 def _spin(seconds: float) -> None:
     """Busy for `seconds` of this thread's CPU time (what the chooser's clock counts with one thread)."""
     clock = choice.clock_for(torch.zeros(1))
@@ -291,14 +305,8 @@ def test_chooser_times_the_transform_and_branch_on_paths_that_do_not_fold_them()
 def test_layer_choice_counts_its_transform_and_branch(monkeypatch, tmp_path):
     """A layer with smoothing and a branch is measured with them (its cache key says so), and the
     timed function of every path but "float_input" runs them."""
-    from dq.nn.transforms import InputTransform
-
     monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    transform = InputTransform(128, smooth=True)
-    transform.inv_scale.uniform_(0.5, 2.0)
-    branch = LowRankBranch(128, 96, 8)
-    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    q, _, _ = smoothed_branched()
     set_execution(q, "real", float_activations=True)
     seen = {}
     real_measure = choice.measure
@@ -324,15 +332,7 @@ def test_layer_choice_counts_its_transform_and_branch(monkeypatch, tmp_path):
 def test_weight_only_layer_folds_its_transform_and_branch_without_opt_in():
     """A weight-only layer (no activation rounding to skip) with smoothing and a branch may take
     "float_input": the float op on its raw input with both folded in is its exact function."""
-    from dq.nn.transforms import InputTransform
-
-    torch.manual_seed(0)
-    transform = InputTransform(128, smooth=True)
-    transform.inv_scale.uniform_(0.5, 2.0)
-    branch = LowRankBranch(128, 96, 8)
-    branch.down.normal_(0, 0.1)
-    branch.up.normal_(0, 0.1)
-    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, None, None, input_transform=transform, branch=branch)
+    q, _, _ = smoothed_branched(act=None)
     set_execution(q, "real")
     assert "float_input" in dispatch.candidate_paths(q, torch.device("cpu"), torch.float32)
     assert "float_input" not in dispatch.candidate_paths(layer("w4a16"), torch.device("cpu"), torch.float32)
@@ -350,16 +350,8 @@ def test_weight_only_layer_folds_its_transform_and_branch_without_opt_in():
 def test_first_call_computes_what_later_calls_do(path, monkeypatch):
     """The call that measures the paths already runs the chosen one as later calls do (folded for
     "float_input"): a pipeline's first step rounds like its others, runs repeat bit for bit."""
-    from dq.nn.transforms import InputTransform
-
     favour_path(monkeypatch, path)
-    torch.manual_seed(0)
-    transform = InputTransform(128, smooth=True)
-    transform.inv_scale.uniform_(0.5, 2.0)
-    branch = LowRankBranch(128, 96, 8)
-    branch.down.normal_(0, 0.1)
-    branch.up.normal_(0, 0.1)
-    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    q, _, _ = smoothed_branched()
     set_execution(q, "real", float_activations=True)
     x = torch.randn(2, 32, 128)
     with torch.no_grad():
@@ -372,16 +364,8 @@ def test_folded_fast_path_only_serves_the_call_it_was_made_for(monkeypatch):
     """The folded layer's later calls skip every lookup, but only for the same input shape and
     dtype and the layer's own transform and branch: another branch (a LoRA's) or shape takes
     the full path."""
-    from dq.nn.transforms import InputTransform
-
     favour_path(monkeypatch, "float_input")
-    torch.manual_seed(0)
-    transform = InputTransform(128, smooth=True)
-    transform.inv_scale.uniform_(0.5, 2.0)
-    branch = LowRankBranch(128, 96, 8)
-    branch.down.normal_(0, 0.1)
-    branch.up.normal_(0, 0.1)
-    q = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None, input_transform=transform, branch=branch)
+    q, transform, branch = smoothed_branched()
     set_execution(q, "real", float_activations=True)
 
     def expected(x, b=branch):
