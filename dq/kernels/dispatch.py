@@ -110,10 +110,8 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
             and not torch.compiler.is_compiling()):
         return F.linear(x, fast[4], fast[5])  # a folded layer's later calls: nothing to look up
     fold = (transform is not None or branch is not None) and _may_fold(layer) and _foldable(layer, transform, branch)
-    if fold:
-        key = (x.shape, x.dtype, branch is None, transform is None)
-        if layer.__dict__.get("_dq_fold_key") == key or _known_path(layer, x) == "float_input":
-            return _folded_forward(layer, x, key)
+    if fold and _known_path(layer, x) == "float_input":
+        return _folded_forward(layer, x, transform, branch)
     raw = x
     if transform is not None:
         x = transform(x)
@@ -125,7 +123,7 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
         if layer.__dict__.get("_dq_pending"):
             ready(layer)
         if _path(layer, x, (transform, branch)) == "float_input":
-            return _folded_forward(layer, raw, key)
+            return _folded_forward(layer, raw, transform, branch)
     y = _real_forward(layer, x)
     if branch is None:
         return y
@@ -133,15 +131,14 @@ def real_forward(layer: QuantModule, x: torch.Tensor, branch: nn.Module | None =
     return add_to(y, x) if add_to is not None else y + branch(x)
 
 
-def _folded_forward(layer: QuantModule, x: torch.Tensor, key: tuple) -> torch.Tensor:
-    """Path "float_input" on the raw input: one float op with the transform and branch folded in."""
+def _folded_forward(layer: QuantModule, x: torch.Tensor, transform: nn.Module | None,
+                    branch: nn.Module | None) -> torch.Tensor:
+    """Path "float_input" on the raw input: one float op with the transform and branch folded in;
+    the call is remembered, so the next one like it looks nothing up (`real_forward`)."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     weight = _folded_weight(layer, x.dtype)
     y = F.linear(x, weight, bias)
     if not torch.compiler.is_compiling():
-        layer.__dict__["_dq_fold_key"] = key  # the same call next time: no path lookup
-        transform = None if key[3] else layer.input_transform
-        branch = None if key[2] else layer.branch
         layer.__dict__["_dq_fold_fast"] = (transform, branch, x.shape, x.dtype, weight, bias)
     return y
 
@@ -657,7 +654,7 @@ def _fp8_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 # -- setting the mode -----------------------------------------------------------------
 RUNTIME_STATE = (
-    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_fold_key", "_dq_fold_fast", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
+    "_dq_static", "_dq_prepacked", "_dq_float_weight", "_dq_float_folded", "_dq_fold_fast", "_dq_int8_weight", "_dq_int8_wsum", "_dq_paths", "_dq_forced_path", "_dq_fallbacks",
 )
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import DQError
 from ..recipe import Recipe
 from .budget import FLOAT, Budget, allocate, solve_allocation
-from .sensitivity import Sensitivity, _Execution, _Routed, plan_cost
+from .sensitivity import Sensitivity, _Execution, _Routed, built_layers, within_budget
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,7 @@ def candidate_plans(sens: Sensitivity, budget: Budget) -> dict[str, dict[str, st
     """{label: plan}: the solved plan, the trust-region re-solves (`TRUST_K`), and the plans the
     rounds measured whole (`Sensitivity.tried`), each once, each within `budget`."""
     solved = allocate(sens, budget)
-    names = {s.name for s in sens.layers}
-    capacity = budget.capacity(sens)
-    floor = 0.99 * plan_cost(sens, budget, solved) if budget.kind == "memory" else -math.inf
+    competes = within_budget(sens, budget, solved)
     found: dict[str, dict[str, str]] = {"solved": solved}
     if sens.centre is not None:
         for k in TRUST_K:
@@ -68,19 +66,18 @@ def candidate_plans(sens: Sensitivity, budget: Budget) -> dict[str, dict[str, st
         found[f"centre {i}"] = plan
     out: dict[str, dict[str, str]] = {}
     for label, plan in found.items():
-        if set(plan) != names or plan in out.values():
-            continue
-        if floor <= plan_cost(sens, budget, plan) <= capacity * (1 + 1e-9):
+        if plan not in out.values() and competes(plan):
             out[label] = plan
     return out
 
 
-def _final_latents(pipe, prompts: Sequence[Any], seeds: Sequence[int], steps: int, call_kwargs: dict[str, Any]) -> torch.Tensor:
-    """The pipeline's final latents (its denoised output before decoding where it allows that)."""
-    from ..calibrate.run import _fast_output, prompt_kwargs
+def _final_latents(pipe, prompts: Sequence[Any], seed: int, steps: int, call_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The pipeline's final latents (its denoised output before decoding where it allows that),
+    prompt i seeded `seed` + i."""
+    from ..calibrate.run import _fast_output, prompt_generators, prompt_kwargs
 
     device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    generators = prompt_generators(device, seed, range(len(prompts)))
     old_bar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -111,11 +108,10 @@ def sample_plans(pipe, model: nn.Module, sens: Sensitivity, recipe: Recipe, plan
 
     if sens.router is None or not sens.built:
         raise DQError("sampled plan selection needs measure_sensitivity(..., keep_built=True)")
-    seeds = [SELECT_SEED + i for i in range(len(prompts))]
-    reference = _final_latents(pipe, prompts, seeds, steps, call_kwargs)  # the model is still float here
+    reference = _final_latents(pipe, prompts, SELECT_SEED, steps, call_kwargs)  # the model is still float here
     names = {n for plan in plans.values() for n in plan} | set(sens.fixed_layers)
     originals = {n: model.get_submodule(n) for n in names}
-    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
+    every_built = built_layers(sens)
     own = [(m, getattr(m, "_router", None)) for m in every_built]
     for m in every_built:
         m.bind_router(sens.router)  # same boundaries in every format (checked when built)
@@ -125,7 +121,7 @@ def sample_plans(pipe, model: nn.Module, sens: Sensitivity, recipe: Recipe, plan
             swap_modules(model, dict(sens.fixed_layers))
             for label, plan in plans.items():
                 swap_modules(model, {n: originals[n] if f == FLOAT else sens.built[f][n] for n, f in plan.items()})
-                scores[label] = _db(reference, _final_latents(pipe, prompts, seeds, steps, call_kwargs))
+                scores[label] = _db(reference, _final_latents(pipe, prompts, SELECT_SEED, steps, call_kwargs))
     finally:
         swap_modules(model, originals)
         for m, r in own:

@@ -455,6 +455,25 @@ def plan_cost(sens: Sensitivity, budget: Budget, plan: dict[str, str]) -> float:
     return sum(c for s, row in zip(sens.layers, costs) for o, c in zip(s.options, row) if o.format == plan[s.name])
 
 
+def within_budget(sens: Sensitivity, budget: Budget, solved: dict[str, str]):
+    """competes(plan): whether a whole plan may replace the `solved` one under `budget`: a plan for
+    every layer in scope, at most the budget (up to float rounding) and, under a memory budget, at
+    least 99 % of the solved plan's bytes (a memory budget is to be used where the choices allow)."""
+    names = {s.name for s in sens.layers}
+    capacity = budget.capacity(sens)
+    floor = 0.99 * plan_cost(sens, budget, solved) if budget.kind == "memory" else -math.inf
+
+    def competes(plan: dict[str, str]) -> bool:
+        return set(plan) == names and floor <= plan_cost(sens, budget, plan) <= capacity * (1 + 1e-9)
+    return competes
+
+
+def built_layers(sens: Sensitivity) -> list[nn.Module]:
+    """Every layer `measure_sensitivity(..., keep_built=True)` built and kept, the override layers'
+    included."""
+    return [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
+
+
 def select_plan(sens: Sensitivity, budget: Budget) -> dict[str, str]:
     """The allocation for `budget`: the plan the integer program solves on the damages
     (`allocate`), unless a plan measured whole under the same budget (`Sensitivity.tried`: the
@@ -465,12 +484,8 @@ def select_plan(sens: Sensitivity, budget: Budget) -> dict[str, str]:
     plan's bytes compete (the budget is to be used). Without measured plans (estimated or
     alone): the solved plan."""
     solved = allocate(sens, budget)
-    names = {s.name for s in sens.layers}
-    capacity = budget.capacity(sens)
-    # a memory budget is to be used (99 % where the choices allow): no plan using less than 99 %
-    # of what the solved plan uses replaces it
-    floor = 0.99 * plan_cost(sens, budget, solved) if budget.kind == "memory" else -math.inf
-    measured = [(e, p) for p, e in sens.tried if set(p) == names and floor <= plan_cost(sens, budget, p) <= capacity]
+    competes = within_budget(sens, budget, solved)
+    measured = [(e, p) for p, e in sens.tried if competes(p)]
     own = _known_error(sens, solved)
     if own is None or not measured:
         return solved
@@ -498,9 +513,8 @@ def measure_plan(model: nn.Module, sens: Sensitivity, recipe: Recipe, plan: dict
 def _measure_kept(model, sens: Sensitivity, by, names, centre, recipe: Recipe, skip=None) -> float:
     """`_measure_in_context` on the layers `measure_sensitivity(..., keep_built=True)` kept, run in
     the recipe's execution: the centre's whole-model error (and `names`' options into `by`)."""
-    every_built = [m for built in sens.built.values() for m in built.values()] + list(sens.fixed_layers.values())
     routers = {f: sens.router for f in sens.built}
-    with _Execution(every_built, recipe.execution, bool(recipe.weight_only_int8_activations)):
+    with _Execution(built_layers(sens), recipe.execution, bool(recipe.weight_only_int8_activations)):
         return _measure_in_context(model, by, names, centre, sens.built, routers, sens.fixed_layers, sens.calls, skip)
 
 
