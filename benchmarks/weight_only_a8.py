@@ -31,7 +31,7 @@ from ablation import CallRecorder, pooled_sqnr  # noqa: E402
 
 import dq  # noqa: E402
 from dq.engine import find_denoiser  # noqa: E402
-from dq.kernels import dispatch, set_execution  # noqa: E402
+from dq.kernels import runners, set_execution  # noqa: E402
 from dq.kernels.choice import machine  # noqa: E402
 from dq.nn import QuantLinear  # noqa: E402
 
@@ -89,7 +89,7 @@ def main() -> None:
     def hook(name):
         def fn(m, inputs, _out):
             x = inputs[0] if m.input_transform is None else m.input_transform(inputs[0])
-            a, b = m.simulated(x), dispatch.simulated_a8(m, x)
+            a, b = m.simulated(x), runners.simulated_a8(m, x)
             signal[name] += float(a.double().pow(2).sum())
             noise[name] += float((a.double() - b.double()).pow(2).sum())
         return fn

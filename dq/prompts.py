@@ -1,4 +1,5 @@
-"""Prompt sets: plain text files, one prompt per line, '#' comments ignored."""
+"""Prompt sets: plain text files, one prompt per line, '#' comments ignored; and captions drawn
+from the embedded default pipeline's grammar (`grammar_prompts`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,23 @@ def resolve_prompts(pipe, calib_prompts: Sequence[Any] | str | Path | None, reci
     if not prompts:
         raise DQError("the calibration prompt list is empty; pass at least one prompt")
     return prompts
+
+
+EVAL_SEED = 20261122  # apart from the seeds the pipeline and the evaluator CLIP were trained with
+
+
+def grammar_prompts(n: int, *, seed: int = EVAL_SEED) -> list[str]:
+    """``n`` distinct captions drawn like the embedded default pipeline's training captions, in a
+    fixed order: prompts beyond the shipped sets (calib/build_shapes_sets.py draws those)."""
+    from dq_pipelines.default import shapes
+
+    total = len(shapes.all_captions())
+    if not 1 <= n <= total:
+        raise DQError(f"the grammar has {total} distinct captions; ask for 1 to {total} prompts, not {n}")
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts: dict[str, None] = {}
+    while len(prompts) < n:
+        prompts.setdefault(shapes.sample_scene(rng).caption())
+    return list(prompts)

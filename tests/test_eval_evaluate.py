@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dq.io
+from dq.errors import DQError
 from dq.eval import EvalError, MissingWeightsError, Scorer, evaluate, generate_images, parse_metrics
 from dq.eval.cli import add_eval_parser, run_eval
 from dq.testing.tiny import default_call_kwargs, tiny_pipeline
@@ -144,10 +145,10 @@ def test_cli_rejects_bad_input(monkeypatch, tmp_path):
 
 def test_grammar_prompts_are_distinct_parseable_and_seeded():
     from dq.eval.attributes import in_grammar
-    from dq.eval.prompts import grammar_prompts
+    from dq.prompts import grammar_prompts
 
     prompts = grammar_prompts(50)
     assert len(set(prompts)) == 50 and all(in_grammar(p) for p in prompts)
     assert grammar_prompts(50) == prompts and grammar_prompts(50, seed=1) != prompts
-    with pytest.raises(EvalError, match="distinct captions"):
+    with pytest.raises(DQError, match="distinct captions"):
         grammar_prompts(100_000)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import favour_path
 
-from dq.kernels import choice, dispatch, set_execution
+from dq.kernels import choice, dispatch, runners, set_execution
 from dq.nn import QuantConv2d, QuantLinear
 from dq.nn.transforms import LowRankBranch
 from dq.quant.spec import QuantSpec
@@ -81,7 +81,7 @@ def test_bf16_matches_its_simulation_and_stays_close_to_float(weight, rank):
     assert q.__dict__["_dq_forced_path"] == "bf16"
     real = q(x)
     assert real.dtype == torch.float32 and real.shape == sim.shape
-    expected = dispatch.simulated_bf16(q, x) + (q.branch(x) if rank else 0)
+    expected = runners.simulated_bf16(q, x) + (q.branch(x) if rank else 0)
     assert rel(real, expected) < 1e-4  # the same function as its simulation (summation order only)
     # and the stated cost: bfloat16 roundings of input, weight and product, about 50 dB here
     sqnr = 10 * torch.log10(sim.pow(2).sum() / (real - sim).pow(2).sum())
@@ -94,10 +94,10 @@ def test_bf16_simulation_rounds_what_it_says():
     x = torch.randn(7, 128)
     w = q.dequantized_weight(torch.bfloat16).float()
     manual = (x.bfloat16().float() @ w.t()).bfloat16().float() + q.bias
-    assert torch.allclose(dispatch.simulated_bf16(q, x), manual, rtol=0, atol=0)
+    assert torch.allclose(runners.simulated_bf16(q, x), manual, rtol=0, atol=0)
     # without a bias
     nb = weight_only(bias=False)
-    assert torch.equal(dispatch.simulated_bf16(nb, x),
+    assert torch.equal(runners.simulated_bf16(nb, x),
                        (x.bfloat16().float() @ nb.dequantized_weight(torch.bfloat16).float().t()).bfloat16().float())
 
 
@@ -108,7 +108,7 @@ def test_bf16_on_a_pointwise_convolution_adds_the_bias_per_channel():
     x = torch.randn(2, 64, 5, 5)
     set_execution(q, "real", path="bf16", weight_only_bf16=True)
     real = q(x)
-    assert rel(real, dispatch.simulated_bf16(q, x)) < 1e-4
+    assert rel(real, runners.simulated_bf16(q, x)) < 1e-4
     set_execution(q, "sim")
     assert rel(real, q(x)) < 1e-2
 
@@ -126,7 +126,7 @@ def test_a_wrong_bf16_result_is_dropped(monkeypatch):
     q = weight_only()
     set_execution(q, "real", weight_only_bf16=True)
     # the float32 layer's own result is not path bf16's function beyond 1e-3: dropped as wrong
-    monkeypatch.setitem(dispatch._RUN, "bf16", lambda layer_, x: layer_.simulated(x) + 0.05 * x[..., :96])
+    monkeypatch.setitem(runners.RUN, "bf16", lambda layer_, x: layer_.simulated(x) + 0.05 * x[..., :96])
     q(torch.randn(32, 128))
     found = next(iter(choice.cache().entries.values()))
     assert "wrong result" in found.dropped["bf16"]

@@ -275,7 +275,7 @@ def test_static_int8_codes_fast_and_portable_paths_equal_the_reference(monkeypat
 @pytest.mark.parametrize("path", ["int_mm", "int8_copy"])
 def test_static_eager_path_follows_the_group_and_in_place_changes(path):
     """The CPU eager static path keeps each timestep group's (scale, zero, column scale,
-    shift) precomputed (`dispatch._static_table`): every group must give the simulated
+    shift) precomputed (`runners.static_table`): every group must give the simulated
     result, and ranges or a bias changed in place afterwards (set_act_ranges,
     load_state_dict) must be picked up, not served stale."""
     from dq.nn.transforms import InputTransform

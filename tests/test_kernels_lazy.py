@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from dq.kernels import dispatch, set_execution
+from dq.kernels import dispatch, runners, set_execution
 from dq.nn import QuantLinear
 from dq.quant.spec import QuantSpec
 
@@ -49,7 +49,7 @@ def test_setting_the_mode_reads_no_weight_and_the_first_call_prepares():
         y = q(x)
     assert not q.__dict__.get("_dq_pending")
     assert q.wsum.shape == (96,) and dispatch.runtime_nbytes(q) == 128 * 96
-    assert torch.equal(q.wsum, dispatch._integer_weight(q).sum(dim=1, dtype=torch.int32).float())
+    assert torch.equal(q.wsum, runners.integer_weight(q).sum(dim=1, dtype=torch.int32).float())
     torch.testing.assert_close(y, expected(q, x), rtol=0, atol=0)
     assert "wsum" not in q.state_dict()  # runtime state, never saved
 

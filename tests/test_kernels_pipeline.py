@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 import dq
 from dq.engine import find_denoiser, swap_modules
-from dq.kernels import choose_kernel, dispatch, set_execution
+from dq.kernels import choose_kernel, dispatch, runners, set_execution
 from dq.nn import QuantLinear, QuantModule, TimestepRouter
 from dq.nn.router import attach_router
 from dq.quant.spec import QuantSpec
@@ -72,7 +72,7 @@ def test_real_matches_sim_on_tiny_pipelines(kind, recipe):
             if dispatch._known_path(layer, x) == "bf16":
                 # w4a16's 16-bit activations (bfloat16, where the CPU's bfloat16 matmul is faster):
                 # by design not the float32 function; it computes its own simulation
-                assert sqnr_db(dispatch.simulated_bf16(layer, x), got) > 70, f"{kind} {recipe}: {name} (bf16)"
+                assert sqnr_db(runners.simulated_bf16(layer, x), got) > 70, f"{kind} {recipe}: {name} (bf16)"
                 continue
             set_execution(layer, "sim")
             assert sqnr_db(layer(x), got) > 80, f"{kind} {recipe}: {name}"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import favour_path
 
-from dq.kernels import choice, dispatch, set_execution
+from dq.kernels import choice, dispatch, runners, set_execution
 from dq.nn import QuantLinear
 from dq.nn.transforms import LowRankBranch
 from dq.quant import primitives as P
@@ -93,7 +93,7 @@ def test_int_mm_a8_matches_its_simulation_and_stays_close_to_float(rank):
     set_execution(q, "real", path="int_mm_a8", weight_only_int8=True)
     assert q.__dict__["_dq_forced_path"] == "int_mm_a8"
     real = q(x)
-    expected = dispatch.simulated_a8(q, x) + (q.branch(x) if rank else 0)
+    expected = runners.simulated_a8(q, x) + (q.branch(x) if rank else 0)
     assert rel(real, expected) < 1e-5  # the same function as its simulation
     # and the stated quality cost: dynamic per-token int8 inputs, about 40 dB layer SQNR here
     sqnr = 10 * torch.log10(sim.pow(2).sum() / (real - sim).pow(2).sum())
@@ -118,14 +118,14 @@ def test_the_chooser_can_pick_the_new_paths_and_checks_a8_against_its_own_refere
 def test_the_chooser_drops_a_new_path_that_fails(monkeypatch, failure):
     q = layer("w4a8")
     set_execution(q, "real")
-    run = dict(dispatch._RUN)
+    run = dict(runners.RUN)
 
     def broken(layer_, x):
         if failure == "raises":
             raise RuntimeError("injected")
         return run["int8_copy"](layer_, x) * 1.1
 
-    monkeypatch.setitem(dispatch._RUN, "int8_copy", broken)
+    monkeypatch.setitem(runners.RUN, "int8_copy", broken)
     monkeypatch.setattr(choice, "_race", lambda fns, sync, budget=0, clock=None: {p: (1e-5 if p == "int8_copy" else 1e-3) for p in fns})
     x = torch.randn(32, 128)
     q(x)
@@ -138,7 +138,7 @@ def test_a8_wrong_result_is_dropped_too(monkeypatch):
     q = layer("w4a16")
     set_execution(q, "real", weight_only_int8=True)
     # the float layer's result is not int_mm_a8's reference: a path returning it is wrong
-    monkeypatch.setitem(dispatch._RUN, "int_mm_a8", lambda layer_, x: layer_.simulated(x) + 0.05 * x[..., :96])
+    monkeypatch.setitem(runners.RUN, "int_mm_a8", lambda layer_, x: layer_.simulated(x) + 0.05 * x[..., :96])
     q(torch.randn(32, 128))
     found = next(iter(choice.cache().entries.values()))
     assert "wrong result" in found.dropped["int_mm_a8"]
@@ -168,11 +168,11 @@ def test_new_paths_under_torch_compile(path):
 
 
 def test_a8_reference_is_the_documented_activation_format():
-    assert dispatch.A8_SPEC.granularity == "token" and dispatch.A8_SPEC.bits == 8 and dispatch.A8_SPEC.dynamic
+    assert runners.A8_SPEC.granularity == "token" and runners.A8_SPEC.bits == 8 and runners.A8_SPEC.dynamic
     q = layer("w4a16")
     x = torch.randn(4, 128)
-    manual = torch.nn.functional.linear(P.fake_quantize(x, dispatch.A8_SPEC), q.dequantized_weight(), q.bias)
-    assert torch.allclose(dispatch.simulated_a8(q, x), manual)
+    manual = torch.nn.functional.linear(P.fake_quantize(x, runners.A8_SPEC), q.dequantized_weight(), q.bias)
+    assert torch.allclose(runners.simulated_a8(q, x), manual)
 
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a4"])
@@ -228,7 +228,7 @@ def test_float_path_folds_the_input_transform_and_the_branch_into_its_weight(rot
     expected = torch.nn.functional.linear(t, q.dequantized_weight(x.dtype), q.bias) + branch(t)
     set_execution(q, "real", path="float_input", float_activations=True)
     calls = []
-    monkeypatch.setitem(dispatch._RUN, "float_input", lambda *a: calls.append(1))  # the unfolded path
+    monkeypatch.setitem(runners.RUN, "float_input", lambda *a: calls.append(1))  # the unfolded path
     with torch.no_grad():
         real = q(x)
     assert rel(real, expected) < 1e-5 and not calls

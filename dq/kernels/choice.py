@@ -17,7 +17,7 @@ on an AMD EPYC). So nothing is chosen by availability:
   (large layers would lose the memory saving quantization is for);
 - "dequant": the weight dequantized on every call (the simulated path; no extra memory);
 - "int_mm_a8": weight-only layers (W4A16, W8A16) run as int8 x int8 with dynamic per-token
-  int8 activations (`dispatch.A8_SPEC`) and a kept int8 weight copy. It changes the
+  int8 activations (`runners.A8_SPEC`) and a kept int8 weight copy. It changes the
   numerics (the activations are rounded), so it is a candidate only where the recipe allows
   it (`Recipe.weight_only_int8_activations`, `set_execution(weight_only_int8=True)`), and
   it is checked against the simulated layer *with* those activations, not the float one.
@@ -41,7 +41,7 @@ on an AMD EPYC). So nothing is chosen by availability:
   W4A16 says, but not the float32 function the layer simulates, so it is a candidate only
   where the recipe allows it (`Recipe.weight_only_bf16_activations`, on in the w4a16 preset;
   `set_execution(weight_only_bf16=True)`), and it is checked against a float32 simulation of
-  those roundings (`dispatch.simulated_bf16`).
+  those roundings (`runners.simulated_bf16`).
 
 On a layer's first eager call for a row count (bucketed to a power of two), each path its
 formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than

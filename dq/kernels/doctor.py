@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.spec import QuantSpec
-from . import choice, dispatch
+from . import choice, dispatch, runners
 
 FORMATS: dict[str, tuple[QuantSpec, QuantSpec | None]] = {
     "w8a8": (QuantSpec(bits=8), QuantSpec(bits=8, granularity="tensor", symmetric=False)),
@@ -84,7 +84,7 @@ def _race_paths(q, layer: torch.nn.Module, x: torch.Tensor, dropped: dict[str, s
     fns = {"float": lambda: layer(x)}
     for p in dispatch.candidate_paths(q, x.device, x.dtype):
         if p not in dropped:
-            fns[p] = lambda p=p: dispatch._RUN[p](q, x)
+            fns[p] = lambda p=p: runners.RUN[p](q, x)
     return choice._race(fns, torch.cuda.synchronize if x.is_cuda else (lambda: None))
 
 
