@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,14 +28,14 @@ import dq
 from dq.engine import find_denoiser
 from dq.eval import generate_images
 from dq.eval.metrics import psnr, ssim
-from dq.kernels import choice, set_execution
+from dq.kernels import choice, path_counts, set_execution
 from dq.prompts import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def paths(model) -> dict[str, int]:
-    return dict(Counter(p for m in model.modules() for p in m.__dict__.get("_dq_paths", {}).values()))
+    return path_counts(model)
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dq  # noqa: E402
 from dq.engine import find_denoiser, plan_layers, swap_modules  # noqa: E402
 from dq.errors import DQError  # noqa: E402
-from dq.kernels import choice, set_execution  # noqa: E402
+from dq.kernels import choice, path_counts, set_execution  # noqa: E402
 from dq.kernels.dispatch import runtime_nbytes  # noqa: E402
 from dq.logs import quiet_third_party  # noqa: E402
 from dq.nn import QuantConv2d, QuantLinear, TimestepRouter  # noqa: E402
@@ -310,13 +310,7 @@ def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, dev
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
     """How many quantized layers run each kernel path (`dq.kernels.choice`), "sim" for simulated."""
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            paths = set(m.__dict__.get("_dq_paths", {}).values()) or {m.__dict__.get("_dq_forced_path") or m.kernel or "sim"}
-            for p in paths:
-                counts[p] = counts.get(p, 0) + 1
-    return counts
+    return path_counts(model)
 
 
 def log_ratios(mode: str, timing: dict[str, dict]) -> None:

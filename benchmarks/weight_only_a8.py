@@ -31,7 +31,7 @@ from ablation import CallRecorder, pooled_sqnr  # noqa: E402
 
 import dq  # noqa: E402
 from dq.engine import find_denoiser  # noqa: E402
-from dq.kernels import runners, set_execution  # noqa: E402
+from dq.kernels import layer_paths, runners, set_execution  # noqa: E402
 from dq.kernels.choice import machine  # noqa: E402
 from dq.nn import QuantLinear  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> None:
     for h in handles:
         h.remove()
     set_execution(qmodel, "real", path="int_mm_a8", weight_only_int8=True)
-    forced = sum(m.__dict__.get("_dq_forced_path") == "int_mm_a8" for m in layers.values())
+    forced = sum(layer_paths(m) == ["int_mm_a8"] for m in layers.values())
     a8 = recorder.replay(qmodel)
     layer_sqnr = {n: 10 * torch.log10(torch.tensor(signal[n] / max(noise[n], 1e-30))).item() for n in layers}
     out = {

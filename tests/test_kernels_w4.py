@@ -384,3 +384,18 @@ def test_folded_fast_path_only_serves_the_call_it_was_made_for(monkeypatch):
         assert rel(q(x3), expected(x3)) < 1e-5
         q.double()  # another dtype: the runtime copies are released
         assert "_dq_fold_fast" not in q.__dict__
+
+
+def test_layer_paths_and_path_counts_report_what_runs():
+    from dq.kernels import layer_paths, path_counts
+
+    model = torch.nn.Sequential(layer("w4a8"), layer("w4a16"))
+    set_execution(model, "sim")
+    assert layer_paths(model[0]) == ["sim"] and path_counts(model) == {"sim": 2}
+    set_execution(model, "real", path="int8_copy")  # w4a16 has no such path: measured as usual
+    assert layer_paths(model[0]) == ["int8_copy"] and layer_paths(model[1]) == []
+    assert path_counts(model) == {"dequant": 1, "int8_copy": 1}  # not called yet: its default path
+    model[1](torch.randn(2, 8, 128))
+    chosen = layer_paths(model[1])
+    assert len(chosen) == 1 and chosen[0] in dispatch.candidate_paths(model[1], torch.device("cpu"), torch.float32)
+    assert path_counts(model) == dict(sorted({"int8_copy": 1, chosen[0]: 1}.items()))

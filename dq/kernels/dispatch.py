@@ -265,6 +265,31 @@ def _path(layer: QuantModule, x: torch.Tensor, around: tuple | None = None) -> s
     return picked
 
 
+def layer_paths(layer: nn.Module) -> list[str]:
+    """The paths (`choice.PATHS`) a quantized layer runs: its forced path, or the choice of each
+    row count seen so far (sorted); ["fp8"] or ["sim"] for those kernels, [] before any choice."""
+    forced = layer.__dict__.get("_dq_forced_path")
+    if forced is not None:
+        return [forced]
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None or kernel == "fp8":
+        return [kernel or "sim"]
+    return sorted(set(layer.__dict__.get("_dq_paths", {}).values()))
+
+
+def path_counts(model: nn.Module) -> dict[str, int]:
+    """How many quantized layers of `model` run each path (a layer with two row counts on two
+    paths counts once for each; one not called yet counts under its kernel's default path)."""
+    from ..nn.layers import QuantModule
+
+    counts: dict[str, int] = defaultdict(int)
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            for p in layer_paths(m) or [_default_path(m)]:
+                counts[p] += 1
+    return dict(sorted(counts.items()))
+
+
 def _release_unused(layer: QuantModule) -> None:
     """Drop runtime weight copies that no chosen path of this layer reads."""
     used = set(layer.__dict__.get("_dq_paths", {}).values()) | {layer.__dict__.get("_dq_forced_path")}
