@@ -219,6 +219,7 @@ def main() -> None:
         "sensitivity": {"mode": "measure", "method": sens.method, "rounds": base.mixed.rounds,
                         "centre_budget": args.centre_budget, "record_prompts": base.mixed.num_prompts,
                         "record_steps": base.mixed.steps, "seconds": sens_s, "phases": sens.seconds,
+                        "calibration_passes": sens.calibration_passes,
                         "allocate_cpu_per_budget": allocate_cpu, "load_start": load_start, "load_end": os.getloadavg(),
                         "spearman_estimate_vs_measured": rho, "pairs": len(pairs),
                         "round_one": sens.round_one, "centre": sens.centre, "baseline": sens.baseline,
@@ -335,7 +336,9 @@ def render(result: dict) -> str:
             f"- time (process CPU, {s.get('threads', 2)} thread(s)): sensitivity {sens_cpu:.0f} s (record {ph.get('record_cpu', 0):.0f} s, "
             f"measure {ph.get('measure_cpu', 0):.0f} s, re-centring solves {ph.get('allocate_cpu', 0):.2f} s) + allocation "
             f"{alloc_cpu:.2f} s per budget, against the calibration it reuses: {ph['calibration_cpu']:.0f} s for the "
-            f"{builds} format builds ({ph['calibration_cpu'] / builds:.0f} s each); wall {ph.get('record_wall', 0) + ph.get('measure_wall', 0):.0f} s "
+            f"{builds} format builds ({ph['calibration_cpu'] / builds:.0f} s each"
+            + (f"; {s['calibration_passes']} pipeline passes over the calibration prompts" if s.get("calibration_passes") else "")
+            + f"); wall {ph.get('record_wall', 0) + ph.get('measure_wall', 0):.0f} s "
             f"vs {ph['calibration_wall']:.0f} s. Target (sensitivity + allocation below the calibration): "
             + ("met" if sens_cpu + alloc_cpu < ph["calibration_cpu"] else "MISSED")
             + f" against all {builds} builds, " + ("met" if sens_cpu + alloc_cpu < ph["calibration_cpu"] / builds else "MISSED")

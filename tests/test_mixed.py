@@ -479,6 +479,9 @@ def test_sensitivity_times_each_phase():
     sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs())
     for phase in ("calibration", "record", "measure"):
         assert sens.seconds[f"{phase}_wall"] > 0 and sens.seconds[f"{phase}_cpu"] > 0
+    # two formats (int4, int8), both static activations behind smoothing: one shared statistics
+    # pass, then a range pass each
+    assert sens.calibration_passes == 3
 
 
 def test_default_candidate_formats_include_5_and_6_bits():
@@ -721,3 +724,42 @@ def test_int4g32_is_named_by_the_plan_when_the_recipe_own_4bit_spec_has_groups_o
     rows = {r["name"]: r["format"] for r in layer_report(model)}
     assert {n: rows[n] for n in allocation} == allocation
     assert all(model.get_submodule(n).weight_spec.group_size == 32 for n, f in allocation.items() if f == "int4")
+
+
+def test_one_first_pass_serves_several_calibrations_exactly():
+    """`share_first_pass`: one pass 1 over the inputs, with the union of two recipes' targets, gives
+    each calibration exactly what its own pass 1 would (same prepared layers, same built layers)."""
+    from dq.engine import build_layers, calibrate, run_passes
+    from dq.model import Calibration, share_first_pass
+    from dq.nn.router import TimestepRouter
+
+    pipe = tiny_pipeline(KIND)
+    _, model = find_denoiser(pipe)
+    prompts = prompts_for(KIND, 2)
+    recipes = [Recipe.from_dict({"base": name, "calib_batch_size": 2}) for name in ("w4a8", "w8a8")]
+    runs = []
+
+    def collect(targets):
+        runs.append(len(targets))
+        return calibrate(pipe, model, [], prompts, recipe=recipes[0], num_inference_steps=STEPS,
+                         call_kwargs=call_kwargs(), targets=targets)
+
+    def built(cal):
+        router = TimestepRouter(cal.groups.tensor())
+        with torch.no_grad():
+            layers = build_layers(cal.plan, cal.store, cal.groups, router, cal.prepared)
+        return {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}
+
+    shared = [Calibration(model, r, pipe=pipe) for r in recipes]
+    assert share_first_pass(shared, collect) and len(runs) == 1
+    assert all(c.pass_number == 2 for c in shared)  # pass 1 done, each waits for its own pass 2
+    for cal, recipe in zip(shared, recipes):
+        run_passes(pipe, cal, prompts, STEPS, call_kwargs())
+        alone = run_passes(pipe, Calibration(model, recipe, pipe=pipe), prompts, STEPS, call_kwargs())
+        a, b = built(cal), built(alone)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{recipe.name}: {key}"
+    # where one pass cannot serve them all, nothing runs and each calibration is left as it was
+    single = Calibration(model, recipes[0], pipe=pipe)
+    assert not share_first_pass([single], collect) and single.pass_number == 1 and len(runs) == 1

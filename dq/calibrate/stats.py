@@ -185,6 +185,15 @@ class StatsStore:
         for (layer, t, b), stats in flat.items():
             self.by_layer.setdefault(layer, {})[(t, b)] = stats
 
+    def view(self) -> StatsStore:
+        """A new store over the same statistics: its own dicts, the same tensors, so a reader that
+        drops or rebinds entries (a `dq.model.Calibration` frees the moments it has used) leaves
+        this one whole. Readers must not change the statistics in place."""
+        out = StatsStore()
+        out.by_layer = {layer: dict(steps) for layer, steps in self.by_layer.items()}
+        out.moments, out.shared = dict(self.moments), dict(self.shared)
+        return out
+
     def add(self, key: Key, stats: ActivationStats) -> None:
         layer, t, b = key
         steps = self.by_layer.setdefault(layer, {})

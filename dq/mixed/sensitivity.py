@@ -121,6 +121,9 @@ class Sensitivity:
     # seconds per phase, wall and process CPU time: calibration (the per-format builds),
     # record, measure (see measure_sensitivity)
     seconds: dict[str, float] = field(default_factory=dict)
+    # pipeline passes over the calibration prompts the builds ran (one statistics pass shared by
+    # every format and a range pass per format, or both passes per format)
+    calibration_passes: int = 0
     # in context: the plan the final measurement was taken around ({layer: format}; every layer
     # at `low` after one round) and, after more rounds, the first round's measurements
     centre: dict[str, str] | None = None
@@ -137,16 +140,37 @@ class Sensitivity:
     tried: list[tuple[dict[str, str], float]] = field(default_factory=list, repr=False)
 
 
-def _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs):
-    """Build (without installing) the quantized layers of `plan` as dq.quantize would."""
-    from ..engine import build_layers, run_passes
-    from ..model import Calibration
+def _build_formats(pipe, model, plans: dict[str, list], recipe, calib_prompts, steps, call_kwargs):
+    """Build (without installing) the quantized layers of each format's plan as dq.quantize would:
+    ({format: (layers, router)}, pipeline passes run). Pass 1 of the calibration (raw-input
+    statistics) runs once for every format where it can (`dq.model.share_first_pass`); pass 2
+    (each format's transformed inputs) runs per format."""
+    from ..engine import build_layers, calibrate
+    from ..model import Calibration, share_first_pass
     from ..nn.router import TimestepRouter
+    from ..prompts import resolve_prompts
 
-    cal = run_passes(pipe, Calibration(model, recipe, pipe=pipe, plan=plan), calib_prompts, steps, call_kwargs)
-    router = TimestepRouter(cal.groups.tensor())
-    with torch.no_grad():
-        return build_layers(plan, cal.store, cal.groups, router, cal.prepared), router
+    prompts = resolve_prompts(pipe, calib_prompts, recipe)
+    passes = 0
+
+    def collect(targets):
+        nonlocal passes
+        passes += 1
+        return calibrate(pipe, model, [], prompts, recipe=recipe, num_inference_steps=steps,
+                         call_kwargs=call_kwargs, targets=targets)
+
+    cals = {fmt: Calibration(model, recipe, pipe=pipe, plan=plan) for fmt, plan in plans.items()}
+    if share_first_pass(list(cals.values()), collect):
+        logger.info("mixed precision: one statistics pass served all %d formats", len(cals))
+    out = {}
+    for i, (fmt, cal) in enumerate(cals.items()):
+        logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cals))
+        while not cal.ready:
+            cal.feed(collect(cal.targets))
+        router = TimestepRouter(cal.groups.tensor())
+        with torch.no_grad():
+            out[fmt] = build_layers(cal.plan, cal.store, cal.groups, router, cal.prepared), router
+    return out, passes
 
 
 def _measure_alone(model, sens, names, built_all, routers, calls) -> None:
@@ -329,22 +353,24 @@ def measure_sensitivity(
     routers = {}
     fixed_bytes = 0
     fixed_layers: dict[str, nn.Module] = {}
+    plans = {}
     for i, fmt in enumerate(cfg.weights):
-        plan = [LayerChoice(n, m, w, activation(n, wo, w))
-                for n, m, wo in scope.free for w in [_fits(formats[fmt], m, n, "weight")]]
+        plans[fmt] = [LayerChoice(n, m, w, activation(n, wo, w))
+                      for n, m, wo in scope.free for w in [_fits(formats[fmt], m, n, "weight")]]
         if i == 0:
-            plan += fixed_plan  # their exact storage (built once)
-        logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cfg.weights))
-        t = now()
-        built, routers[fmt] = _build_format(pipe, model, plan, recipe, calib_prompts, steps, call_kwargs)
-        clock("calibration", t)
+            plans[fmt] += fixed_plan  # their exact storage (built once)
+    t = now()
+    builds, passes = _build_formats(pipe, model, plans, recipe, calib_prompts, steps, call_kwargs)
+    clock("calibration", t)
+    for i, fmt in enumerate(cfg.weights):
+        built, routers[fmt] = builds[fmt]
         if i == 0:
             fixed_layers = {c.name: built.pop(c.name) for c in fixed_plan}
             fixed_bytes = sum(layer_bytes(m) for m in fixed_layers.values())
         elif not torch.equal(routers[fmt].boundaries, routers[cfg.weights[0]].boundaries):
             raise DQError("the formats' calibrations saw different timesteps; calibrate with the same prompts and steps")
         built_all[fmt] = built
-        chosen = {c.name: c for c in plan}
+        chosen = {c.name: c for c in plans[fmt]}
         for name, module, _ in scope.free:
             choice = chosen[name]
             est = estimate_damage(name, module, store, choice.weight, choice.activation, recipe.timestep_groups) if store else None
@@ -361,7 +387,7 @@ def measure_sensitivity(
     fixed_weights = sum(layers[n].weight.numel() for n in scope.fixed)
     fixed_bytes += sum(float_bytes(layers[n]) for n in scope.fixed if n not in base_plan)  # overridden to float
     sensitivity = Sensitivity(list(sens.values()), fixed_bytes, fixed_weights, kept_bytes, other, mode,
-                              method=method, low=low, seconds=seconds)
+                              method=method, low=low, seconds=seconds, calibration_passes=passes)
     centre = {n: low for n in names}
 
     every_built = [m for built in built_all.values() for m in built.values()] + list(fixed_layers.values())
