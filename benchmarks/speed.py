@@ -70,7 +70,7 @@ logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8",
                "w8a8-dynamic-int-only", "w4a4-int-only", "w8a8+qkv-dyn", "w8a8+qkv+ff2-dyn", "w4a16-fp32-act",
-               "w8a8-fp32-wo")
+               "w8a8-fp32-wo", "w8a8+float-act", "w4a8+float-act")
 # per-token dynamic 8-bit activations (the overrides of the dynamic-inputs variants below)
 _DYN8 = {"bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}
 # variants that are a preset plus one option
@@ -85,6 +85,9 @@ DERIVED = {
     # path float_input, which they now allow where no integer path pays)
     "w8a8-dynamic-int-only": {"base": "w8a8-dynamic", "float_activations_where_faster": False},
     "w4a4-int-only": {"base": "w4a4", "float_activations_where_faster": False},
+    # the static presets with path float_input allowed where no integer path pays
+    "w8a8+float-act": {"base": "w8a8", "float_activations_where_faster": True},
+    "w4a8+float-act": {"base": "w4a8", "float_activations_where_faster": True},
     # issue 11 item 4 candidate: self-attention q/k/v inputs with dynamic per-token ranges
     "w8a8+qkv-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$", "activation": _DYN8}]},
     "w8a8+qkv+ff2-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$|\.ff\.net\.2$", "activation": _DYN8}]},

@@ -60,12 +60,23 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   -1.5/+8 % compiled against its caption layers in float32 (2.97-3.37x fp32 compiled); on the
 #   embedded pipeline (64 prompts, the 2 caption layers took it) PSNR w8a8 38.41 -> 38.72 dB,
 #   w4a8 27.33 -> 27.26, w4a16 23.13 -> 23.10: no loss beyond noise.
+# - `float_activations_where_faster` (path "float_input": a narrow layer runs the float op on its
+#   quantized weight where no integer path beats it, whole-layer costs) is on in every preset with
+#   quantized activations, so that no layer runs slower than the float layer it replaces. At one
+#   torch thread the static presets' int8 paths beat float even at width 128, but at two threads
+#   (torch's default on the 2-core CI machines) they did not: on the embedded pipeline (AMD EPYC
+#   Zen 4, 2026-12-02, wall clock, two runs) w8a8's denoiser step was 0.94-0.99x fp32 without it
+#   (24 layers on the dequantize-per-call path) and 1.06-1.07x with it, w4a8's 1.14-1.21x and
+#   1.28-1.35x. At DiT widths no layer is small enough to keep the float copy (1 MiB at most).
+#   Where it is taken the layer skips its activation rounding; the quality benchmark has a
+#   `-int-only` row per preset with the literal numerics.
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(
         weight=_w(8, granularity="channel"),
         activation=_w(8, granularity="tensor", symmetric=False, range="mse"),
         smooth=dict(alpha="search", aggregate="rms"),
         weight_only_bf16_activations=True,
+        float_activations_where_faster=True,
         description="int8 weights (per channel) and int8 static activations per timestep group; smoothing",
     ),
     "w8a8-dynamic": dict(
@@ -83,6 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         smooth=dict(alpha="search", aggregate="rms"),
         gptq=dict(),
         weight_only_bf16_activations=True,
+        float_activations_where_faster=True,
         description="int4 weights (group 64, GPTQ) and int8 static activations per timestep group; smoothing",
     ),
     "w4a16": dict(

@@ -507,13 +507,13 @@ class Recipe:
         path "float_input": a kept float weight copy, only for layers of at most 1 MiB), where the
         kernel choice measures it faster, the layer's smoothing and low-rank branch counted (they
         fold into that copy; the integer paths pay them on top). It skips their activation
-        rounding (closer to full precision than the recipe simulates). On in w8a8-dynamic and
-        w4a4, whose per-token activation rounding costs most: on the embedded default
-        pipeline (width 128) it takes them from 0.86x to 1.01x fp32 (w4a4) and 1.02x to 1.05x
-        (w8a8-dynamic) per denoiser step (AMD EPYC Zen 4, one thread, 2026-12-02); at DiT widths
-        no layer is small enough (a 1152-wide layer's copy is over 1 MiB), so nothing changes
-        there. Off in the other presets and unless set; `set_execution(model, "real",
-        float_activations=False)` turns it off on a loaded model.
+        rounding (closer to full precision than the recipe simulates). On in every preset with
+        quantized activations but fp8 and the RTN baselines: on the embedded default pipeline
+        (width 128) it takes the denoiser step from 0.86x to 1.01x fp32 (w4a4) and 1.02x to
+        1.05x (w8a8-dynamic) at one thread, and w8a8 from 0.94-0.99x to 1.06-1.07x at two
+        (AMD EPYC Zen 4, 2026-12-02); at DiT widths no layer is small enough (a 1152-wide
+        layer's copy is over 1 MiB), so nothing changes there. Off unless set otherwise;
+        `set_execution(model, "real", float_activations=False)` turns it off on a loaded model.
     smooth / rotate / lowrank / gptq / attention: outlier-handling components (see
         `COMPONENTS`), each null (off), true (defaults) or a mapping of its options. Per
         layer they apply as: x -> (x / s) R,  W -> ((W * s) R = L1 L2 + R_w),  R_w rounded by

@@ -26,7 +26,7 @@ on an AMD EPYC). So nothing is chosen by availability:
   (narrow layers, dynamic per-token activations), the layer costs what the float one does.
   It changes the numerics (no activation rounding: closer to full precision than the
   simulated layer), so it is a candidate only where the recipe allows it
-  (`Recipe.float_activations_where_faster`, on in w8a8-dynamic and w4a4;
+  (`Recipe.float_activations_where_faster`, on in w8a8, w8a8-dynamic, w4a8 and w4a4;
   `set_execution(float_activations=True)`), and it is checked against the float op on the same
   weight. The layer's input transform (smoothing, rotation) and low-rank branch fold into its
   copy, so it is timed against the other paths WITH those (`measure(overhead=)`): whole-layer

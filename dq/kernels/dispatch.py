@@ -513,7 +513,7 @@ def set_execution(
     their quantized weight and UNQUANTIZED input (path "float_input", a kept float weight copy)
     where that is faster than every integer path (narrow layers on a CPU; it changes the
     numerics, towards full precision). None: what the model's recipe says
-    (`Recipe.float_activations_where_faster`: on in w8a8-dynamic and w4a4, off unless set).
+    (`Recipe.float_activations_where_faster`: on in w8a8, w8a8-dynamic, w4a8 and w4a4, off unless set).
     weight_only_bf16: let weight-only layers with a float32 input run their op in bfloat16
     (path "bf16": input, weight and product rounded to bfloat16) where that is faster (CPUs
     with bfloat16 matmul instructions). None: what the model's recipe says
