@@ -150,12 +150,12 @@ def _build_formats(pipe, model, plans: dict[str, list], recipe, calib_prompts, s
     from ..nn.router import TimestepRouter
     from ..prompts import resolve_prompts
 
-    prompts = resolve_prompts(pipe, calib_prompts, recipe)
-    passes = 0
+    passes, prompts = 0, None
 
     def collect(targets):
-        nonlocal passes
+        nonlocal passes, prompts
         passes += 1
+        prompts = prompts or resolve_prompts(pipe, calib_prompts, recipe)  # only if a pass is needed
         return calibrate(pipe, model, [], prompts, recipe=recipe, num_inference_steps=steps,
                          call_kwargs=call_kwargs, targets=targets)
 
