@@ -65,7 +65,7 @@ def _w(bits: int, **kw: Any) -> QuantSpec:
 #   quantized activations, so that no layer runs slower than the float layer it replaces. At one
 #   torch thread the static presets' int8 paths beat float even at width 128, but at two threads
 #   (torch's default on the 2-core CI machines) they did not: on the embedded pipeline (AMD EPYC
-#   Zen 4, 2026-12-02, wall clock, two runs) w8a8's denoiser step was 0.94-0.99x fp32 without it
+#   Zen 4, 2026-12-02, wall clock, 2-3 runs) w8a8's denoiser step was 0.94-0.99x fp32 without it
 #   (24 layers on the dequantize-per-call path) and 1.06-1.07x with it, w4a8's 1.14-1.21x and
 #   1.28-1.35x. At DiT widths no layer is small enough to keep the float copy (1 MiB at most).
 #   Where it is taken the layer skips its activation rounding; the quality benchmark has a
