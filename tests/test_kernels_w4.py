@@ -401,3 +401,40 @@ def test_layer_paths_and_path_counts_report_what_runs():
     chosen = layer_paths(model[1])
     assert len(chosen) == 1 and chosen[0] in dispatch.candidate_paths(model[1], torch.device("cpu"), torch.float32)
     assert path_counts(model) == dict(sorted({"int8_copy": 1, chosen[0]: 1}.items()))
+
+
+def test_a_layer_set_up_from_the_cache_reads_the_choice_measured_for_its_own_calls(monkeypatch, tmp_path):
+    """A smoothed, branched layer's calls fold (key `|around:tb`); a plain layer of the same shape
+    and formats is measured under the plain key. A model set up later from the cache (a reload)
+    must give the first layer the folded call's choice, not the plain layer's: else a reloaded
+    model rounds differently from the one that was saved."""
+    monkeypatch.setenv("DQ_CACHE_DIR", str(tmp_path))
+
+    def race_won_by(winner):
+        return lambda fns, sync, budget=0, clock=None: {p: (1e-4 if p == winner else 1e-3) for p in fns}
+
+    folded, _, _ = smoothed_branched()
+    set_execution(folded, "real", float_activations=True)
+    monkeypatch.setattr(choice, "_race", race_won_by("float_input"))
+    x = torch.randn(2, 32, 128)
+    with torch.no_grad():
+        folded(x)
+    plain = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None)
+    set_execution(plain, "real", float_activations=True)
+    monkeypatch.setattr(choice, "_race", race_won_by("int8_copy"))
+    with torch.no_grad():
+        plain(x)
+    keys = list(choice.cache().entries)
+    assert len(keys) == 2 and sum("|around:tb|" in k for k in keys) == 1
+    reloaded, _, _ = smoothed_branched()
+    set_execution(reloaded, "real", float_activations=True)
+    assert layer_paths_of(reloaded) == ["float_input"]
+    again = QuantLinear.from_float(torch.nn.Linear(128, 96), W4G, TOKEN4, None)
+    set_execution(again, "real", float_activations=True)
+    assert layer_paths_of(again) == ["int8_copy"]
+
+
+def layer_paths_of(q):
+    from dq.kernels import layer_paths
+
+    return layer_paths(q)

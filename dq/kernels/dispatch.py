@@ -209,13 +209,30 @@ def _nearest_choice(chosen: dict[int, str], rows: int) -> str:
     return chosen[min(chosen, key=lambda b: abs(math.log2(b) - math.log2(rows)))]
 
 
+def _around_key(transform: nn.Module | None, branch: nn.Module | None) -> str:
+    """The cache-key part of a choice measured with a call's input transform and branch around
+    the op (the calls path "float_input" folds)."""
+    return "|around:" + ("t" if transform is not None else "") + ("b" if branch is not None else "")
+
+
+def _own_around_key(layer: QuantModule, allowed: list[str]) -> str:
+    """`_around_key` of the calls `real_forward` folds for this layer (its own transform and
+    branch, where path "float_input" may fold them), else "": the key its choices are cached
+    under, so that a layer set up from the cache (`_prepare`) reads the choice measured for the
+    calls it will make, never the one of a layer of the same shape without them."""
+    transform, branch = layer.input_transform, layer.branch
+    if (transform is None and branch is None) or "float_input" not in allowed:
+        return ""
+    return _around_key(transform, branch) if _may_fold(layer) and _foldable(layer, transform, branch) else ""
+
+
 def _overhead(layer: QuantModule, x: torch.Tensor, around: tuple) -> tuple[str, object]:
     """(key suffix, function): the work a layer's call does around its op on every path but
     "float_input", which folds it into its weight: the input transform and the low-rank branch's
     two matmuls. Timed with the other paths, so the choice compares whole-layer costs (on a
     128-wide layer smoothing and a rank-32 branch cost more than int8 saves over float)."""
     transform, branch = around
-    suffix = "|around:" + ("t" if transform is not None else "") + ("b" if branch is not None else "")
+    suffix = _around_key(transform, branch)
     out: list[torch.Tensor] = []
 
     def run(t: torch.Tensor) -> None:
@@ -393,7 +410,7 @@ def _prepare(
     if path in allowed:
         layer.__dict__["_dq_forced_path"] = path
     else:
-        prefix, suffix = choice.describe(layer) + "|m", f"|{dtype}|{device.type}"
+        prefix, suffix = choice.describe(layer) + _own_around_key(layer, allowed) + "|m", f"|{dtype}|{device.type}"
         memo_key = (prefix, suffix, tuple(allowed))
         known = None if known_memo is None else known_memo.get(memo_key)
         if known is None:
