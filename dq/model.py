@@ -440,21 +440,20 @@ def env_moments_budget() -> int | str | None:
     return parse_bytes(raw) if raw else None
 
 
-def share_first_pass(cals: list[Calibration], collect: Callable[[list[CalibTarget]], StatsStore]) -> bool:
-    """Run pass 1 of several calibrations of one model over the same inputs as a single pass:
-    `collect(targets)` runs the model once with the union of their targets, and each calibration
-    is fed a view of the result (and prepares its layers from it). Pass 1 reads the raw inputs
-    (channel ranges, H, histograms of untransformed inputs), which do not depend on the formats a
-    plan gives the layers; so `dq.mixed` builds every candidate format from one pass 1 (each
-    format still runs its own pass 2: the histograms of its own transformed inputs). Each
-    calibration ends as if it had run its own pass 1 over the same inputs.
-    Returns False, doing nothing, where one pass cannot serve them all: fewer than two waiting
-    in pass 1, several models, several processes (their merge runs per calibration), a reducer,
-    pass 1 split under a second-moments budget, or targets of one layer that disagree."""
+def shared_first_pass(cals: list[Calibration]) -> list[CalibTarget] | None:
+    """The targets of ONE pass 1 that serves several calibrations of one model over the same
+    inputs (the union of theirs), or None where one pass cannot serve them all: fewer than two
+    waiting in pass 1, several models, several processes (their merge runs per calibration), a
+    reducer, pass 1 split under a second-moments budget, or targets of one layer that disagree.
+    Pass 1 reads the raw inputs (channel ranges, H, histograms of untransformed inputs), which do
+    not depend on the formats a plan gives the layers: `dq.mixed` builds every candidate format
+    from one pass 1, feeding each calibration a view of its statistics (`StatsStore.view`) when
+    that format's turn comes (so one format's prepared layers are held at a time), and each
+    format still runs its own pass 2. Each calibration ends as if it had run its own pass 1."""
     waiting = [c for c in cals if c.stage == "pass1"]
     if (len(waiting) < 2 or len({id(c.model) for c in waiting}) > 1 or distributed.active()
             or any(c.reduce is not None or len(c._chunks) > 1 for c in waiting)):
-        return False
+        return None
     union: dict[str, CalibTarget] = {}
     for cal in waiting:
         for t in cal.targets:
@@ -464,15 +463,12 @@ def share_first_pass(cals: list[Calibration], collect: Callable[[list[CalibTarge
                 continue
             if (u.module is not t.module or u.channel_dim != t.channel_dim or u.unfold != t.unfold
                     or u.transform is not None or t.transform is not None):
-                return False
+                return None
             moment = u.second_moment or t.second_moment
             optional = all(x.moment_optional for x in (u, t) if x.second_moment) if moment else False
             union[t.name] = replace(u, histogram=u.histogram or t.histogram, second_moment=moment,
                                     moment_optional=optional, channel_stats=u.channel_stats or t.channel_stats)
-    store = collect(list(union.values()))
-    for cal in waiting:
-        cal.feed(store.view(), reduce=False)
-    return True
+    return list(union.values())
 
 
 def moment_chunks(targets: list[CalibTarget], budget: int | str | None) -> list[list[str]]:

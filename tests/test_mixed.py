@@ -727,22 +727,16 @@ def test_int4g32_is_named_by_the_plan_when_the_recipe_own_4bit_spec_has_groups_o
 
 
 def test_one_first_pass_serves_several_calibrations_exactly():
-    """`share_first_pass`: one pass 1 over the inputs, with the union of two recipes' targets, gives
-    each calibration exactly what its own pass 1 would (same prepared layers, same built layers)."""
+    """`shared_first_pass`: one pass 1 over the inputs, with the union of two recipes' targets, fed
+    to each calibration as a view, gives each exactly what its own pass 1 would (same built layers)."""
     from dq.engine import build_layers, calibrate, run_passes
-    from dq.model import Calibration, share_first_pass
+    from dq.model import Calibration, shared_first_pass
     from dq.nn.router import TimestepRouter
 
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     prompts = prompts_for(KIND, 2)
     recipes = [Recipe.from_dict({"base": name, "calib_batch_size": 2}) for name in ("w4a8", "w8a8")]
-    runs = []
-
-    def collect(targets):
-        runs.append(len(targets))
-        return calibrate(pipe, model, [], prompts, recipe=recipes[0], num_inference_steps=STEPS,
-                         call_kwargs=call_kwargs(), targets=targets)
 
     def built(cal):
         router = TimestepRouter(cal.groups.tensor())
@@ -751,15 +745,19 @@ def test_one_first_pass_serves_several_calibrations_exactly():
         return {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}
 
     shared = [Calibration(model, r, pipe=pipe) for r in recipes]
-    assert share_first_pass(shared, collect) and len(runs) == 1
-    assert all(c.pass_number == 2 for c in shared)  # pass 1 done, each waits for its own pass 2
+    union = shared_first_pass(shared)
+    assert union is not None and {t.name for c in shared for t in c.targets} == {t.name for t in union}
+    store = calibrate(pipe, model, [], prompts, recipe=recipes[0], num_inference_steps=STEPS,
+                      call_kwargs=call_kwargs(), targets=union)
     for cal, recipe in zip(shared, recipes):
+        cal.feed(store.view(), reduce=False)
+        assert cal.pass_number == 2  # pass 1 done from the shared statistics; its own pass 2 next
         run_passes(pipe, cal, prompts, STEPS, call_kwargs())
         alone = run_passes(pipe, Calibration(model, recipe, pipe=pipe), prompts, STEPS, call_kwargs())
         a, b = built(cal), built(alone)
         assert a.keys() == b.keys() and a
         for key in a:
             assert torch.equal(a[key], b[key]), f"{recipe.name}: {key}"
-    # where one pass cannot serve them all, nothing runs and each calibration is left as it was
+    # where one pass cannot serve them all: None, and nothing changed
     single = Calibration(model, recipes[0], pipe=pipe)
-    assert not share_first_pass([single], collect) and single.pass_number == 1 and len(runs) == 1
+    assert shared_first_pass([single]) is None and single.pass_number == 1

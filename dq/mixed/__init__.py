@@ -9,7 +9,7 @@ which `apply_allocation` turns into the layer plan. The steps:
    `overrides` match are fixed: the recipe always wins.
 2. Each candidate format is built for every layer, exactly as `dq.quantize` builds it (the
    recipe's smoothing / GPTQ / low-rank; the raw-input statistics pass over the calibration
-   prompts runs once for all formats, `dq.model.share_first_pass`, and the range pass of each
+   prompts runs once for all formats, `dq.model.shared_first_pass`, and the range pass of each
    format's transformed inputs once per format), which gives each
    layer's real storage per format (packed codes, scales, zero points, low-rank branch,
    smoothing scales, activation ranges: every persistent tensor of the layer except its bias,

@@ -143,10 +143,10 @@ class Sensitivity:
 def _build_formats(pipe, model, plans: dict[str, list], recipe, calib_prompts, steps, call_kwargs):
     """Build (without installing) the quantized layers of each format's plan as dq.quantize would:
     ({format: (layers, router)}, pipeline passes run). Pass 1 of the calibration (raw-input
-    statistics) runs once for every format where it can (`dq.model.share_first_pass`); pass 2
+    statistics) runs once for every format where it can (`dq.model.shared_first_pass`); pass 2
     (each format's transformed inputs) runs per format."""
     from ..engine import build_layers, calibrate
-    from ..model import Calibration, share_first_pass
+    from ..model import Calibration, shared_first_pass
     from ..nn.router import TimestepRouter
     from ..prompts import resolve_prompts
 
@@ -160,11 +160,17 @@ def _build_formats(pipe, model, plans: dict[str, list], recipe, calib_prompts, s
                          call_kwargs=call_kwargs, targets=targets)
 
     cals = {fmt: Calibration(model, recipe, pipe=pipe, plan=plan) for fmt, plan in plans.items()}
-    if share_first_pass(list(cals.values()), collect):
-        logger.info("mixed precision: one statistics pass served all %d formats", len(cals))
+    union = shared_first_pass(list(cals.values()))
+    shared = None
+    if union is not None:
+        shared = collect(union)
+        logger.info("mixed precision: one statistics pass serves all %d formats", len(cals))
     out = {}
-    for i, (fmt, cal) in enumerate(cals.items()):
-        logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(cals))
+    for i, fmt in enumerate(list(cals)):
+        cal = cals.pop(fmt)  # its prepared layers go once its layers are built
+        logger.info("mixed precision: building every layer in %s (%d/%d)", fmt, i + 1, len(plans))
+        if shared is not None and cal.stage == "pass1":
+            cal.feed(shared.view(), reduce=False)
         while not cal.ready:
             cal.feed(collect(cal.targets))
         router = TimestepRouter(cal.groups.tensor())
