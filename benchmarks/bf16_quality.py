@@ -34,10 +34,6 @@ from dq.prompts import load_prompts
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def paths(model) -> dict[str, int]:
-    return path_counts(model)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -60,7 +56,7 @@ def main() -> None:
         flag = {"weight_only_bf16": on} if args.option == "bf16" else {"float_activations": on}
         set_execution(model, "auto", **flag)
         images = generate_images(pipe, prompts, **kw)
-        runs[name] = {"images": images, "paths": paths(model),
+        runs[name] = {"images": images, "paths": path_counts(model),
                       "psnr": float(psnr(images, fp)), "ssim": float(ssim(images, fp))}
     a, b = (r["images"] for r in runs.values())
     info = choice.machine()

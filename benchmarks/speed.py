@@ -299,7 +299,7 @@ def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, dev
         eager = {k: (lambda m=m: m(**call)) for k, m in variants.items()}
         warm_up(eager, device)  # the first eager call also measures and fixes each layer's kernel path
         out["bytes"] = {k: module_bytes(m) for k, m in variants.items()}  # runtime copies made by then
-        out["paths"] = {k: kernel_paths(m) for k, m in variants.items()}
+        out["paths"] = {k: path_counts(m) for k, m in variants.items()}
         out["eager"] = time_interleaved(eager, args.rounds, args.inner, device)
         log_ratios("eager", out["eager"])
         if not args.no_compile:
@@ -309,11 +309,6 @@ def measure_step(variants: dict[str, nn.Module], call: dict[str, Any], args, dev
             out["compiled"] = time_interleaved(compiled, args.rounds, args.inner, device)
             log_ratios("compiled", out["compiled"])
     return out
-
-
-def kernel_paths(model: nn.Module) -> dict[str, int]:
-    """How many quantized layers run each kernel path (`dq.kernels.choice`), "sim" for simulated."""
-    return path_counts(model)
 
 
 def log_ratios(mode: str, timing: dict[str, dict]) -> None:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_mixed import KIND, STEPS, budget_recipe, call_kwargs
 
 import dq
 from dq.engine import find_denoiser
@@ -24,19 +25,11 @@ from dq.mixed import (
 from dq.mixed.sampled import _final_latents
 from dq.nn import QuantModule
 from dq.recipe import Recipe
-from dq.testing.tiny import default_call_kwargs, prompts_for, tiny_pipeline
-
-KIND = "pixart"
-STEPS = 3
-
-
-def call_kwargs():
-    return {k: v for k, v in default_call_kwargs(KIND).items() if k not in ("num_inference_steps", "output_type")}
+from dq.testing.tiny import prompts_for, tiny_pipeline
 
 
 def recipe(**mixed):
-    cfg = {"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "weights": ["int4", "int8"], **mixed}
-    return Recipe.from_dict({"base": "w4a8", "calib_num_prompts": 2, "calib_batch_size": 2, "budget": 6.0, "mixed": cfg})
+    return budget_recipe(mixed, budget=6.0)
 
 
 def toy(damages, costs):
