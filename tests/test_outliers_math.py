@@ -28,7 +28,7 @@ from dq.quant.logquant import (
     log_quantize_tensor,
     uniform_quantize_probs,
 )
-from dq.quant.lowrank import lowrank_split
+from dq.quant.lowrank import lowrank_split, svd_factors
 from dq.quant.smooth import (
     InputStats,
     aggregate_ranges,
@@ -264,6 +264,35 @@ def test_lowrank_split_is_exact_and_refits_improve_the_residual_error():
     up, down, residual = lowrank_split(w, 16, quant, iters=4)
     assert (residual - quant(residual)).norm() <= plain
     assert (w - up @ down - quant(residual)).norm() < (w - quant(w)).norm() / 2
+
+
+@pytest.mark.parametrize("scipy_present", [True, False])
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)])
+def test_svd_factors_give_the_truncated_svd(shape, scipy_present, monkeypatch):
+    """The Gram-matrix factors equal a full SVD's best rank-r approximation, tall or wide,
+    with or without scipy's subset eigensolver, and stay finite past the matrix's rank."""
+    import builtins
+    if not scipy_present:
+        real_import = builtins.__import__
+
+        def no_scipy(name, *args, **kwargs):
+            if name.startswith("scipy"):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr(builtins, "__import__", no_scipy)
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    w[:, :2] *= 15
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    for rank in (1, 8):
+        up, down = svd_factors(w, rank)
+        assert up.shape == (shape[0], rank) and down.shape == (rank, shape[1])
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert torch.allclose((up @ down).double(), best, atol=1e-4, rtol=0)
+    low = torch.randn(shape[0], 3) @ torch.randn(3, shape[1])  # rank 3 < 8
+    up, down = svd_factors(low, 8)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert torch.allclose(up @ down, low, atol=1e-3)
 
 
 def test_rank_larger_than_the_layer_allows_is_a_clear_error():

@@ -29,10 +29,42 @@ def check_rank(rank: int, shape: tuple[int, int], name: str = "layer") -> None:
 
 
 def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in]) with up @ down the best rank-r approximation of w."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(w.dtype), (root[:, None] * vh[:rank]).to(w.dtype)
+    """(up [out, r], down [r, in]) with up @ down the best rank-r approximation of w.
+
+    From the top eigenvectors of the smaller Gram matrix (W^T W or W W^T) in float64 rather
+    than a full SVD: the same product to ~1e-13 (squaring the condition number only costs
+    accuracy in the small singular values, which are dropped), 2-14x faster at DiT widths
+    (1152 x 4608 on 2 cores: 3.0 s -> 0.2 s), which is most of a low-rank recipe's
+    calibration time there (`tests/test_quant.py` checks it against `torch.linalg.svd`)."""
+    wd = w.double()
+    tall = wd.shape[0] >= wd.shape[1]
+    vals, vecs = _top_eigh(wd.T @ wd if tall else wd @ wd.T, rank)  # descending
+    root = vals.clamp(min=0).sqrt().sqrt()  # sqrt of the singular values
+    inv = torch.where(root > 0, 1 / root.clamp(min=1e-300), torch.zeros_like(root))
+    if tall:  # vecs: right singular vectors V; W V = U S
+        up, down = (wd @ vecs) * inv, root[:, None] * vecs.T
+    else:  # vecs: left singular vectors U; U^T W = S V^T
+        up, down = vecs * root, inv[:, None] * (vecs.T @ wd)
+    return up.to(w.dtype), down.to(w.dtype)
+
+
+def _top_eigh(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (descending) and their eigenvectors of the symmetric g.
+
+    On the CPU with scipy installed, LAPACK's subset solver computes only those k (about 3x
+    faster than torch's full `eigh` at 1152); otherwise torch.linalg.eigh of all of them."""
+    n = g.shape[0]
+    k = min(k, n)
+    if g.device.type == "cpu":
+        try:
+            from scipy.linalg import eigh as scipy_eigh
+        except ImportError:
+            scipy_eigh = None
+        if scipy_eigh is not None:
+            vals, vecs = scipy_eigh(g.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+            return torch.from_numpy(vals.copy()).flip(0), torch.from_numpy(vecs.copy()).flip(1)
+    vals, vecs = torch.linalg.eigh(g)
+    return vals[-k:].flip(0), vecs[:, -k:].flip(1)
 
 
 def _error(e: torch.Tensor, h: torch.Tensor | None) -> float:

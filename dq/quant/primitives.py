@@ -71,7 +71,7 @@ def _mse(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tenso
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for ratio in torch.linspace(1.0, _MSE_LOWEST, _MSE_GRID).tolist():
         lo, hi = lo0 * ratio, hi0 * ratio
-        err = (fake_quantize_rows(rows, lo, hi, spec) - rows).pow(2).sum(dim=1, keepdim=True)
+        err = fake_quantize_rows(rows, lo, hi, spec).sub_(rows).square_().sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)

@@ -179,7 +179,7 @@ def output_error(
     inv = transform.inverse_scale_columns(k, e)
     if inv is not None:
         e = e * inv
-    error = float(((e @ h) * e).double().sum())
+    error = float((e @ h).mul_(e).sum(dtype=torch.float64))
     if act_spec is not None:
         m2_cols = transform.moment_diagonal(h, k).clamp(min=0) / max(stats.count, 1)
         noise = activation_noise(act_spec, stats, transform, m2_cols)
