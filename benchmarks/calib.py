@@ -234,7 +234,17 @@ FLUX_IMAGE_STEPS = 16 * 20  # the family default: 16 prompts x 20 steps, one bra
 # NVIDIA H100 SXM dense peaks (datasheet), FLOP/s; this Xeon core's float32 peak: 2 AVX-512 FMA
 # units x 16 lanes x 2 FLOP x 2.8 GHz. Projections assume 50 % of peak on both.
 H100_PEAK = {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}
-CORE_FP32_PEAK = 2 * 16 * 2 * 2.8e9
+
+
+def core_fp32_peak(machine: dict) -> tuple[float, str]:
+    """One core's float32 peak (FLOP/s) of the machine a calib-size.json row was measured on:
+    FMA pipes x lanes x 2 x clock. Intel with AVX-512: 2 x 16 (Xeon Scalable); AMD family 25
+    (Zen 3/4: Zen 4 runs AVX-512 on two 256-bit pipes) and other AVX2 CPUs: 2 x 8."""
+    mhz = machine.get("cpu_mhz") or 2800.0  # results from before the clock was recorded: the 2.80 GHz Xeon
+    vendor = machine.get("vendor") or "GenuineIntel"
+    wide = vendor == "GenuineIntel" and machine.get("avx512f", True)
+    per_cycle = 2 * (16 if wide else 8) * 2
+    return per_cycle * mhz * 1e6, f"{per_cycle} FLOP/cycle x {mhz:.0f} MHz ({vendor}{', AVX-512' if wide else ''})"
 EFFICIENCY = 0.5
 
 
@@ -293,7 +303,7 @@ def prepare_rate() -> dict:
     _, works = plan_model(model, preset(RECIPE))
     cost = sum(prepare_cost(w) for w in works.values())
     seconds = row["calibrate_cpu_s"] - row["passes_cpu_s"]
-    return {"cpu_s_per_unit": seconds / cost, "from": f"calib-size.json, width {row['width']} x {row['depth']} blocks, "
+    return {"cpu_s_per_unit": seconds / cost, "machine": data["machine"], "from": f"calib-size.json, width {row['width']} x {row['depth']} blocks, "
             f"{seconds:.1f} CPU s of preparation ({data['machine']['cpu']}, {data['machine']['date']})"}
 
 
@@ -328,9 +338,10 @@ def project_flux() -> dict:
     inner = cfg.num_attention_heads * cfg.attention_head_dim
     attention = 2 * tokens["both"] ** 2 * inner * (cfg.num_layers + cfg.num_single_layers)  # QK^T and PV, MACs
     rate = prepare_rate()
+    core_peak, core_note = core_fp32_peak(rate.pop("machine"))
     prep_units = sum(prepare_cost(w) for w in works.values())
     prep_cpu_s = rate["cpu_s_per_unit"] * prep_units
-    gpu_over_core = H100_PEAK["fp32"] / CORE_FP32_PEAK
+    gpu_over_core = H100_PEAK["fp32"] / core_peak
     seconds = lambda macs, peak: 2 * macs * FLUX_IMAGE_STEPS / (EFFICIENCY * H100_PEAK[peak])  # noqa: E731
     forward = 2 * seconds(linear + attention, "bf16")  # two passes: statistics, then ranges
     out = {
@@ -340,7 +351,8 @@ def project_flux() -> dict:
         "macs_per_image_step": {"linear": linear, "attention": attention, "moments": moments, "moments_unshared": moments_unshared},
         "moment_gb": {"shared": moment_bytes / 1e9, "unshared": moment_bytes_unshared / 1e9},
         "distinct_inputs": sum(1 for c in plan if roles[_role(c.name)]["shares_with"] is None),
-        "prepare": {**rate, "units": prep_units, "cpu_s_this_core": prep_cpu_s, "h100_over_core_fp32": gpu_over_core},
+        "prepare": {**rate, "units": prep_units, "cpu_s_this_core": prep_cpu_s, "h100_over_core_fp32": gpu_over_core,
+                    "core_fp32_peak": core_note},
         "assumptions": f"{EFFICIENCY:.0%} of H100 SXM dense peak (bf16 forward, fp32 or tf32 moments, fp32 preparation "
                        "at this core's measured rate x the peak ratio); moments in host memory when they do not fit (transfer not counted)",
         "seconds_one_h100": {
@@ -363,7 +375,15 @@ def project_flux() -> dict:
 def machine_note() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if key.strip() == "flags":
+            break
+    return {"cpu": cpu, "vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "cpu_mhz": float(fields.get("cpu MHz") or 0) or None, "avx512f": "avx512f" in fields.get("flags", "").split(),
+            "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main() -> None:
