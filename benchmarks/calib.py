@@ -231,8 +231,8 @@ def sweep_procs(heads: int, depth: int, prompts: int, steps: int, repeats: int, 
 
 FLUX_TOKENS = {"image": 4096, "text": 512}  # 1024x1024: 64x64 packed latent patches; T5 at 512
 FLUX_IMAGE_STEPS = 16 * 20  # the family default: 16 prompts x 20 steps, one branch (guidance-distilled)
-# NVIDIA H100 SXM dense peaks (datasheet), FLOP/s; this Xeon core's float32 peak: 2 AVX-512 FMA
-# units x 16 lanes x 2 FLOP x 2.8 GHz. Projections assume 50 % of peak on both.
+# NVIDIA H100 SXM dense peaks (datasheet), FLOP/s; the measuring core's float32 peak is
+# `core_fp32_peak` below. Projections assume 50 % of peak on both.
 H100_PEAK = {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}
 
 

@@ -35,8 +35,8 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     than a full SVD: the same product to ~1e-13 (squaring the condition number only costs
     accuracy in the small singular values, which are dropped), 2-14x faster at DiT widths
     (1152 x 4608 on 2 cores: 3.0 s -> 0.2 s), which is most of a low-rank recipe's
-    calibration time there (`tests/test_quant.py` checks it against `torch.linalg.svd`)."""
-    wd = w.double()
+    calibration time there (`tests/test_outliers_math.py` checks it against `torch.linalg.svd`)."""
+    wd = w.detach().double()
     tall = wd.shape[0] >= wd.shape[1]
     vals, vecs = _top_eigh(wd.T @ wd if tall else wd @ wd.T, rank)  # descending
     root = vals.clamp(min=0).sqrt().sqrt()  # sqrt of the singular values
