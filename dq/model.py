@@ -45,12 +45,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibrate import distributed
 from .calibrate.hooks import Calibrator, CalibTarget, moment_bytes
 from .calibrate.stats import StatsStore
 from .calibrate.timesteps import TimestepGroups
 from .errors import DQError
+from .logs import show_progress
 from .outliers import PreparedLayer, calibration_targets, prepare_layer, summarize
 from .provenance import describe_source
 from .recipe import Recipe
@@ -171,7 +173,7 @@ class Calibration:
             self.prepared.update(prepare_split(self.works, names, store, self.groups, self._loads))
             return
         with torch.no_grad():
-            for name in names:
+            for name in preparing(names, self.works):
                 self.prepared[name] = prepare_layer(self.works[name], store, self.groups)
         if len(self.prepared) == len(self.works):  # in plan order, whatever pass prepared them
             self.prepared = {name: self.prepared[name] for name in self.works}
@@ -381,6 +383,14 @@ def _prepared_to(prepared: PreparedLayer, device: torch.device | str) -> Prepare
     return prepared
 
 
+def preparing(names: list[str], works: dict) -> Any:
+    """`names` to iterate over, behind a progress bar when any of them has preparation to do
+    (smoothing search, low-rank fit, GPTQ: seconds to minutes per layer at DiT widths, after the
+    calibration passes' own bar has ended); no bar under ``--quiet`` or for static-range recipes."""
+    busy = any(prepare_cost(works[n]) > 0 for n in names)
+    return tqdm(names, desc="preparing layers", unit="layer", disable=not (busy and show_progress()))
+
+
 def prepare_split(works: dict, names: list[str], store: StatsStore | None, groups: TimestepGroups,
                   loads: list[float] | None = None) -> dict[str, PreparedLayer]:
     """Prepare `names` across the processes: each prepares its share (balanced by
@@ -394,7 +404,7 @@ def prepare_split(works: dict, names: list[str], store: StatsStore | None, group
         for name in names:
             if costly[name] == 0:  # nothing to prepare: no exchange
                 out[name] = prepare_layer(works[name], store, groups)
-        mine = {name: _prepared_to(prepare_layer(works[name], store, groups), "cpu") for name in shares[me]}
+        mine = {name: _prepared_to(prepare_layer(works[name], store, groups), "cpu") for name in preparing(shares[me], works)}
     logger.info("preparing %d of %d layers on this process (%d processes)", len(mine), sum(map(len, shares)), world)
     for theirs in distributed.gather_objects(mine, "the exchange of the prepared layers"):
         for name, prepared in theirs.items():

@@ -217,3 +217,23 @@ def test_dq_calibrate_cli_writes_statistics(tmp_path, monkeypatch):
     assert not any(isinstance(m, QuantModule) for m in pipe.transformer.modules())
     assert cli.main(["calibrate", "some/model", "--stats-out", str(out), "-q"]) != 0  # exists: refused
     assert cli.main(["calibrate", "some/model", "--stats-out", str(tmp_path / "s.bin"), "-q"]) != 0
+
+
+def test_layer_preparation_shows_a_progress_bar_unless_quiet(flux_inputs, capfd):
+    """The smoothing search, low-rank fit and GPTQ take minutes at DiT widths after the
+    calibration passes' bar has ended: they get their own bar, off under --quiet and where
+    the recipe has nothing to prepare."""
+    from dq.logs import _show_progress
+
+    def calibrate(recipe):
+        model = tiny_pipeline(KIND).transformer
+        dq.calibrate(model, recipe, run=lambda: replay(model, flux_inputs))
+        return capfd.readouterr().err
+
+    assert "preparing layers" in calibrate("w4a8")
+    assert "preparing layers" not in calibrate("w8a8-rtn")  # static ranges only
+    token = _show_progress.set(False)
+    try:
+        assert "preparing layers" not in calibrate("w4a8")
+    finally:
+        _show_progress.reset(token)
