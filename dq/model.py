@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -383,7 +383,7 @@ def _prepared_to(prepared: PreparedLayer, device: torch.device | str) -> Prepare
     return prepared
 
 
-def preparing(names: list[str], works: dict) -> Any:
+def preparing(names: list[str], works: dict) -> Iterable[str]:
     """`names` to iterate over, behind a progress bar when any of them has preparation to do
     (smoothing search, low-rank fit, GPTQ: seconds to minutes per layer at DiT widths, after the
     calibration passes' own bar has ended); no bar under ``--quiet`` or for static-range recipes."""
