@@ -373,16 +373,14 @@ def project_flux() -> dict:
 
 
 def machine_note() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-        if key.strip() == "flags":
-            break
-    return {"cpu": cpu, "vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model"),
-            "cpu_mhz": float(fields.get("cpu MHz") or 0) or None, "avx512f": "avx512f" in fields.get("flags", "").split(),
+    """The machine of a results file: dq's kernel-cache identity of the CPU (`choice.machine`), plus
+    the clock and AVX-512 that `core_fp32_peak` reads."""
+    from dq.kernels import choice
+
+    info = choice.machine()
+    mhz = choice.cpuinfo().get("cpu MHz")
+    return {"cpu": info["cpu"], "vendor": info["vendor"], "family_model_stepping": info["family_model_stepping"],
+            "isa": info["isa"], "cpu_mhz": float(mhz) if mhz else None, "avx512f": "avx512f" in info["isa"],
             "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

@@ -97,7 +97,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 
 
 # -- the machine -------------------------------------------------------------------
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     info: dict[str, str] = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -111,7 +112,7 @@ def _cpuinfo() -> dict[str, str]:
 
 def machine() -> dict[str, object]:
     """What decides kernel speed here: CPU model, family/model/stepping, ISA flags, threads, torch."""
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     return {
         "cpu": info.get("model name") or platform.processor() or platform.machine(),
