@@ -70,7 +70,7 @@ logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_RECIPES = ("w8a8", "w8a8-all-static", "w8a8-dynamic", "w4a8", "w4a16", "w4a16-a8", "w4a4", "w8a8+attn-int8",
                "w8a8-dynamic-int-only", "w4a4-int-only", "w8a8+qkv-dyn", "w8a8+qkv+ff2-dyn", "w4a16-fp32-act",
-               "w8a8-fp32-wo", "w8a8+float-act", "w4a8+float-act")
+               "w8a8-fp32-wo", "w8a8+float-act", "w4a8+float-act", "w8a8-fp32-attn", "w4a4-fp32-attn")
 # per-token dynamic 8-bit activations (the overrides of the dynamic-inputs variants below)
 _DYN8 = {"bits": 8, "granularity": "token", "symmetric": False, "dynamic": True}
 # variants that are a preset plus one option
@@ -92,6 +92,9 @@ DERIVED = {
     "w8a8+qkv-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$", "activation": _DYN8}]},
     "w8a8+qkv+ff2-dyn": {"base": "w8a8", "overrides": [{"pattern": r"\.attn1\.to_[qkv]$|\.ff\.net\.2$", "activation": _DYN8}]},
     "w8a8+attn-int8": {"base": "w8a8", "attention": {"int8": True}},
+    # the presets as before 2026-12-03: the attention core in float32 only (no bfloat16 SDPA)
+    "w8a8-fp32-attn": {"base": "w8a8", "attention_bf16_where_faster": False},
+    "w4a4-fp32-attn": {"base": "w4a4", "attention_bf16_where_faster": False},
     # w8a8 with every layer static (before 2026-12-01): no architecture dynamic_inputs rule
     "w8a8-all-static": {"base": "w8a8", "overrides": [{"pattern": r"attn2\.to_out\.0$|attn1\.to_[qkv]$|ff\.net\.2$", "activation": {
         "bits": 8, "granularity": "tensor", "symmetric": False, "range": "mse"}}]},

@@ -371,12 +371,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from .kernels import choice
 
         choice.cache().clear()
+    tokens = [int(t) for t in args.attention_tokens.split(",") if t.strip()]
+    if min(tokens, default=1) < 1:
+        raise DQError(f"--attention-tokens needs positive integers or nothing, got {args.attention_tokens!r}")
     rows = doctor.measure_table(widths, args.rows)
-    print(doctor.render(rows))
+    attention = doctor.measure_attention(tokens)
+    print(doctor.render(rows) + doctor.render_attention(attention))
     if args.json:
         from .kernels import choice
 
-        body = {"machine": choice.machine(), "rows": [r.__dict__ | {"speedup": r.speedup} for r in rows]}
+        body = {"machine": choice.machine(), "rows": [r.__dict__ | {"speedup": r.speedup} for r in rows],
+                "attention": [r.__dict__ | {"speedup": r.speedup} for r in attention]}
         Path(args.json).write_text(json.dumps(body, indent=2))
     return 0
 
@@ -424,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--widths", default="128,512,1152", help="comma-separated layer widths (square linear layers)")
     d.add_argument("--rows", type=int, default=256, help="rows (tokens x batch) per call")
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    d.add_argument("--attention-tokens", default="256,1024",
+                   help="comma-separated token counts of the attention-core rows (float32 against bfloat16 SDPA); '' for none")
     d.add_argument("--json", default=None, help="also write the table as JSON to this file")
     d.add_argument("--fresh", action="store_true", help="forget this machine's cached choices and measure again")
     d.set_defaults(func=cmd_doctor)

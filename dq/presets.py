@@ -76,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         activation=_w(8, granularity="tensor", symmetric=False, range="mse"),
         smooth=dict(alpha="search", aggregate="rms"),
         weight_only_bf16_activations=True,
+        attention_bf16_where_faster=True,
         float_activations_where_faster=True,
         description="int8 weights (per channel) and int8 static activations per timestep group; smoothing",
     ),
@@ -84,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         activation=_w(8, granularity="token", symmetric=False, dynamic=True),
         smooth=dict(alpha="search", aggregate="rms"),
         weight_only_bf16_activations=True,
+        attention_bf16_where_faster=True,
         float_activations_where_faster=True,
         description="int8 weights (per channel) and int8 dynamic per-token activations; smoothing "
         "(best W8A8 image quality; static w8a8 is the faster one)",
@@ -94,6 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         smooth=dict(alpha="search", aggregate="rms"),
         gptq=dict(),
         weight_only_bf16_activations=True,
+        attention_bf16_where_faster=True,
         float_activations_where_faster=True,
         description="int4 weights (group 64, GPTQ) and int8 static activations per timestep group; smoothing",
     ),
@@ -101,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight=_w(4, granularity="group", group_size=64, range="mse"),
         activation=None,
         weight_only_bf16_activations=True,
+        attention_bf16_where_faster=True,
         description="int4 weights (group 64), 16-bit activations: float32, or bfloat16 where its matmul is faster",
     ),
     "w8a16": dict(
@@ -115,6 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lowrank=dict(rank=32),
         gptq=dict(),
         weight_only_bf16_activations=True,
+        attention_bf16_where_faster=True,
         float_activations_where_faster=True,
         description="int4 weights (group 64, GPTQ) and int4 dynamic per-token activations; "
         "smoothing and a rank-32 float branch (SVDQuant)",

@@ -501,6 +501,12 @@ class Recipe:
         says; on in the w4a16 preset and, for their weight-only layers (PixArt's caption
         projection, SD3's context embedder), in w8a8, w8a8-dynamic, w4a8 and w4a4; off in the
         RTN baselines and unless set.
+    attention_bf16_where_faster: the attention core of `Attention` modules with a plain
+        processor (softmax(Q K^T / sqrt(d)) V) may run on bfloat16 Q, K, V from float32 inputs
+        (`dq.nn.bf16_attention`) where the kernel choice measures it faster: about 2x the float32
+        core on CPUs with AMX or AVX-512 BF16; about 49 dB SQNR on the attention output. On in
+        the calibrated W*A* presets (w8a8, w8a8-dynamic, w4a8, w4a4, w4a16), off in the RTN
+        baselines, fp8, w8a16 and unless set; a recipe's `attention` option wins where set.
     float_activations_where_faster: small layers whose quantized activations cost more than
         the integer matmul saves (narrow layers, dynamic per-token activations on a CPU) may
         run as the float op on their quantized weight with the input not quantized (kernel
@@ -537,6 +543,7 @@ class Recipe:
     weight_only_int8_activations: bool = False
     float_activations_where_faster: bool = False
     weight_only_bf16_activations: bool = False
+    attention_bf16_where_faster: bool = False
     smooth: SmoothConfig | None = None
     rotate: RotateConfig | None = None
     lowrank: LowRankConfig | None = None
@@ -555,6 +562,7 @@ class Recipe:
         _check_type(self.weight_only_int8_activations, "bool", "recipe field weight_only_int8_activations")
         _check_type(self.float_activations_where_faster, "bool", "recipe field float_activations_where_faster")
         _check_type(self.weight_only_bf16_activations, "bool", "recipe field weight_only_bf16_activations")
+        _check_type(self.attention_bf16_where_faster, "bool", "recipe field attention_bf16_where_faster")
         for key in ("timestep_groups", "calib_num_prompts", "calib_steps", "calib_batch_size", "histogram_bins"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

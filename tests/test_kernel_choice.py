@@ -231,12 +231,19 @@ def test_the_chosen_int8_path_is_never_far_slower_than_float_at_dit_width(cache_
 def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
     from dq.cli import main
 
-    assert main(["doctor", "--widths", "32", "--rows", "16", "--json", str(cache_folder / "d.json")]) == 0
+    assert main(["doctor", "--widths", "32", "--rows", "16", "--attention-tokens", "16,32",
+                 "--json", str(cache_folder / "d.json")]) == 0
     out = capsys.readouterr().out
     assert "machine:" in out and "w8a8" in out and "w4a16" in out and "vs float" in out
+    assert "attention core" in out and "sdpa_bf16" in out
     body = json.loads((cache_folder / "d.json").read_text())
     assert body["machine"]["cpu"] and {r["fmt"] for r in body["rows"]} == {"w8a8", "w8a8-dynamic", "w4a8", "w4a16"}
+    assert [r["tokens"] for r in body["attention"]] == [16, 32]
+    assert all(r["choice"] in ("sdpa", "sdpa_bf16") and r["times"]["sdpa"] > 0 for r in body["attention"])
+    # the attention rows' choices are in the cache, as a model's first call would leave them
+    assert {r["key"] for r in body["attention"]} <= set(choice.cache().entries)
     assert main(["doctor", "--widths", "0"]) == 2
+    assert main(["doctor", "--widths", "32", "--attention-tokens", "0"]) == 2
     before = choice.cache().path.stat().st_mtime_ns
     assert main(["doctor", "--widths", "32", "--rows", "16", "--fresh"]) == 0  # re-measures and rewrites
     assert choice.cache().path.stat().st_mtime_ns > before

@@ -92,13 +92,28 @@ def test_bf16_matches_its_simulation_and_stays_close_to_float(weight, rank):
 def test_bf16_simulation_rounds_what_it_says():
     q = weight_only(bias=True)
     x = torch.randn(7, 128)
-    w = q.dequantized_weight(torch.bfloat16).float()
-    manual = (x.bfloat16().float() @ w.t()).bfloat16().float() + q.bias
+    # 4-bit groups on two-level scales: exact int8 weights (no weight rounding), product rounded
+    # to bfloat16, then the channel scale and the bias in float32
+    layout = q.weight_layout
+    assert layout.integer_matmul_ready
+    ints = layout.integer_weight(q.qweight, q.wzero, q.wmult).float()
+    assert torch.equal(ints.bfloat16().float(), ints)  # exact in bfloat16
+    manual = (x.bfloat16().float() @ ints.t()).bfloat16().float() * layout.channel_scale(q.wscale) + q.bias
     assert torch.allclose(runners.simulated_bf16(q, x), manual, rtol=0, atol=0)
+    # the same integers times their scale are the layer's weight
+    assert torch.allclose(ints * layout.channel_scale(q.wscale)[:, None], q.dequantized_weight(), rtol=1e-6, atol=0)
     # without a bias
     nb = weight_only(bias=False)
+    ints = nb.weight_layout.integer_weight(nb.qweight, nb.wzero, nb.wmult).float()
     assert torch.equal(runners.simulated_bf16(nb, x),
-                       (x.bfloat16().float() @ nb.dequantized_weight(torch.bfloat16).float().t()).bfloat16().float())
+                       (x.bfloat16().float() @ ints.t()).bfloat16().float() * nb.weight_layout.channel_scale(nb.wscale))
+    # a layout without exact integer weights (log codes): the dequantized weight rounded to bfloat16
+    lg = weight_only(QuantSpec(bits=4, log=True))
+    assert not lg.weight_layout.integer_matmul_ready
+    w = lg.dequantized_weight(torch.bfloat16).float()
+    assert torch.equal(runners.simulated_bf16(lg, x), (x.bfloat16().float() @ w.t()).bfloat16().float() + lg.bias)
+    set_execution(lg, "real", path="bf16", weight_only_bf16=True)
+    assert rel(lg(x), runners.simulated_bf16(lg, x)) < 1e-4
 
 
 def test_bf16_on_a_pointwise_convolution_adds_the_bias_per_channel():

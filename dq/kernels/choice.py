@@ -34,8 +34,10 @@ on an AMD EPYC). So nothing is chosen by availability:
   A weight-only layer with a transform or a branch (w4a4's caption projection) may take it
   without any opt-in: there the float op on the raw input is exactly its function.
 - "bf16": weight-only layers (W4A16, W8A16) with a float32 input run their op in bfloat16:
-  input and weight (dequantized per call, no copy kept) rounded to bfloat16, float32
-  accumulation, the result rounded to bfloat16 and returned in float32, the bias added there.
+  the input rounded to bfloat16, the weight made per call (no copy kept) as its exact int8
+  integers where the layout has them, the per-channel scale applied to the product (else the
+  dequantized weight rounded to bfloat16), float32 accumulation, the result rounded to
+  bfloat16 and returned in float32, the scale and bias applied there.
   On CPUs with bfloat16 matmul instructions (AVX-512 BF16, AMX) it is about twice as fast as
   the float32 op; elsewhere the screen drops it. A "16-bit activations" format as the name
   W4A16 says, but not the float32 function the layer simulates, so it is a candidate only
@@ -77,12 +79,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float_input", "bf16")
+# The attention core's paths (`dq.nn.bf16_attention`): float32 SDPA, SDPA on bfloat16 inputs.
+ATTENTION_PATHS = ("sdpa", "sdpa_bf16")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
 COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float_input")
-CACHE_VERSION = 5  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
+CACHE_VERSION = 6  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
 # activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost;
 # 4: path float_input (a dq without it would discard a whole file that names it); 5: path bf16, and
-# entries measured under torch.inference_mode, where the static int8 path raised and was dropped
+# entries measured under torch.inference_mode, where the static int8 path raised and was dropped;
+# 6: the attention core's entries (ATTENTION_PATHS), and path bf16 on exact integer weights
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
@@ -164,12 +169,13 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: object) -> Measurement:
-        if not isinstance(data, dict) or data.get("choice") not in PATHS:
+        known = PATHS + ATTENTION_PATHS
+        if not isinstance(data, dict) or data.get("choice") not in known:
             raise ValueError("not a measurement")
         times, dropped = data.get("times", {}), data.get("dropped", {})
-        if not all(p in PATHS and isinstance(t, (int, float)) and math.isfinite(t) for p, t in times.items()):
+        if not all(p in known and isinstance(t, (int, float)) and math.isfinite(t) for p, t in times.items()):
             raise ValueError("bad times")
-        if not all(p in PATHS and isinstance(r, str) for p, r in dropped.items()):
+        if not all(p in known and isinstance(r, str) for p, r in dropped.items()):
             raise ValueError("bad dropped")
         return cls(data["choice"], dict(times), dict(dropped))
 
@@ -259,12 +265,14 @@ def cache() -> ChoiceCache:
 def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     """The fastest path that was not dropped ("dequant", the simulated path, if none is left).
     Paths within 3% of the fastest count as tied; a tie goes to one that keeps no runtime
-    copy of the weight (`COPY_PATHS`), then to the first in `PATHS` order."""
+    copy of the weight (`COPY_PATHS`), then to the first in `PATHS` order (the attention core's
+    paths: "sdpa", the exact one, first; "sdpa" too if none is left)."""
     usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
     if not usable:
-        return "dequant"
+        seen = set(times) | set(dropped)
+        return "sdpa" if seen and seen <= set(ATTENTION_PATHS) else "dequant"
     best = min(usable.values())
-    near = [p for p in PATHS if p in usable and usable[p] <= best * 1.03]
+    near = [p for p in PATHS + ATTENTION_PATHS if p in usable and usable[p] <= best * 1.03]
     lean = [p for p in near if p not in COPY_PATHS]
     return lean[0] if lean else near[0]
 

@@ -505,7 +505,7 @@ def set_execution(
     model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
     float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES, int8_copy: bool = True,
     weight_only_int8: bool | None = None, float_activations: bool | None = None,
-    weight_only_bf16: bool | None = None,
+    weight_only_bf16: bool | None = None, attention_bf16: bool | None = None,
 ) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
@@ -532,9 +532,14 @@ def set_execution(
     numerics, towards full precision). None: what the model's recipe says
     (`Recipe.float_activations_where_faster`: on in w8a8, w8a8-dynamic, w4a8 and w4a4, off unless set).
     weight_only_bf16: let weight-only layers with a float32 input run their op in bfloat16
-    (path "bf16": input, weight and product rounded to bfloat16) where that is faster (CPUs
+    (path "bf16": input and product rounded to bfloat16, the weight's exact integers or its
+    bfloat16 rounding) where that is faster (CPUs
     with bfloat16 matmul instructions). None: what the model's recipe says
     (`Recipe.weight_only_bf16_activations`; on in the w4a16 preset).
+    attention_bf16: let the attention core of `Attention` modules with a plain processor run on
+    bfloat16 Q, K, V where that is measured faster (`dq.nn.bf16_attention`; "real" and "auto"
+    only, "sim" puts the plain processors back). None: what the model's recipe says
+    (`Recipe.attention_bf16_where_faster`; on in the calibrated W*A* presets).
     Runtime tensors derived from the weights are made on each layer's first call (or when a
     torch.compile trace starts, or by `prepare_runtime`): call it again after changing a
     layer's stored weights in place.
@@ -552,6 +557,12 @@ def set_execution(
         float_activations = bool(getattr(recipe, "float_activations_where_faster", False))
     if weight_only_bf16 is None:
         weight_only_bf16 = bool(getattr(recipe, "weight_only_bf16_activations", False))
+    if attention_bf16 is None:
+        attention_bf16 = bool(getattr(recipe, "attention_bf16_where_faster", False))
+    for flag, value in (("weight_only_int8", weight_only_int8), ("float_activations", float_activations),
+                        ("weight_only_bf16", weight_only_bf16), ("attention_bf16", attention_bf16)):
+        if not isinstance(value, bool):
+            raise DQError(f"set_execution's {flag} must be True, False or None, got {value!r}")
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     known_memo: dict = {}
@@ -575,6 +586,9 @@ def set_execution(
         processor = m.__dict__.get("processor", m._modules.get("processor"))
         if getattr(processor, "int8", False):
             processor.execution = "sim" if mode == "sim" else "real"
+    from ..nn.bf16_attention import set_attention_bf16
+
+    bf16_cores = set_attention_bf16(model, attention_bf16 and mode != "sim")
     for why, names in why_sim.items():
         logger.info("execution %s: %d layer(s) run simulated: %s (e.g. %s)", mode, len(names), why, names[0])
     if counts.get("fp8") and not fp8.any_device():
@@ -582,5 +596,6 @@ def set_execution(
             "execution %s: %d fp8 layer(s) run simulated until they are on a CUDA GPU of compute capability >= 8.9",
             mode, counts["fp8"],
         )
-    logger.info("execution %s: %s", mode, ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    logger.info("execution %s: %s", mode, ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+                + (f"; attention cores in bfloat16 where faster: {bf16_cores}" if bf16_cores else ""))
     return model

@@ -25,11 +25,13 @@ FORMATS: dict[str, tuple[QuantSpec, QuantSpec | None]] = {
 
 
 def _options(fmt: str) -> dict[str, bool]:
-    """The execution options the preset of this name sets (`dq.recipe.preset`): e.g. whether its
-    weight-only layers may run in bfloat16."""
+    """The execution options the preset of this name sets (`dq.recipe.preset`): whether its
+    weight-only layers may run in bfloat16, and its narrow layers on their unquantized input,
+    so that the table shows the paths the preset's layers choose among."""
     from ..recipe import preset
 
-    return {"weight_only_bf16": preset(fmt).weight_only_bf16_activations}
+    p = preset(fmt)
+    return {"weight_only_bf16": p.weight_only_bf16_activations, "float_activations": p.float_activations_where_faster}
 
 
 @dataclass
@@ -86,6 +88,54 @@ def _race_paths(q, layer: torch.nn.Module, x: torch.Tensor, dropped: dict[str, s
         if p not in dropped:
             fns[p] = lambda p=p: runners.RUN[p](q, x)
     return choice._race(fns, torch.cuda.synchronize if x.is_cuda else (lambda: None))
+
+
+@dataclass
+class AttentionRow:
+    tokens: int
+    key: str
+    times: dict[str, float]
+    dropped: dict[str, str]
+    choice: str
+
+    @property
+    def speedup(self) -> float:
+        """float32 attention time over the chosen path's time."""
+        return self.times["sdpa"] / self.times[self.choice]
+
+
+def measure_attention(tokens: Sequence[int] = (256, 1024), batch: int = 2, heads: int = 16, head_dim: int = 72,
+                      device: str = "cpu") -> list[AttentionRow]:
+    """The attention core's paths (`dq.nn.bf16_attention`) at `tokens` query and key tokens
+    (self-attention of PixArt-Sigma's shape by default): measured (or read from the cache) as a
+    model's first call would, then both timed again beside each other."""
+    from ..nn import bf16_attention
+
+    out = []
+    for n in tokens:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device) for _ in range(3))
+        key = bf16_attention.shape_key(q, k, None)
+        with torch.no_grad():
+            found = choice.cache().get(key)
+            if found is None:
+                found = bf16_attention.measure(q, k, v, None)
+                choice.cache().put(key, found)
+            fns = {p: (lambda fn=fn: fn(q, k, v, None)) for p, fn in bf16_attention.RUN.items() if p not in found.dropped}
+            times = choice._race(fns, torch.cuda.synchronize if q.is_cuda else (lambda: None))
+        out.append(AttentionRow(n, key, times, dict(found.dropped), found.choice))
+    return out
+
+
+def render_attention(rows: Sequence[AttentionRow]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "attention core (batch 2, 16 heads x 72; `attention_bf16_where_faster`):",
+             f"{'tokens':>6} {'sdpa':>10} {'sdpa_bf16':>10}  choice      vs float32"]
+    for r in rows:
+        cells = [f"{r.times[p] * 1e3:>8.3f}ms" if p in r.times else f"{'dropped':>10}" for p in ("sdpa", "sdpa_bf16")]
+        lines.append(f"{r.tokens:>6} " + " ".join(cells) + f"  {r.choice:<11} {r.speedup:.2f}x")
+    return "\n".join(lines)
 
 
 def render(rows: Sequence[Row]) -> str:

@@ -68,11 +68,35 @@ def simulated_a8(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     return layer.float_op(P.fake_quantize(x, A8_SPEC), layer.dequantized_weight(x.dtype), bias)
 
 
+def _bf16_weight(layer: QuantModule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight path "bf16" multiplies in bfloat16, and the per-output-channel scale applied to
+    the product afterwards (None: none). Where the layout gives exact int8 weights on one scale
+    per channel (`integer_matmul_ready`: 8-bit per channel, two-level 4-bit groups), those
+    integers, exact in bfloat16 (|w| <= 128), times the scale in float32 after the matmul: no
+    float decode per call (a few int8 passes instead of several float32 ones) and no rounding of
+    the weight. Elsewhere the dequantized weight rounded to bfloat16."""
+    layout = layer.weight_layout
+    if layout.integer_matmul_ready:
+        weight = layout.integer_weight(layer.qweight, layer.wzero, layer.wmult).reshape(layout.shape)
+        return weight.to(torch.bfloat16), layout.channel_scale(layer.wscale)
+    return layer.dequantized_weight(torch.bfloat16), None
+
+
+def _channel_scaled(layer: QuantModule, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`y` (float32) times a per-output-channel scale, in place (last dim of a linear layer's
+    output, dim 1 of a convolution's)."""
+    if scale is None:
+        return y
+    return y.mul_(scale if conv_geometry(layer) is None else scale.view(-1, *([1] * (y.dim() - 2))))
+
+
 def simulated_bf16(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """What path "bf16" computes, in float32: the weight-only layer's op on its input and weight
-    rounded to bfloat16, the product rounded to bfloat16, the bias added in the input's dtype."""
-    y = layer.float_op(x.to(torch.bfloat16).to(x.dtype), layer.dequantized_weight(torch.bfloat16).to(x.dtype), None)
-    return _add_bias(layer, y.to(torch.bfloat16).to(x.dtype))
+    """What path "bf16" computes, in float32: the weight-only layer's op on its input rounded to
+    bfloat16 and the weight of `_bf16_weight` (exact integers, or rounded to bfloat16), the
+    product rounded to bfloat16, then the channel scale and the bias in the input's dtype."""
+    weight, scale = _bf16_weight(layer)
+    y = layer.float_op(x.to(torch.bfloat16).to(x.dtype), weight.to(x.dtype), None)
+    return _add_bias(layer, _channel_scaled(layer, y.to(torch.bfloat16).to(x.dtype), scale))
 
 
 def _add_bias(layer: QuantModule, y: torch.Tensor) -> torch.Tensor:
@@ -86,10 +110,11 @@ def _add_bias(layer: QuantModule, y: torch.Tensor) -> torch.Tensor:
 
 def _bf16_forward(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     """Path "bf16": a weight-only layer's op in bfloat16 (`simulated_bf16`'s function): the
-    weight dequantized per call into bfloat16 (no copy kept), float32 accumulation inside
-    the matmul, the result back in the input's dtype with the bias added there."""
-    y = layer.float_op(x.to(torch.bfloat16), layer.dequantized_weight(torch.bfloat16), None)
-    return _add_bias(layer, y.to(x.dtype))
+    weight made per call (`_bf16_weight`, no copy kept), float32 accumulation inside the
+    matmul, the result back in the input's dtype with the channel scale and bias applied there."""
+    weight, scale = _bf16_weight(layer)
+    y = layer.float_op(x.to(torch.bfloat16), weight, None)
+    return _add_bias(layer, _channel_scaled(layer, y.to(x.dtype), scale))
 
 
 def float_activations(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
@@ -215,31 +216,15 @@ def quantized_attention(
     return out
 
 
-class QuantAttnProcessor(AttnProcessor2_0):
-    """AttnProcessor2_0 with a quantized attention core; `original` is the processor it replaced."""
+class CoreAttnProcessor(AttnProcessor2_0):
+    """AttnProcessor2_0 with its attention core (`core`, on [batch, heads, tokens, head_dim]
+    tensors) replaceable: the same projections, masks and reshapes. `original` is the processor
+    it replaced."""
 
-    def __init__(
-        self, probs: str = "log2", probs_bits: int = 8, qkv: QuantSpec | None = None, original: Any = None,
-        int8: bool = False, execution: str = "real",
-    ):
-        super().__init__()
-        if execution not in ("real", "sim"):
-            raise ValueError(f"attention execution must be 'real' or 'sim', got {execution!r}")
-        self.probs = probs
-        self.probs_bits = probs_bits
-        self.qkv = qkv
-        self.original = original
-        self.int8 = bool(int8)
-        # int8 only: "real" runs the int8 matmuls, "sim" their float reference (`int8_attention_reference`)
-        self.execution = execution
+    original: Any = None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The attention core on [batch, heads, tokens, head_dim] tensors."""
-        if not self.int8:
-            return quantized_attention(q, k, v, mask, probs=self.probs, probs_bits=self.probs_bits, qkv=self.qkv)
-        if self.execution == "sim" or _int8_attention_unsupported(q, k, v):
-            return int8_attention_reference(q, k, v, mask)
-        return int8_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
     def __call__(
         self,
@@ -290,6 +275,33 @@ class QuantAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
 
+
+class QuantAttnProcessor(CoreAttnProcessor):
+    """AttnProcessor2_0 with a quantized attention core; `original` is the processor it replaced."""
+
+    def __init__(
+        self, probs: str = "log2", probs_bits: int = 8, qkv: QuantSpec | None = None, original: Any = None,
+        int8: bool = False, execution: str = "real",
+    ):
+        super().__init__()
+        if execution not in ("real", "sim"):
+            raise ValueError(f"attention execution must be 'real' or 'sim', got {execution!r}")
+        self.probs = probs
+        self.probs_bits = probs_bits
+        self.qkv = qkv
+        self.original = original
+        self.int8 = bool(int8)
+        # int8 only: "real" runs the int8 matmuls, "sim" their float reference (`int8_attention_reference`)
+        self.execution = execution
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention core on [batch, heads, tokens, head_dim] tensors."""
+        if not self.int8:
+            return quantized_attention(q, k, v, mask, probs=self.probs, probs_bits=self.probs_bits, qkv=self.qkv)
+        if self.execution == "sim" or _int8_attention_unsupported(q, k, v):
+            return int8_attention_reference(q, k, v, mask)
+        return int8_attention(q, k, v, mask)
+
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that hold a diffusers attention processor (Attention, FluxAttention, ...)."""
     return [
@@ -306,7 +318,7 @@ def quantize_attention(model: nn.Module, config) -> int:
         if not config.applies_to(name):
             continue
         processor = module.processor
-        if isinstance(processor, QuantAttnProcessor):
+        if isinstance(processor, CoreAttnProcessor):  # a quantized or bfloat16 core: replace what it replaced
             processor = processor.original
         if not isinstance(module, Attention) or type(processor) not in SUPPORTED_PROCESSORS:
             skipped[f"{type(module).__name__} with {type(processor).__name__}"] += 1
