@@ -121,7 +121,8 @@ def measure_attention(tokens: Sequence[int] = (256, 1024), batch: int = 2, heads
             if found is None:
                 found = bf16_attention.measure(q, k, v, None)
                 choice.cache().put(key, found)
-            fns = {p: (lambda fn=fn: fn(q, k, v, None)) for p, fn in bf16_attention.RUN.items() if p not in found.dropped}
+            fns = {p: (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, None))
+                   for p, fn in bf16_attention.RUN.items() if p not in found.dropped}
             times = choice._race(fns, torch.cuda.synchronize if q.is_cuda else (lambda: None))
         out.append(AttentionRow(n, key, times, dict(found.dropped), found.choice))
     return out
