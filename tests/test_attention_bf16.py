@@ -194,3 +194,28 @@ def test_a_cache_entry_of_attention_paths_reads_back_and_ties_go_to_float32():
     assert choice.decide({}) == "dequant"
     with pytest.raises(ValueError):
         choice.Measurement.from_dict({"choice": "flash9", "times": {}, "dropped": {}})
+
+
+def test_a_quantized_pipeline_runs_it_and_a_saved_one_loads_with_it(monkeypatch, tmp_path):
+    import dq
+    from dq.engine import find_denoiser
+    from dq.testing.tiny import default_call_kwargs, tiny_pipeline
+
+    favour(monkeypatch, "sdpa_bf16")
+    pipe = tiny_pipeline("pixart")
+    dq.quantize(pipe, "w4a16")  # weight-only: no calibration
+    _, model = find_denoiser(pipe)
+    processors = [m.processor for m in model.modules() if isinstance(m, Attention)]
+    assert processors and all(isinstance(p, B.BF16AttnProcessor) for p in processors)
+    kw = {**default_call_kwargs("pixart"), "num_inference_steps": 2}
+    expected = pipe(prompt=["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert set().union(*(p.paths.values() for p in processors)) == {"sdpa_bf16"}
+    loaded = dq.load(dq.save(pipe, tmp_path / "q"))
+    _, model = find_denoiser(loaded)
+    assert all(isinstance(m.processor, B.BF16AttnProcessor) for m in model.modules() if isinstance(m, Attention))
+    got = loaded(prompt=["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(torch.as_tensor(got), torch.as_tensor(expected))
+    # the recipe stored in the checkpoint says so; turned off on the loaded model, float32 cores again
+    assert model._dq_recipe.attention_bf16_where_faster is True
+    set_execution(model, "real", attention_bf16=False)
+    assert not any(isinstance(m.processor, B.BF16AttnProcessor) for m in model.modules() if isinstance(m, Attention))

@@ -131,7 +131,7 @@ def measure_attention(tokens: Sequence[int] = (256, 1024), batch: int = 2, heads
 def render_attention(rows: Sequence[AttentionRow]) -> str:
     if not rows:
         return ""
-    lines = ["", "attention core (batch 2, 16 heads x 72; `attention_bf16_where_faster`):",
+    lines = ["", "", "attention core (batch 2, 16 heads x 72; `attention_bf16_where_faster`):",
              f"{'tokens':>6} {'sdpa':>10} {'sdpa_bf16':>10}  choice      vs float32"]
     for r in rows:
         cells = [f"{r.times[p] * 1e3:>8.3f}ms" if p in r.times else f"{'dropped':>10}" for p in ("sdpa", "sdpa_bf16")]
