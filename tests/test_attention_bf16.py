@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from dq.errors import DQError
 from dq.kernels import choice, set_execution
@@ -76,6 +76,11 @@ def test_opt_in_installed_in_real_execution_only_and_on_in_the_calibrated_preset
     for name in ("w8a16", "w8a8-rtn", "w4a8-rtn", "w4a4-rtn", "fp8"):
         assert not preset(name).attention_bf16_where_faster, name
     assert Recipe.from_dict({"base": "w8a8", "attention_bf16_where_faster": False}).attention_bf16_where_faster is False
+    # the legacy processor computes its float32 core otherwise than SDPA: left alone
+    legacy = Block()
+    legacy.attn1.set_processor(AttnProcessor())
+    set_execution(legacy, "real", attention_bf16=True)
+    assert type(legacy.attn1.processor) is AttnProcessor and isinstance(legacy.attn2.processor, B.BF16AttnProcessor)
 
 
 def test_bad_flags_are_clear_errors():

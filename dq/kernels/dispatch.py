@@ -536,7 +536,7 @@ def set_execution(
     bfloat16 rounding) where that is faster (CPUs
     with bfloat16 matmul instructions). None: what the model's recipe says
     (`Recipe.weight_only_bf16_activations`; on in the w4a16 preset).
-    attention_bf16: let the attention core of `Attention` modules with a plain processor run on
+    attention_bf16: let the attention core of `Attention` modules with diffusers' default SDPA processor run on
     bfloat16 Q, K, V where that is measured faster (`dq.nn.bf16_attention`; "real" and "auto"
     only, "sim" puts the plain processors back). None: what the model's recipe says
     (`Recipe.attention_bf16_where_faster`; on in the calibrated W*A* presets).

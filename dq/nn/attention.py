@@ -275,7 +275,6 @@ class CoreAttnProcessor(AttnProcessor2_0):
         return hidden_states / attn.rescale_output_factor
 
 
-
 class QuantAttnProcessor(CoreAttnProcessor):
     """AttnProcessor2_0 with a quantized attention core; `original` is the processor it replaced."""
 
@@ -301,6 +300,7 @@ class QuantAttnProcessor(CoreAttnProcessor):
         if self.execution == "sim" or _int8_attention_unsupported(q, k, v):
             return int8_attention_reference(q, k, v, mask)
         return int8_attention(q, k, v, mask)
+
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that hold a diffusers attention processor (Attention, FluxAttention, ...)."""

@@ -4,7 +4,7 @@ On CPUs with bfloat16 matrix instructions (AMX on Intel Xeon since Sapphire Rapi
 BF16 on AMD Zen 4) torch's fused CPU attention runs about twice as fast on bfloat16 inputs
 as on float32 ones; on a PixArt-Sigma-shaped slice the attention core is about a third of a
 W8A8 denoiser step once the linear layers run in int8. `BF16AttnProcessor` replaces an
-`Attention` module's plain processor (`AttnProcessor2_0` / `AttnProcessor`) and computes
+`Attention` module's plain SDPA processor (`AttnProcessor2_0`, diffusers' default) and computes
 softmax(Q K^T / sqrt(d) + mask) V with torch's SDPA on Q, K, V rounded to bfloat16 (float32
 accumulation and softmax inside the kernel, the output rounded to bfloat16 and returned in
 float32): path "sdpa_bf16". Path "sdpa" is the float32 call the replaced processor makes.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import choice
-from .attention import SUPPORTED_PROCESSORS, CoreAttnProcessor, _attention_modules
+from .attention import CoreAttnProcessor, _attention_modules
 
 logger = logging.getLogger("dq.kernels.dispatch")  # with the layers' kernel choices
 
@@ -112,11 +112,12 @@ class BF16AttnProcessor(CoreAttnProcessor):
 
 
 def set_attention_bf16(model: nn.Module, on: bool) -> int:
-    """Install `BF16AttnProcessor` on the `Attention` modules of `model` that run a plain
-    processor (on), or put their original processors back (off); returns how many now run it.
-    Processors of other kinds (the recipe's quantized attention, SD3's joint attention, Flux,
-    a user's own) are left alone."""
-    from diffusers.models.attention_processor import Attention
+    """Install `BF16AttnProcessor` on the `Attention` modules of `model` that run diffusers'
+    plain SDPA processor (on), or put their original processors back (off); returns how many
+    now run it. Processors of other kinds (the recipe's quantized attention, the legacy
+    `AttnProcessor`, whose float32 core is not SDPA's, SD3's joint attention, Flux, a user's
+    own) are left alone."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     installed = 0
     known = None
@@ -127,7 +128,7 @@ def set_attention_bf16(model: nn.Module, on: bool) -> int:
                 installed += 1
             else:
                 module.set_processor(processor.original)
-        elif on and isinstance(module, Attention) and type(processor) in SUPPORTED_PROCESSORS:
+        elif on and isinstance(module, Attention) and type(processor) is AttnProcessor2_0:
             if known is None:  # the cache's attention choices, read once per model
                 known = {key: m.choice for key, m in choice.cache().entries.items()
                          if key.startswith("attention|") and m.choice in RUN}
