@@ -505,9 +505,8 @@ class Recipe:
         modules with diffusers' default SDPA processor (`AttnProcessor2_0`) may run on bfloat16
         Q, K, V from float32 inputs (`dq.nn.bf16_attention`) where the kernel choice measures it
         faster: 1.7-2.6x the float32 core on an AMX Xeon; about 49 dB SQNR on the attention
-        output. On in
-        the calibrated W*A* presets (w8a8, w8a8-dynamic, w4a8, w4a4, w4a16), off in the RTN
-        baselines, fp8, w8a16 and unless set; a recipe's `attention` option wins where set.
+        output. On in the calibrated W*A* presets (w8a8, w8a8-dynamic, w4a8, w4a4, w4a16), off
+        in the RTN baselines, fp8, w8a16 and unless set; a recipe's `attention` option wins.
     float_activations_where_faster: small layers whose quantized activations cost more than
         the integer matmul saves (narrow layers, dynamic per-token activations on a CPU) may
         run as the float op on their quantized weight with the input not quantized (kernel
