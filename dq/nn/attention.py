@@ -216,6 +216,11 @@ def quantized_attention(
     return out
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The float attention core as `AttnProcessor2_0` calls it."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+
 class CoreAttnProcessor(AttnProcessor2_0):
     """AttnProcessor2_0 with its attention core (`core`, on [batch, heads, tokens, head_dim]
     tensors) replaceable: the same projections, masks and reshapes. `original` is the processor
@@ -224,7 +229,7 @@ class CoreAttnProcessor(AttnProcessor2_0):
     original: Any = None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return sdpa(q, k, v, mask)
 
     def __call__(
         self,

@@ -14,8 +14,9 @@ power of two, mask kind, dtype, device) both are run on the real input; "sdpa_bf
 within `TOLERANCE` (relative) of the float32 result (a correct kernel is within about 0.5%:
 bfloat16 keeps 8 significant bits), then both are timed, interleaved, and the faster is kept
 for that class, in the kernel choice cache of this machine (`dq.kernels.choice`; a tie within
-3% goes to "sdpa"). Inside torch.compile nothing is measured: the choice cached when the
-processor was installed or measured since is used, or "sdpa". Inputs that are not float32 (a bfloat16 or float16 model) run SDPA in their own dtype.
+3% goes to "sdpa"; the choice is logged by `dq.kernels.choice`). Inside torch.compile nothing
+is measured: the choice cached when the processor was installed or measured since is used, or
+"sdpa". Inputs that are not float32 (a bfloat16 or float16 model) run SDPA in their own dtype.
 
 It changes the numerics (about 49 dB SQNR on the attention output, against the 30-40 dB of an
 int8 activation), so it is installed only where the recipe allows it
@@ -26,7 +27,6 @@ execution; the recipe's own `attention` option (quantized or int8 attention) win
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -34,9 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import choice
-from .attention import CoreAttnProcessor, _attention_modules
-
-logger = logging.getLogger("dq.kernels.dispatch")  # with the layers' kernel choices
+from .attention import CoreAttnProcessor, _attention_modules, sdpa
 
 TOLERANCE = 2e-2
 
@@ -49,11 +47,7 @@ def _bf16_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out.to(q.dtype)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-
-
-RUN = {"sdpa": _sdpa, "sdpa_bf16": _bf16_sdpa}
+RUN = {"sdpa": sdpa, "sdpa_bf16": _bf16_sdpa}
 
 
 def shape_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> str:
