@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from dq.errors import DQError  # noqa: E402
 from dq.kernels import choice, path_counts, set_execution  # noqa: E402
 from dq.kernels.dispatch import runtime_nbytes  # noqa: E402
 from dq.logs import quiet_third_party  # noqa: E402
-from dq.nn import QuantConv2d, QuantLinear, TimestepRouter  # noqa: E402
+from dq.nn import QuantLinear, TimestepRouter  # noqa: E402
 from dq.nn.router import attach_router  # noqa: E402
 from dq.quant.packing import weight_nbytes  # noqa: E402
 from dq.recipe import Recipe, preset  # noqa: E402
@@ -112,62 +113,29 @@ CALIB_TIMESTEPS = (999, 800, 600, 400, 200, 1)
 
 
 # -- quantizing a bare denoiser (no pipeline to calibrate with) -------------------------
+def speed_recipe(recipe: Recipe, bare: bool = False) -> Recipe:
+    """`recipe` with its value searches at their cheapest: smoothing at a fixed alpha of 0.5
+    instead of the per-layer search, no GPTQ. Both choose values (smoothing scales, rounding),
+    not the layers' structure, storage or kernel paths, so a step runs as the preset's does;
+    at DiT widths calibration takes seconds instead of minutes (the alpha search refits w4a4's
+    rank-32 branch per candidate). `bare`: formats only, without smoothing, low-rank branch
+    and attention option (as measured before 2026-12-01)."""
+    if bare:
+        return replace(recipe, smooth=None, lowrank=None, attention=None, gptq=None)
+    smooth = None if recipe.smooth is None else replace(recipe.smooth, alpha=0.5)
+    return replace(recipe, smooth=smooth, gptq=None)
+
+
 def quantize_denoiser(model: nn.Module, recipe: Recipe, make_call: Callable[[int], dict[str, Any]],
                       execution: str = "real", bare: bool = False) -> nn.Module:
-    """Static ranges from min/max per timestep group over `make_call(t)` calls.
+    """`dq.calibrate` over `make_call(t)` at `CALIB_TIMESTEPS` with `speed_recipe(recipe)`, then
+    `execution` ("real": the kernels the chooser picks)."""
+    def run() -> None:
+        for t in CALIB_TIMESTEPS:
+            model(**make_call(t))
 
-    Speed does not depend on the ranges' values; `dq.quantize` does the real thing with a
-    pipeline. Ranges are min/max (not the recipe's MSE search) to keep this fast. Unless
-    `bare`, the recipe's smoothing (an input transform), low-rank branch and attention
-    option are installed as `dq.quantize` would (random branch values: speed only).
-    """
-    from dq.nn.attention import quantize_attention
-    from dq.nn.transforms import InputTransform, LowRankBranch
-
-    plan = plan_layers(model, recipe)
-    boundaries = torch.tensor([250.0, 500.0, 750.0])
-    groups = len(boundaries) + 1
-    ranges: dict[str, list[list[float]]] = {c.name: [[0.0, 0.0] for _ in range(groups)] for c in plan}
-    current = {"group": 0}
-
-    def observe(name: str):
-        def hook(_m, args):
-            x = args[0].detach()
-            r = ranges[name][current["group"]]
-            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
-        return hook
-
-    handles = [c.module.register_forward_pre_hook(observe(c.name)) for c in plan]
-    try:
-        with torch.no_grad():
-            for t in CALIB_TIMESTEPS:
-                current["group"] = int((torch.tensor(float(t)) > boundaries).sum())
-                model(**make_call(t))
-    finally:
-        for h in handles:
-            h.remove()
-    router = TimestepRouter(boundaries).to(next(model.parameters()).device)
-    new = {}
     with torch.no_grad():
-        for c in plan:
-            static = c.activation is not None and not c.activation.dynamic
-            r = [tuple(x) if x[1] > x[0] else (-1.0, 1.0) for x in ranges[c.name]] if static else None
-            cls = QuantConv2d if isinstance(c.module, nn.Conv2d) else QuantLinear
-            transform = branch = None
-            linear = isinstance(c.module, nn.Linear)
-            if not bare and linear and recipe.smooth is not None and c.activation is not None:
-                transform = InputTransform(c.module.in_features, smooth=True)
-            if not bare and linear and recipe.lowrank is not None:
-                branch = LowRankBranch(c.module.in_features, c.module.out_features, recipe.lowrank.rank)
-                branch.down.normal_(0, 0.01)
-                branch.up.normal_(0, 0.01)
-            new[c.name] = cls.from_float(c.module, c.weight, c.activation, r, router,
-                                         input_transform=transform, branch=branch)
-    attach_router(model, router)
-    swap_modules(model, new)
-    if not bare and recipe.attention is not None:
-        quantize_attention(model, recipe.attention)
-    model._dq_recipe = recipe
+        dq.calibrate(model, speed_recipe(recipe, bare), run=run)
     set_execution(model, execution)
     return model
 
