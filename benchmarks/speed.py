@@ -25,7 +25,7 @@ GPU part (skipped without CUDA): bf16 vs fp8 vs int8 on full-size random-weight 
 PixArt-Sigma and SDXL denoisers at 1024x1024.
 
     python benchmarks/speed.py            # the full run (tens of minutes on a 2-core CPU)
-    python benchmarks/speed.py --quick    # smoke test: tiny shapes, one round
+    python benchmarks/speed.py --quick    # smoke test: tiny shapes, one round, w8a8 and w4a8
     # issue 11's CPU targets (slice at 256 and 1024 tokens, one thread, attention core):
     python benchmarks/speed.py --threads 1 --skip default memory gpu
 
@@ -767,6 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.tokens = args.tokens or ([64] if args.quick else [256, 1024])
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.inner = args.inner or (1 if args.quick else 2)
+    if args.quick and not args.recipes:  # a smoke test: two presets, not every variant compiled
+        args.recipes = ["w8a8", "w4a8"]
     if args.quick:
         args.text_tokens = min(args.text_tokens, 32)
     if args.threads:
