@@ -376,12 +376,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         raise DQError(f"--attention-tokens needs positive integers or nothing, got {args.attention_tokens!r}")
     rows = doctor.measure_table(widths, args.rows)
     attention = doctor.measure_attention(tokens)
-    print(doctor.render(rows) + doctor.render_attention(attention))
+    gelus = doctor.measure_gelu(tokens)
+    print(doctor.render(rows) + doctor.render_attention(attention) + doctor.render_gelu(gelus))
     if args.json:
         from .kernels import choice
 
         body = {"machine": choice.machine(), "rows": [r.__dict__ | {"speedup": r.speedup} for r in rows],
-                "attention": [r.__dict__ | {"speedup": r.speedup} for r in attention]}
+                "attention": [r.__dict__ | {"speedup": r.speedup} for r in attention],
+                "gelu": [r.__dict__ | {"speedup": r.speedup} for r in gelus]}
         Path(args.json).write_text(json.dumps(body, indent=2))
     return 0
 
@@ -430,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=256, help="rows (tokens x batch) per call")
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     d.add_argument("--attention-tokens", default="256,1024",
-                   help="comma-separated token counts of the attention-core rows (float32 against bfloat16 SDPA); '' for none")
+                   help="comma-separated token counts of the attention-core rows (float32 against bfloat16 SDPA) and of the "
+                   "feed-forward tanh GELU rows (torch's kernel against x * sigmoid(2u), width 4608); '' for none")
     d.add_argument("--json", default=None, help="also write the table as JSON to this file")
     d.add_argument("--fresh", action="store_true", help="forget this machine's cached choices and measure again")
     d.set_defaults(func=cmd_doctor)

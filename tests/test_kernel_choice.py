@@ -242,6 +242,9 @@ def test_doctor_prints_the_machine_and_a_row_per_shape(cache_folder, capsys):
     assert all(r["choice"] in ("sdpa", "sdpa_bf16") and r["times"]["sdpa"] > 0 for r in body["attention"])
     # the attention rows' choices are in the cache, as a model's first call would leave them
     assert {r["key"] for r in body["attention"]} <= set(choice.cache().entries)
+    assert "tanh GELU" in out and [r["tokens"] for r in body["gelu"]] == [16, 32]
+    assert all(r["choice"] in ("gelu", "gelu_sigmoid") and r["times"]["gelu"] > 0 for r in body["gelu"])
+    assert {r["key"] for r in body["gelu"]} <= set(choice.cache().entries)
     assert main(["doctor", "--widths", "0"]) == 2
     assert main(["doctor", "--widths", "32", "--attention-tokens", "0"]) == 2
     before = choice.cache().path.stat().st_mtime_ns

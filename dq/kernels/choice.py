@@ -81,13 +81,16 @@ logger = logging.getLogger(__name__)
 PATHS = ("onednn", "int_mm", "int8_copy", "float_copy", "dequant", "int_mm_a8", "float_input", "bf16")
 # The attention core's paths (`dq.nn.bf16_attention`): float32 SDPA, SDPA on bfloat16 inputs.
 ATTENTION_PATHS = ("sdpa", "sdpa_bf16")
+# The feed-forward's tanh GELU (`dq.nn.gelu`): torch's kernel, the same function as x * sigmoid(2u).
+ACTIVATION_PATHS = ("gelu", "gelu_sigmoid")
 # Paths that keep a runtime copy of the weight: a tie goes to one that does not.
 COPY_PATHS = ("int8_copy", "float_copy", "int_mm_a8", "float_input")
-CACHE_VERSION = 6  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
+CACHE_VERSION = 7  # 2: int8_copy and int_mm_a8 (older choices never saw them); 3: one-pass static
 # activation quantization and the in-place epilogue (2026-12-01) changed what the int paths cost;
 # 4: path float_input (a dq without it would discard a whole file that names it); 5: path bf16, and
 # entries measured under torch.inference_mode, where the static int8 path raised and was dropped;
-# 6: the attention core's entries (ATTENTION_PATHS), and path bf16 on exact integer weights
+# 6: the attention core's entries (ATTENTION_PATHS), and path bf16 on exact integer weights;
+# 7: the tanh GELU's entries (ACTIVATION_PATHS)
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
@@ -169,7 +172,7 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: object) -> Measurement:
-        known = PATHS + ATTENTION_PATHS
+        known = PATHS + ATTENTION_PATHS + ACTIVATION_PATHS
         if not isinstance(data, dict) or data.get("choice") not in known:
             raise ValueError("not a measurement")
         times, dropped = data.get("times", {}), data.get("dropped", {})
@@ -266,13 +269,15 @@ def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     """The fastest path that was not dropped ("dequant", the simulated path, if none is left).
     Paths within 3% of the fastest count as tied; a tie goes to one that keeps no runtime
     copy of the weight (`COPY_PATHS`), then to the first in `PATHS` order (the attention core's
-    paths: "sdpa", the exact one, first; "sdpa" too if none is left)."""
+    paths: "sdpa", the exact one, first; "sdpa" too if none is left; the GELU's: "gelu", torch's own)."""
     usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
     if not usable:
         seen = set(times) | set(dropped)
-        return "sdpa" if seen and seen <= set(ATTENTION_PATHS) else "dequant"
+        if seen and seen <= set(ATTENTION_PATHS):
+            return "sdpa"
+        return "gelu" if seen and seen <= set(ACTIVATION_PATHS) else "dequant"
     best = min(usable.values())
-    near = [p for p in PATHS + ATTENTION_PATHS if p in usable and usable[p] <= best * 1.03]
+    near = [p for p in PATHS + ATTENTION_PATHS + ACTIVATION_PATHS if p in usable and usable[p] <= best * 1.03]
     lean = [p for p in near if p not in COPY_PATHS]
     return lean[0] if lean else near[0]
 

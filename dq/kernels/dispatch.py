@@ -505,7 +505,7 @@ def set_execution(
     model: nn.Module, mode: str, *, cpu_prepack: bool = True, path: str | None = None,
     float_copy_max_bytes: int = choice.FLOAT_COPY_MAX_BYTES, int8_copy: bool = True,
     weight_only_int8: bool | None = None, float_activations: bool | None = None,
-    weight_only_bf16: bool | None = None, attention_bf16: bool | None = None,
+    weight_only_bf16: bool | None = None, attention_bf16: bool | None = None, gelu: bool = True,
 ) -> nn.Module:
     """Run every quantized layer of `model` through low-bit kernels or simulated.
 
@@ -540,6 +540,9 @@ def set_execution(
     bfloat16 Q, K, V where that is measured faster (`dq.nn.bf16_attention`; "real" and "auto"
     only, "sim" puts the plain processors back). None: what the model's recipe says
     (`Recipe.attention_bf16_where_faster`; on in the calibrated W*A* presets).
+    gelu: let diffusers' tanh-approximated `GELU` modules (DiT feed-forwards) compute it in the
+    form measured faster on this machine, torch's kernel or the same function as x * sigmoid(2u)
+    (`dq.nn.gelu`; float32 rounding apart, the same values; "real" and "auto" only).
     Runtime tensors derived from the weights are made on each layer's first call (or when a
     torch.compile trace starts, or by `prepare_runtime`): call it again after changing a
     layer's stored weights in place.
@@ -563,6 +566,8 @@ def set_execution(
                         ("weight_only_bf16", weight_only_bf16), ("attention_bf16", attention_bf16)):
         if not isinstance(value, bool):
             raise DQError(f"set_execution's {flag} must be True, False or None, got {value!r}")
+    if not isinstance(gelu, bool):
+        raise DQError(f"set_execution's gelu must be True or False, got {gelu!r}")
     why_sim: dict[str, list[str]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     known_memo: dict = {}
@@ -589,6 +594,9 @@ def set_execution(
     from ..nn.bf16_attention import set_attention_bf16
 
     bf16_cores = set_attention_bf16(model, attention_bf16 and mode != "sim")
+    from ..nn.gelu import set_gelu
+
+    gelus = set_gelu(model, gelu and mode != "sim")
     for why, names in why_sim.items():
         logger.info("execution %s: %d layer(s) run simulated: %s (e.g. %s)", mode, len(names), why, names[0])
     if counts.get("fp8") and not fp8.any_device():
@@ -597,5 +605,6 @@ def set_execution(
             mode, counts["fp8"],
         )
     logger.info("execution %s: %s", mode, ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-                + (f"; attention cores in bfloat16 where faster: {bf16_cores}" if bf16_cores else ""))
+                + (f"; attention cores in bfloat16 where faster: {bf16_cores}" if bf16_cores else "")
+                + (f"; tanh GELUs in the form measured faster: {gelus}" if gelus else ""))
     return model

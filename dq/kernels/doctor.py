@@ -139,6 +139,56 @@ def render_attention(rows: Sequence[AttentionRow]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class GeluRow:
+    tokens: int
+    width: int
+    key: str
+    times: dict[str, float]
+    dropped: dict[str, str]
+    choice: str
+
+    @property
+    def speedup(self) -> float:
+        """torch's tanh GELU time over the chosen form's time."""
+        return self.times["gelu"] / self.times[self.choice]
+
+
+def measure_gelu(tokens: Sequence[int] = (256, 1024), batch: int = 2, width: int = 4608,
+                 device: str = "cpu") -> list[GeluRow]:
+    """The feed-forward's tanh GELU (`dq.nn.gelu`) on [batch, tokens, width] (PixArt-Sigma's
+    feed-forward width by default): measured (or read from the cache) as a model's first call
+    would, then both forms timed again beside each other."""
+    from ..nn import gelu
+
+    out = []
+    for n in tokens:
+        torch.manual_seed(0)
+        x = torch.randn(batch, n, width, device=device) * 2
+        key = gelu.shape_key(x)
+        with torch.no_grad():
+            found = choice.cache().get(key)
+            if found is None:
+                found = gelu.measure(x)
+                choice.cache().put(key, found)
+            fns = {p: (lambda fn=fn, x=x: fn(x)) for p, fn in gelu.RUN.items() if p not in found.dropped}
+            times = choice._race(fns, torch.cuda.synchronize if x.is_cuda else (lambda: None))
+        out.append(GeluRow(n, width, key, times, dict(found.dropped), found.choice))
+    return out
+
+
+def render_gelu(rows: Sequence[GeluRow]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "", f"feed-forward tanh GELU (batch 2, width {rows[0].width}; `dq.nn.gelu`, in real execution):",
+             f"{'tokens':>6} {'gelu':>10} {'gelu_sigmoid':>12}  choice        vs torch"]
+    for r in rows:
+        cells = [f"{r.times[p] * 1e3:>{w - 2}.3f}ms" if p in r.times else f"{'dropped':>{w}}"
+                 for p, w in (("gelu", 10), ("gelu_sigmoid", 12))]
+        lines.append(f"{r.tokens:>6} " + " ".join(cells) + f"  {r.choice:<13} {r.speedup:.2f}x")
+    return "\n".join(lines)
+
+
 def render(rows: Sequence[Row]) -> str:
     info = choice.machine()
     lines = [
