@@ -632,16 +632,22 @@ def _plain_layer(layer: QuantModule, dtype: torch.dtype) -> nn.Module:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer of `model` by a plain Linear/Conv2d with its effective float
     weight (in the model's float dtype) and remove what quantizing installed: the timestep
-    router, quantized attention, the dtype guard, the bound methods and the quantization_config.
+    router, quantized attention, the attention cores and tanh GELUs of real execution
+    (`dq.nn.bf16_attention`, `dq.nn.gelu`), the dtype guard, the bound methods and the
+    quantization_config.
     The result runs, casts and saves as a full-precision model (the rounding error stays)."""
     from .engine import swap_modules
     from .nn.attention import dequantize_attention
+    from .nn.bf16_attention import set_attention_bf16
+    from .nn.gelu import set_gelu
 
     dtype = model.__dict__.get(DTYPE_ATTR) or model_float_dtype(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     with torch.no_grad():
         swap_modules(model, {name: _plain_layer(m, dtype) for name, m in layers.items()})
     dequantize_attention(model)
+    set_attention_bf16(model, False)  # the execution's measured replacements too: plain float32 again
+    set_gelu(model, False)
     handle = model.__dict__.pop("_dq_router_handle", None)
     if handle is not None:
         handle.remove()

@@ -17,7 +17,9 @@ from dq.backend import DQQuantizer
 from dq.errors import DQError
 from dq.kernels.dispatch import runtime_nbytes
 from dq.nn import QuantModule
+from dq.nn.bf16_attention import BF16AttnProcessor
 from dq.nn.dtype_guard import DtypeCastError
+from dq.nn.gelu import MeasuredGELU
 from dq.testing.tiny import default_call_kwargs, prompt_kwargs, prompts_for, tiny_pipeline
 
 KIND = "pixart"
@@ -180,7 +182,14 @@ def test_model_dequantize(recipe, tmp_path):
     with_parts = [n for n in names if model.get_submodule(n).input_transform is not None or model.get_submodule(n).branch is not None]
     assert with_parts
     reference = _reference_outputs(model, names)
+    with torch.no_grad():
+        run(pipe)  # real execution: measured attention cores and GELUs installed
+    installed = [m for m in model.modules() if isinstance(getattr(m, "processor", None), BF16AttnProcessor)
+                 or isinstance(m.__dict__.get("gelu"), MeasuredGELU)]
+    assert installed
     assert model.dequantize() is model  # diffusers' ModelMixin.dequantize -> DQQuantizer._dequantize
+    assert not [m for m in model.modules() if isinstance(getattr(m, "processor", None), BF16AttnProcessor)
+                or isinstance(m.__dict__.get("gelu"), MeasuredGELU)]  # plain float32 attention and GELU again
     assert not quantized(model) and getattr(model, "hf_quantizer", None) is None and not model.is_quantized
     assert "quantization_config" not in model.config and not hasattr(model, "dq_router")
     for name, (x, y) in reference.items():
