@@ -62,3 +62,18 @@ def favour_path(monkeypatch, path: str) -> dict:
     monkeypatch.setattr(choice, "_race", fake_race)
     monkeypatch.setattr(choice, "SCREEN_FACTOR", float("inf"))
     return seen
+
+
+def favour_races(monkeypatch, path: str) -> list:
+    """Make every race of the kernel chooser time `path` fastest; returns the set of paths each
+    race timed, one per race (a measured choice per shape class: the attention core, the GELU)."""
+    from dq.kernels import choice
+
+    seen: list = []
+
+    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
+        seen.append(set(fns))
+        return {p: (1e-4 if p == path else 1e-3) for p in fns}
+
+    monkeypatch.setattr(choice, "_race", fake_race)
+    return seen

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import favour_races
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from dq.errors import DQError
@@ -24,18 +25,6 @@ def cache_folder(tmp_path, monkeypatch):
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def favour(monkeypatch, path):
-    """Make the race time `path` fastest; returns the calls it timed."""
-    seen = []
-
-    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
-        seen.append(set(fns))
-        return {p: (1e-4 if p == path else 1e-3) for p in fns}
-
-    monkeypatch.setattr(choice, "_race", fake_race)
-    return seen
 
 
 class Block(torch.nn.Module):
@@ -97,7 +86,7 @@ def test_the_faster_correct_path_is_kept_per_shape_class_and_cached(monkeypatch,
     with torch.no_grad():
         ref = block(x, context)
         set_execution(block, "real", attention_bf16=True)
-        seen = favour(monkeypatch, fast)
+        seen = favour_races(monkeypatch, fast)
         out = block(x, context)
     assert len(seen) == 2 and all(s == {"sdpa", "sdpa_bf16"} for s in seen)  # self and cross attention
     paths = {**block.attn1.processor.paths, **block.attn2.processor.paths}
@@ -135,7 +124,7 @@ def test_bf16_core_computes_sdpa_on_rounded_inputs_with_masks():
 
 
 def test_a_wrong_or_raising_bf16_core_is_dropped(monkeypatch):
-    favour(monkeypatch, "sdpa_bf16")
+    favour_races(monkeypatch, "sdpa_bf16")
     for broken in (lambda q, k, v, m: torch.zeros_like(q), lambda q, k, v, m: 1 / 0):
         monkeypatch.setattr(choice, "_CACHE", None)
         monkeypatch.setitem(B.RUN, "sdpa_bf16", broken)
@@ -153,7 +142,7 @@ def test_a_wrong_or_raising_bf16_core_is_dropped(monkeypatch):
 def test_under_torch_compile_the_cached_choice_is_used(monkeypatch):
     block = Block()
     set_execution(block, "real", attention_bf16=True)
-    favour(monkeypatch, "sdpa_bf16")
+    favour_races(monkeypatch, "sdpa_bf16")
     x, context = inputs()
     with torch.no_grad():
         eager = block(x, context)
@@ -173,7 +162,7 @@ def test_under_torch_compile_the_cached_choice_is_used(monkeypatch):
 
 
 def test_a_bfloat16_model_runs_its_own_dtype_and_the_recipes_attention_option_wins(monkeypatch):
-    favour(monkeypatch, "sdpa_bf16")
+    favour_races(monkeypatch, "sdpa_bf16")
     block = Block().to(torch.bfloat16)
     set_execution(block, "real", attention_bf16=True)
     x, context = inputs()
@@ -206,7 +195,7 @@ def test_a_quantized_pipeline_runs_it_and_a_saved_one_loads_with_it(monkeypatch,
     from dq.engine import find_denoiser
     from dq.testing.tiny import default_call_kwargs, tiny_pipeline
 
-    favour(monkeypatch, "sdpa_bf16")
+    favour_races(monkeypatch, "sdpa_bf16")
     pipe = tiny_pipeline("pixart")
     dq.quantize(pipe, "w4a16")  # weight-only: no calibration
     _, model = find_denoiser(pipe)

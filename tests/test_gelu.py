@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import favour_races
 from diffusers.models.attention import FeedForward
 
 from dq.errors import DQError
@@ -23,18 +24,6 @@ def cache_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(choice, "_CACHE", None)
     monkeypatch.setattr(G, "MIN_ELEMENTS", 0)  # these tests' models are small; the threshold has its own test
     return tmp_path
-
-
-def favour(monkeypatch, path):
-    """Make the race time `path` fastest; returns the sets of paths it timed."""
-    seen = []
-
-    def fake_race(fns, sync, budget=choice.TIME_BUDGET_S, clock=None):
-        seen.append(set(fns))
-        return {p: (1e-4 if p == path else 1e-3) for p in fns}
-
-    monkeypatch.setattr(choice, "_race", fake_race)
-    return seen
 
 
 class MLPs(torch.nn.Module):
@@ -89,7 +78,7 @@ def test_the_faster_correct_form_is_kept_per_shape_class_and_cached(monkeypatch,
     with torch.no_grad():
         ref = model(x)
         set_execution(model, "real")
-        seen = favour(monkeypatch, fast)
+        seen = favour_races(monkeypatch, fast)
         out = model(x)
     assert seen == [{"gelu", "gelu_sigmoid"}]  # one shape class: both feed-forwards share it
     assert set(model.ff1.net[0].gelu.paths.values()) == {fast}
@@ -121,7 +110,7 @@ def test_a_wrong_or_raising_form_is_dropped(monkeypatch):
 
 
 def test_torchs_kernel_under_compile_autograd_and_other_dtypes(monkeypatch):
-    seen = favour(monkeypatch, "gelu_sigmoid")
+    seen = favour_races(monkeypatch, "gelu_sigmoid")
     g = G.MeasuredGELU()
     assert g.path_for(torch.randn(8, 8, dtype=torch.bfloat16)) == "gelu"
     x = torch.randn(8, 8, requires_grad=True)
@@ -135,7 +124,7 @@ def test_torchs_kernel_under_compile_autograd_and_other_dtypes(monkeypatch):
 
 
 def test_small_inputs_run_torchs_kernel_without_measuring(monkeypatch):
-    seen = favour(monkeypatch, "gelu_sigmoid")
+    seen = favour_races(monkeypatch, "gelu_sigmoid")
     monkeypatch.setattr(G, "MIN_ELEMENTS", 1 << 18)
     g = G.MeasuredGELU()
     x = torch.randn(2, 255, 512)  # one row short of the threshold
@@ -145,7 +134,7 @@ def test_small_inputs_run_torchs_kernel_without_measuring(monkeypatch):
 
 
 def test_compiled_deepcopied_and_pickled_models_keep_working(monkeypatch):
-    favour(monkeypatch, "gelu_sigmoid")
+    favour_races(monkeypatch, "gelu_sigmoid")
     model = MLPs()
     set_execution(model, "real")
     x = torch.randn(2, 16, 32)

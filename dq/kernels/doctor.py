@@ -91,102 +91,89 @@ def _race_paths(q, layer: torch.nn.Module, x: torch.Tensor, dropped: dict[str, s
 
 
 @dataclass
-class AttentionRow:
+class CoreRow:
+    """One token count of a measured choice outside the layers (the attention core, the tanh
+    GELU): each path's time, the paths dropped, the choice and the path it replaces."""
+
     tokens: int
     key: str
     times: dict[str, float]
     dropped: dict[str, str]
     choice: str
+    baseline: str  # "sdpa" (float32 attention) or "gelu" (torch's kernel)
 
     @property
     def speedup(self) -> float:
-        """float32 attention time over the chosen path's time."""
-        return self.times["sdpa"] / self.times[self.choice]
+        """The replaced path's time over the chosen path's time."""
+        return self.times[self.baseline] / self.times[self.choice]
+
+
+AttentionRow = GeluRow = CoreRow  # the names of earlier versions
+
+
+def _core_row(n: int, key: str, measure, run: dict, baseline: str, device: str) -> CoreRow:
+    """Measured (or read from the cache) as a model's first call would, then every path not
+    dropped timed again beside the others (`run`: path -> function of no arguments)."""
+    with torch.no_grad():
+        found = choice.cache().get(key)
+        if found is None:
+            found = measure()
+            choice.cache().put(key, found)
+        fns = {p: fn for p, fn in run.items() if p not in found.dropped}
+        times = choice._race(fns, torch.cuda.synchronize if device.startswith("cuda") else (lambda: None))
+    return CoreRow(n, key, times, dict(found.dropped), found.choice, baseline)
 
 
 def measure_attention(tokens: Sequence[int] = (256, 1024), batch: int = 2, heads: int = 16, head_dim: int = 72,
-                      device: str = "cpu") -> list[AttentionRow]:
+                      device: str = "cpu") -> list[CoreRow]:
     """The attention core's paths (`dq.nn.bf16_attention`) at `tokens` query and key tokens
-    (self-attention of PixArt-Sigma's shape by default): measured (or read from the cache) as a
-    model's first call would, then both timed again beside each other."""
-    from ..nn import bf16_attention
+    (self-attention of PixArt-Sigma's shape by default)."""
+    from ..nn import bf16_attention as B
 
     out = []
     for n in tokens:
         torch.manual_seed(0)
         q, k, v = (torch.randn(batch, heads, n, head_dim, device=device) for _ in range(3))
-        key = bf16_attention.shape_key(q, k, None)
-        with torch.no_grad():
-            found = choice.cache().get(key)
-            if found is None:
-                found = bf16_attention.measure(q, k, v, None)
-                choice.cache().put(key, found)
-            fns = {p: (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, None))
-                   for p, fn in bf16_attention.RUN.items() if p not in found.dropped}
-            times = choice._race(fns, torch.cuda.synchronize if q.is_cuda else (lambda: None))
-        out.append(AttentionRow(n, key, times, dict(found.dropped), found.choice))
+        run = {p: (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, None)) for p, fn in B.RUN.items()}
+        out.append(_core_row(n, B.shape_key(q, k, None), lambda q=q, k=k, v=v: B.measure(q, k, v, None), run, "sdpa", device))
     return out
 
 
-def render_attention(rows: Sequence[AttentionRow]) -> str:
-    if not rows:
-        return ""
-    lines = ["", "", "attention core (batch 2, 16 heads x 72; `attention_bf16_where_faster`):",
-             f"{'tokens':>6} {'sdpa':>10} {'sdpa_bf16':>10}  choice      vs float32"]
-    for r in rows:
-        cells = [f"{r.times[p] * 1e3:>8.3f}ms" if p in r.times else f"{'dropped':>10}" for p in ("sdpa", "sdpa_bf16")]
-        lines.append(f"{r.tokens:>6} " + " ".join(cells) + f"  {r.choice:<11} {r.speedup:.2f}x")
-    return "\n".join(lines)
-
-
-@dataclass
-class GeluRow:
-    tokens: int
-    width: int
-    key: str
-    times: dict[str, float]
-    dropped: dict[str, str]
-    choice: str
-
-    @property
-    def speedup(self) -> float:
-        """torch's tanh GELU time over the chosen form's time."""
-        return self.times["gelu"] / self.times[self.choice]
-
-
 def measure_gelu(tokens: Sequence[int] = (256, 1024), batch: int = 2, width: int = 4608,
-                 device: str = "cpu") -> list[GeluRow]:
+                 device: str = "cpu") -> list[CoreRow]:
     """The feed-forward's tanh GELU (`dq.nn.gelu`) on [batch, tokens, width] (PixArt-Sigma's
-    feed-forward width by default): measured (or read from the cache) as a model's first call
-    would, then both forms timed again beside each other."""
-    from ..nn import gelu
+    feed-forward width by default)."""
+    from ..nn import gelu as G
 
     out = []
     for n in tokens:
         torch.manual_seed(0)
         x = torch.randn(batch, n, width, device=device) * 2
-        key = gelu.shape_key(x)
-        with torch.no_grad():
-            found = choice.cache().get(key)
-            if found is None:
-                found = gelu.measure(x)
-                choice.cache().put(key, found)
-            fns = {p: (lambda fn=fn, x=x: fn(x)) for p, fn in gelu.RUN.items() if p not in found.dropped}
-            times = choice._race(fns, torch.cuda.synchronize if x.is_cuda else (lambda: None))
-        out.append(GeluRow(n, width, key, times, dict(found.dropped), found.choice))
+        run = {p: (lambda fn=fn, x=x: fn(x)) for p, fn in G.RUN.items()}
+        out.append(_core_row(n, G.shape_key(x), lambda x=x: G.measure(x), run, "gelu", device))
     return out
 
 
-def render_gelu(rows: Sequence[GeluRow]) -> str:
+def _render_core(rows: Sequence[CoreRow], title: str, paths: tuple[str, str], versus: str) -> str:
     if not rows:
         return ""
-    lines = ["", "", f"feed-forward tanh GELU (batch 2, width {rows[0].width}; `dq.nn.gelu`, in real execution):",
-             f"{'tokens':>6} {'gelu':>10} {'gelu_sigmoid':>12}  choice        vs torch"]
+    widths = [max(10, len(p)) for p in paths]
+    lines = ["", "", title, f"{'tokens':>6} " + " ".join(f"{p:>{w}}" for p, w in zip(paths, widths))
+             + f"  {'choice':<13} vs {versus}"]
     for r in rows:
-        cells = [f"{r.times[p] * 1e3:>{w - 2}.3f}ms" if p in r.times else f"{'dropped':>{w}}"
-                 for p, w in (("gelu", 10), ("gelu_sigmoid", 12))]
+        cells = [f"{r.times[p] * 1e3:>{w - 2}.3f}ms" if p in r.times else f"{'dropped':>{w}}" for p, w in zip(paths, widths)]
         lines.append(f"{r.tokens:>6} " + " ".join(cells) + f"  {r.choice:<13} {r.speedup:.2f}x")
     return "\n".join(lines)
+
+
+def render_attention(rows: Sequence[CoreRow]) -> str:
+    return _render_core(rows, "attention core (batch 2, 16 heads x 72; `attention_bf16_where_faster`):",
+                        ("sdpa", "sdpa_bf16"), "float32")
+
+
+def render_gelu(rows: Sequence[CoreRow], width: int = 4608) -> str:
+    return _render_core(rows, f"feed-forward tanh GELU (batch 2, width {width}; `dq.nn.gelu`, in real execution):",
+                        ("gelu", "gelu_sigmoid"), "torch")
 
 
 def render(rows: Sequence[Row]) -> str:
