@@ -145,7 +145,7 @@ def test_compiled_deepcopied_and_pickled_models_keep_working(monkeypatch):
         torch.save(model, buf)
         buf.seek(0)
         assert torch.equal(torch.load(buf, weights_only=False)(x), out)
-        compiled = torch.compile(model, backend="eager")
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # no graph break
         assert torch.allclose(compiled(x), out, rtol=1e-5, atol=1e-6)
 
 
