@@ -273,9 +273,10 @@ def decide(times: Mapping[str, float], dropped: Mapping[str, str] = ()) -> str:
     usable = {p: t for p, t in times.items() if p not in dropped and math.isfinite(t)}
     if not usable:
         seen = set(times) | set(dropped)
-        if seen and seen <= set(ATTENTION_PATHS):
-            return "sdpa"
-        return "gelu" if seen and seen <= set(ACTIVATION_PATHS) else "dequant"
+        for family in (ATTENTION_PATHS, ACTIVATION_PATHS):  # a non-layer choice falls back to its exact path
+            if seen and seen <= set(family):
+                return family[0]
+        return "dequant"
     best = min(usable.values())
     near = [p for p in PATHS + ATTENTION_PATHS + ACTIVATION_PATHS if p in usable and usable[p] <= best * 1.03]
     lean = [p for p in near if p not in COPY_PATHS]
@@ -339,12 +340,14 @@ def measure(
     references: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     overhead: Callable[[torch.Tensor], object] | None = None,
     folded: Sequence[str] = (),
+    against: str = "the simulated layer",
 ) -> Measurement:
     """Screen each candidate on `probe`, check it against `reference` (or its own entry of
     `references`: a path that computes another function, e.g. with rounded activations, is
     checked against a simulation of that function), time the survivors on `x`. `overhead`:
     work every path but those in `folded` does on top of its own call (a layer's input
-    transform and low-rank branch, which a folded weight absorbs), timed with each of them."""
+    transform and low-rank branch, which a folded weight absorbs), timed with each of them.
+    `against`: what `reference` computes, for the reason a wrong path is dropped."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     clock = clock_for(x)
     dropped: dict[str, str] = {}
@@ -361,7 +364,7 @@ def measure(
                 first = clock() - start  # with one-time costs (weight copies, JIT)
                 error = _rel_error(out, expected)
                 if not error <= tolerance:
-                    dropped[path] = f"wrong result (relative error {error:.1e} against the simulated layer)"
+                    dropped[path] = f"wrong result (relative error {error:.1e} against {against})"
                     continue
                 screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S, clock)
             except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
@@ -383,6 +386,22 @@ def measure(
                 except Exception as exc:
                     dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
     return Measurement(decide(times, dropped), times, dropped)
+
+
+def cached(key: str, measure: Callable[[], Measurement]) -> Measurement:
+    """This machine's measurement for shape class `key`: from the cache, or `measure()` now,
+    stored and logged once (the choices outside the layers: attention core, GELU; `dq doctor`)."""
+    found = cache().get(key)
+    if found is None:
+        found = measure()
+        cache().put(key, found)
+        log_choice(key, found)
+    return found
+
+
+def cached_choices(prefix: str, allowed: Sequence[str]) -> dict[str, str]:
+    """The cached choices among `allowed` of the shape classes whose key starts with `prefix`."""
+    return {key: m.choice for key, m in cache().entries.items() if key.startswith(prefix) and m.choice in allowed}
 
 
 def bucket(rows: int) -> int:

@@ -108,17 +108,11 @@ class CoreRow:
         return self.times[self.baseline] / self.times[self.choice]
 
 
-AttentionRow = GeluRow = CoreRow  # the names of earlier versions
-
-
 def _core_row(n: int, key: str, measure, run: dict, baseline: str, device: str) -> CoreRow:
     """Measured (or read from the cache) as a model's first call would, then every path not
     dropped timed again beside the others (`run`: path -> function of no arguments)."""
     with torch.no_grad():
-        found = choice.cache().get(key)
-        if found is None:
-            found = measure()
-            choice.cache().put(key, found)
+        found = choice.cached(key, measure)
         fns = {p: fn for p, fn in run.items() if p not in found.dropped}
         times = choice._race(fns, torch.cuda.synchronize if device.startswith("cuda") else (lambda: None))
     return CoreRow(n, key, times, dict(found.dropped), found.choice, baseline)

@@ -93,11 +93,7 @@ class BF16AttnProcessor(CoreAttnProcessor):
             return path
         if torch.compiler.is_compiling():
             return "sdpa"  # nothing is measured (or read from disk) inside a graph
-        found = choice.cache().get(key)
-        if found is None:
-            found = measure(q, k, v, mask)
-            choice.cache().put(key, found)
-            choice.log_choice(key, found)
+        found = choice.cached(key, lambda: measure(q, k, v, mask))
         path = self.paths[key] = found.choice if found.choice in RUN else "sdpa"
         return path
 
@@ -124,8 +120,7 @@ def set_attention_bf16(model: nn.Module, on: bool) -> int:
                 module.set_processor(processor.original)
         elif on and isinstance(module, Attention) and type(processor) is AttnProcessor2_0:
             if known is None:  # the cache's attention choices, read once per model
-                known = {key: m.choice for key, m in choice.cache().entries.items()
-                         if key.startswith("attention|") and m.choice in RUN}
+                known = choice.cached_choices("attention|", RUN)
             module.set_processor(BF16AttnProcessor(original=processor, known=known))
             installed += 1
     return installed

@@ -63,19 +63,11 @@ def shape_key(x: torch.Tensor) -> str:
 
 
 def measure(x: torch.Tensor) -> choice.Measurement:
-    """Check "gelu_sigmoid" against torch's kernel on `x`, then time both (interleaved)."""
-    dropped: dict[str, str] = {}
-    with torch.no_grad():
-        ref = _torch_gelu(x)
-        try:
-            error = choice._rel_error(gelu_sigmoid(x), ref)
-            if not error <= TOLERANCE:
-                dropped["gelu_sigmoid"] = f"wrong result (relative error {error:.1e} against torch's tanh GELU)"
-        except Exception as exc:  # a form that raises here is dropped, not fatal
-            dropped["gelu_sigmoid"] = f"raised {type(exc).__name__}: {exc}"[:200]
-        fns = {p: (lambda fn=fn: fn(x)) for p, fn in RUN.items() if p not in dropped}
-        times = choice._race(fns, lambda: None, clock=choice.clock_for(x))
-    return choice.Measurement(choice.decide(times, dropped), times, dropped)
+    """Check "gelu_sigmoid" against torch's kernel on a few rows of `x`, then time both on `x`
+    (`choice.measure`: a form that raises or is wrong is dropped with its reason)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return choice.measure(RUN, _torch_gelu, rows, rows[: choice.SCREEN_ROWS], tolerance=TOLERANCE,
+                          against="torch's tanh GELU")
 
 
 class MeasuredGELU:
@@ -93,11 +85,7 @@ class MeasuredGELU:
         path = self.paths.get(key)
         if path is not None:
             return path
-        found = choice.cache().get(key)
-        if found is None:
-            found = measure(x)
-            choice.cache().put(key, found)
-            choice.log_choice(key, found)
+        found = choice.cached(key, lambda: measure(x))
         path = self.paths[key] = found.choice if found.choice in RUN else "gelu"
         return path
 
@@ -122,8 +110,7 @@ def set_gelu(model: nn.Module, on: bool) -> int:
             continue
         if not isinstance(current, MeasuredGELU):
             if known is None:  # the cache's GELU choices, read once per model
-                known = {key: m.choice for key, m in choice.cache().entries.items()
-                         if key.startswith("gelu|") and m.choice in RUN}
+                known = choice.cached_choices("gelu|", RUN)
             module.__dict__["gelu"] = MeasuredGELU(known)
         installed += 1
     return installed
