@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 
-from .backend import DQConfig, dequantize
+from .backend import DQConfig
+from .dequant import dequantize
 from .engine import quantize
 from .errors import CalibrationError, DQError
 from .io import load, open_pipeline, save
