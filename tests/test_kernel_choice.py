@@ -71,6 +71,48 @@ def test_measure_drops_wrong_raising_and_pathologically_slow_paths(threads, monk
     assert "RuntimeError" in found.dropped["dequant"]
 
 
+def _busy(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_the_screen_grows_its_rows_until_a_slow_path_shows(monkeypatch):
+    """A reference kernel at a narrow width: on 8 rows it is under SCREEN_MIN_S (too little work to
+    tell), so the screen grows the rows eightfold; on 64 it shows, and it never runs the full input."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(4096, 16)
+    seen = []
+
+    def reference_kernel(t):  # 0.3 ms per row: 2.4 ms on 8 rows, 19 ms on 64, 1.2 s on all
+        seen.append(t.shape[0])
+        _busy(3e-4 * t.shape[0])
+        return t * 2
+
+    candidates = {"onednn": reference_kernel, "int_mm": lambda t: t * 2}
+    grow = lambda rows: x[: 8 * rows.shape[0]] if rows.shape[0] < x.shape[0] else None  # noqa: E731
+    found = choice.measure(candidates, lambda t: t * 2, x, x[:8], grow=grow)
+    assert found.choice == "int_mm"
+    assert "slower than the best path on 64 rows" in found.dropped["onednn"]
+    assert max(seen) == 64
+    # without `grow`, the 8-row screen cannot tell, and the full-size race runs it
+    seen.clear()
+    found = choice.measure(candidates, lambda t: t * 2, x, x[:8])
+    assert "onednn" not in found.dropped and max(seen) == 4096
+
+
+def test_the_race_runs_a_hopeless_path_once(monkeypatch):
+    calls = []
+
+    def slow(t):
+        calls.append(1)
+        _busy(0.15)
+        return t
+
+    times = choice._race({"slow": lambda: slow(1), "fast": lambda: None}, lambda: None)
+    assert len(calls) == 1 and times["slow"] >= 0.15 and times["fast"] < 0.01
+
+
 # -- layers ----------------------------------------------------------------------------
 def test_a_layer_runs_the_measured_choice_and_keeps_only_that_copy(cache_folder, monkeypatch):
     q = linear()
@@ -81,6 +123,34 @@ def test_a_layer_runs_the_measured_choice_and_keeps_only_that_copy(cache_folder,
     assert q._dq_paths == {8: "float_copy"} and "_dq_float_weight" in q.__dict__ and "_dq_prepacked" not in q.__dict__
     set_execution(q, "sim")
     assert torch.allclose(y, q(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_slow_path_on_a_narrow_layer_never_runs_its_full_input(cache_folder, monkeypatch, conv):
+    """A layer's screen grows its probe (rows; a convolution's patch) until a reference-like path,
+    4 us per input element, shows: it is dropped without ever running the whole input."""
+    from dq.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    if conv:
+        layer = QuantConv2d.from_float(torch.nn.Conv2d(16, 16, 3, padding=1), W8, A8, [(-3.0, 3.0)])
+        x = torch.randn(2, 16, 64, 64)
+    else:
+        layer, x = linear(width=64, out=64), torch.randn(4096, 64)
+    seen = []
+    fast = dispatch.runners.RUN["int_mm"]
+
+    def slow(layer, t):
+        seen.append(t.numel())
+        _busy(4e-6 * t.numel())
+        return fast(layer, t)
+
+    monkeypatch.setitem(dispatch.runners.RUN, "onednn", slow)
+    monkeypatch.setattr(dispatch, "candidate_paths", lambda *a: ["onednn", "int_mm"])
+    set_execution(layer, "real")
+    layer(x)
+    assert dispatch.layer_paths(layer) == ["int_mm"]
+    assert seen and max(seen) * 8 <= x.numel()
 
 
 def test_every_allowed_path_matches_the_simulated_layer(cache_folder):

@@ -47,7 +47,8 @@ on an AMD EPYC). So nothing is chosen by availability:
 
 On a layer's first eager call for a row count (bucketed to a power of two), each path its
 formats allow is screened on a few rows (a path more than `SCREEN_FACTOR` x slower than
-the best there is dropped: the reference kernels never get a full-size run), checked
+the best there is dropped: the reference kernels never get a full-size run; where a few rows
+of a narrow layer are too little work to tell, the screen grows them until it can), checked
 against the simulated result (`MAX_REL_ERROR`), then timed on the real input; the fastest
 correct one is kept for every layer of that shape class. Choices are cached per machine
 (CPU model and ISA flags, threads, torch version) in `cache_dir()`, written atomically,
@@ -94,6 +95,9 @@ CACHE_VERSION = 7  # 2: int8_copy and int_mm_a8 (older choices never saw them); 
 FLOAT_COPY_MAX_BYTES = 1 << 20
 SCREEN_ROWS = 8
 SCREEN_FACTOR = 20.0
+# A path this much slower than the best on a probe under SCREEN_MIN_S may be a reference kernel
+# whose cost the best path's fixed overhead hides at that size: the probe grows (measure(grow=)).
+SCREEN_GROW_FACTOR = 4.0
 SCREEN_MIN_S = 5e-3
 SCREEN_BUDGET_S = 0.05
 MAX_REL_ERROR = 1e-3
@@ -314,13 +318,18 @@ def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], bud
           clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """The best time of each function over rounds that run them in turn (interleaved, so a
     busy spell of the machine hits all alike; the minimum is the least disturbed run)."""
-    best = {name: _time_once(fn, sync, clock) for name, fn in fns.items()}  # warm-up round
-    if not best:
-        return best
-    rounds = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(sum(best.values()), 1e-9))))
-    best = dict.fromkeys(fns, math.inf)
+    first = {name: _time_once(fn, sync, clock) for name, fn in fns.items()}  # warm-up round
+    if not first:
+        return first
+    # a path far slower than the best already on its first full-size call (and over the budget)
+    # is not run again: its first time stands (a reference kernel costs seconds per call)
+    fastest = min(first.values())
+    hopeless = {n for n, t in first.items() if t > SCREEN_FACTOR * fastest and t > budget}
+    timed = {n: fn for n, fn in fns.items() if n not in hopeless}
+    rounds = max(MIN_ROUNDS, min(MAX_REPS, int(budget / max(sum(first[n] for n in timed), 1e-9))))
+    best = {n: (first[n] if n in hopeless else math.inf) for n in fns}
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, fn in timed.items():
             best[name] = min(best[name], _time_once(fn, sync, clock))
     return best
 
@@ -341,13 +350,17 @@ def measure(
     overhead: Callable[[torch.Tensor], object] | None = None,
     folded: Sequence[str] = (),
     against: str = "the simulated layer",
+    grow: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Measurement:
     """Screen each candidate on `probe`, check it against `reference` (or its own entry of
     `references`: a path that computes another function, e.g. with rounded activations, is
     checked against a simulation of that function), time the survivors on `x`. `overhead`:
     work every path but those in `folded` does on top of its own call (a layer's input
     transform and low-rank branch, which a folded weight absorbs), timed with each of them.
-    `against`: what `reference` computes, for the reason a wrong path is dropped."""
+    `against`: what `reference` computes, for the reason a wrong path is dropped. `grow(rows)`:
+    more of `x` than `rows` (None at full size); where the probe is too little work to tell
+    (a path over `SCREEN_GROW_FACTOR` x the best but under `SCREEN_MIN_S`), the screen is
+    repeated on the larger part until it can."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     clock = clock_for(x)
     dropped: dict[str, str] = {}
@@ -369,11 +382,27 @@ def measure(
                 screen[path] = first if first > SCREEN_BUDGET_S else _best_time(lambda fn=fn: fn(probe), sync, SCREEN_BUDGET_S, clock)
             except Exception as exc:  # a kernel that raises on this shape is dropped, not fatal
                 dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
-        if screen:
-            best = min(screen.values())
-            for path, t in screen.items():
+        # the screen's verdicts: on the probe, then (`grow`) on larger parts of `x` for the paths
+        # the probe could not judge, each time against the best path re-timed on the same part
+        rows, judged = probe, screen
+        while judged:
+            best_path = min(judged, key=judged.get)
+            best = judged[best_path]
+            for path, t in judged.items():
                 if t > SCREEN_FACTOR * best and t > SCREEN_MIN_S:
-                    dropped[path] = f"{t / best:.0f}x slower than the best path on {probe.shape[0]} rows"
+                    dropped[path] = f"{t / best:.0f}x slower than the best path on {rows.shape[0]} rows"
+            unsure = [p for p, t in judged.items() if SCREEN_GROW_FACTOR * best < t <= SCREEN_MIN_S]
+            larger = grow(rows) if unsure and grow is not None else None
+            if larger is None:
+                break
+            rows, judged = larger, {}
+            for path in (best_path, *unsure):
+                try:
+                    judged[path] = _best_time(lambda fn=candidates[path], r=rows: fn(r), sync, SCREEN_BUDGET_S, clock)
+                except Exception as exc:
+                    dropped[path] = f"raised {type(exc).__name__}: {exc}"[:200]
+            if best_path not in judged:  # the best path raised on more rows: the race sorts it out
+                break
         survivors = {p: (lambda fn=fn: fn(x)) if overhead is None or p in folded else (lambda fn=fn: (fn(x), overhead(x)))
                      for p, fn in candidates.items() if p not in dropped}
         try:

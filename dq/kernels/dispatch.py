@@ -158,6 +158,22 @@ def _probe(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     return x[:1, :, :4, :4] if x.shape[2] >= 4 and x.shape[3] >= 4 else x[:1]
 
 
+def _grow(layer: QuantModule, x: torch.Tensor):
+    """`choice.measure`'s `grow`: more of `x` than the screened part, None once it is all of it.
+    A linear layer's rows eightfold; a convolution's patch twice as high and wide, then its batch."""
+    if runners.conv_geometry(layer) is None:
+        rows = x.reshape(-1, x.shape[-1])
+        return lambda probe: rows[: 8 * probe.shape[0]] if probe.shape[0] < rows.shape[0] else None
+
+    def larger(probe: torch.Tensor) -> torch.Tensor | None:
+        b, h, w = probe.shape[0], probe.shape[2], probe.shape[3]
+        if h < x.shape[2] or w < x.shape[3]:
+            return x[:b, :, : 2 * h, : 2 * w]
+        return x[: 8 * b] if b < x.shape[0] else None
+
+    return larger
+
+
 def _float_copy_nbytes(layer: QuantModule, dtype: torch.dtype) -> int:
     return math.prod(layer.weight_shape) * dtype.itemsize
 
@@ -272,7 +288,7 @@ def _path(layer: QuantModule, x: torch.Tensor, around: tuple | None = None) -> s
     if picked is None:
         found = choice.measure(
             {p: (lambda t, p=p: runners.RUN[p](layer, t)) for p in allowed}, layer.simulated, x, _probe(layer, x),
-            references=_references(layer, allowed), overhead=overhead, folded=("float_input",),
+            references=_references(layer, allowed), overhead=overhead, folded=("float_input",), grow=_grow(layer, x),
         )
         store.put(key, found)
         choice.log_choice(key, found)
