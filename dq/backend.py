@@ -646,10 +646,13 @@ def _patch_flux_lora_loader() -> None:
 
 
 def register() -> None:
-    """Register the dq backend with diffusers (done when dq is imported)."""
+    """Register the dq backend with diffusers, and with transformers for the text encoders
+    (`dq.text_backend`), so that ``PipelineQuantizationConfig(quant_backend="dq", ...)`` works
+    (done when dq is imported)."""
     _auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DQQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DQConfig
     _patch_flux_lora_loader()
+    from . import text_backend  # noqa: F401  (registers the text encoders' side with transformers)
 
 
 register()

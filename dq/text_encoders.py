@@ -6,10 +6,13 @@ step, so its speed matters little and its weights matter most: dq quantizes its 
 weight-only (activations stay in float, so no calibration is needed), with the same layers and
 kernels as the denoiser's weight-only layers.
 
-Saving: transformers loads a text-encoder folder by itself and has no dq loader, so a folder
-written with quantized encoders would be read back as float weights full of codes, without an
-error. `dq.save` therefore refuses a pipeline whose text encoders are quantized; quantize them
-again after loading instead (`dq.load(dir, text_encoders="w8a16")`: weight-only, a few
+At load: ``dq.load(dir, text_encoders="w8a16")``, or diffusers' ``PipelineQuantizationConfig(
+quant_backend="dq", ...)`` through dq's transformers backend (`dq.text_backend`).
+
+Saving: transformers loads a text-encoder folder by itself, and dq quantizes text encoders at
+load but does not load them quantized, so a folder written with quantized encoders would be read
+back as float weights full of codes, without an error. `dq.save` therefore refuses a pipeline
+whose text encoders are quantized; quantize them again at load instead (weight-only, a few
 seconds, no calibration).
 """
 
@@ -58,11 +61,7 @@ def quantize_text_encoders(pipe, recipe: str | Recipe | dict = "w8a16", *, names
     Returns {component: (bytes before, bytes after)}.
     """
     recipe = Recipe.from_any(recipe)
-    if recipe.weight is None or recipe.activation is not None:
-        raise DQError(
-            f"text encoders are quantized weight-only; recipe {recipe.name!r} "
-            f"{'has no weight format' if recipe.weight is None else 'quantizes activations'}: use 'w8a16' or 'w4a16'"
-        )
+    check_weight_only(recipe)
     found = text_encoders(pipe)
     if names is not None:
         unknown = [n for n in names if n not in found]
@@ -71,39 +70,59 @@ def quantize_text_encoders(pipe, recipe: str | Recipe | dict = "w8a16", *, names
         found = {n: found[n] for n in names}
     if not found:
         raise DQError(f"{type(pipe).__name__} has no text encoder to quantize")
-    spec = recipe.weight
+    done = {n: getattr(m, MARK) for n, m in found.items() if is_quantized_encoder(m)}
+    if done:  # before any is changed
+        raise DQError(f"already quantized: {done}; load the pipeline again to change them")
     sizes = {}
     for name, encoder in found.items():
-        if is_quantized_encoder(encoder):
-            raise DQError(f"{name} is already quantized (recipe {getattr(encoder, MARK)}); load the pipeline again to change it")
-        before = module_bytes(encoder)
-        layers = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear]
-        replacements = {}
-        with torch.no_grad():
-            for layer_name, layer in layers:
-                w_spec = spec
-                if spec.granularity == "group" and layer.in_features % spec.group_size:
-                    w_spec = spec.replace(granularity="channel")
-                replacements[layer_name] = QuantLinear.from_float(layer, w_spec, None, None, None)
-        for layer_name, q in replacements.items():
-            parent_name, _, child = layer_name.rpartition(".")
-            parent = encoder.get_submodule(parent_name) if parent_name else encoder
-            setattr(parent, child, q)
-        set_execution(encoder, recipe.execution)
-        setattr(encoder, MARK, recipe.name)
-        encoder.save_pretrained = _refuse_save(name)  # pipe.save_pretrained calls it: refused too
-        sizes[name] = (before, module_bytes(encoder))
-        logger.info("%s: %d Linear layers quantized weight-only (%s): %.1f -> %.1f MB", name, len(replacements),
-                    recipe.name, before / 2**20, sizes[name][1] / 2**20)
+        sizes[name] = quantize_encoder(encoder, recipe, name)
     return sizes
+
+
+def check_weight_only(recipe: Recipe) -> None:
+    if recipe.weight is None or recipe.activation is not None:
+        raise DQError(
+            f"text encoders are quantized weight-only; recipe {recipe.name!r} "
+            f"{'has no weight format' if recipe.weight is None else 'quantizes activations'}: use 'w8a16' or 'w4a16'"
+        )
+
+
+def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int, int]:
+    """Quantize one text encoder's Linear layers weight-only, in place; (bytes before, after)."""
+    check_weight_only(recipe)
+    if is_quantized_encoder(encoder):
+        raise DQError(f"{name} is already quantized (recipe {getattr(encoder, MARK)}); load the pipeline again to change it")
+    spec = recipe.weight
+    before = module_bytes(encoder)
+    layers = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear]
+    replacements = {}
+    with torch.no_grad():
+        for layer_name, layer in layers:
+            w_spec = spec
+            if spec.granularity == "group" and layer.in_features % spec.group_size:
+                w_spec = spec.replace(granularity="channel")
+            replacements[layer_name] = QuantLinear.from_float(layer, w_spec, None, None, None)
+    for layer_name, q in replacements.items():
+        parent_name, _, child = layer_name.rpartition(".")
+        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+        setattr(parent, child, q)
+    set_execution(encoder, recipe.execution)
+    setattr(encoder, MARK, recipe.name)
+    encoder.save_pretrained = _refuse_save(name)  # pipe.save_pretrained calls it: refused too
+    after = module_bytes(encoder)
+    logger.info("%s: %d Linear layers quantized weight-only (%s): %.1f -> %.1f MB", name, len(replacements),
+                recipe.name, before / 2**20, after / 2**20)
+    return before, after
 
 
 def _refuse_save(name: str):
     def save_pretrained(*_args, **_kwargs):
         raise DQError(
             f"{name} is quantized by dq and cannot be saved quantized: transformers, which loads text encoders, "
-            "has no dq loader and would load it with missing weights. Save the pipeline before quantizing its text "
-            "encoders, and quantize them again after loading: dq.load(dir, text_encoders='w8a16')"
+            "would read the codes back as float weights (dq quantizes text encoders at load, it does not load them "
+            "quantized). Save the pipeline before quantizing its text encoders, and quantize them again at load: "
+            "dq.load(dir, text_encoders='w8a16'), or from_pretrained(dir, quantization_config=PipelineQuantizationConfig("
+            "quant_backend='dq', quant_kwargs={'recipe': 'w8a16'}, components_to_quantize=[...]))"
         )
     return save_pretrained
 
@@ -113,7 +132,8 @@ def check_savable(pipe) -> None:
     quantized = [n for n, m in text_encoders(pipe).items() if is_quantized_encoder(m) or any(isinstance(x, QuantModule) for x in m.modules())]
     if quantized:
         raise DQError(
-            f"{', '.join(quantized)} are quantized by dq, and transformers, which loads text encoders, has no dq "
-            "loader: it would read the saved codes as float weights without an error. Save the pipeline before "
-            "quantizing its text encoders, and quantize them again after loading: dq.load(dir, text_encoders='w8a16')"
+            f"{', '.join(quantized)} are quantized by dq, and transformers, which loads text encoders, would read "
+            "the saved codes as float weights without an error (dq quantizes text encoders at load, it does not load "
+            "them quantized). Save the pipeline before quantizing its text encoders, and quantize them again after "
+            "loading: dq.load(dir, text_encoders='w8a16')"
         )

@@ -228,6 +228,40 @@ def test_pipeline_quantization_config(float_dir):
     assert images(pipe).shape[0] == 1
 
 
+def test_pipeline_level_quant_backend_quantizes_denoiser_and_text_encoder(float_dir, tmp_path):
+    """diffusers' pipeline-level form: the denoiser through dq's diffusers backend, the T5 through
+    its transformers backend; the same images as quantizing each by hand after a float load."""
+    config = PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"recipe": "w4a16"},
+                                        components_to_quantize=["transformer", "text_encoder"])
+    pipe = DiffusionPipeline.from_pretrained(float_dir, quantization_config=config)
+    assert quantized_layers(pipe.transformer) > 0 and quantized_layers(pipe.text_encoder) > 0
+    by_hand = dq.quantize(DiffusionPipeline.from_pretrained(float_dir), "w4a16")
+    dq.quantize_text_encoders(by_hand, "w4a16")
+    np.testing.assert_array_equal(images(pipe), images(by_hand))
+    with pytest.raises(DQError, match="cannot be saved quantized"):
+        pipe.save_pretrained(tmp_path / "out")
+    # a diffusers DQConfig in quant_mapping serves a text encoder too
+    mapped = DiffusionPipeline.from_pretrained(float_dir, quantization_config=PipelineQuantizationConfig(
+        quant_mapping={"text_encoder": dq.DQConfig(recipe="w8a16")}))
+    assert quantized_layers(mapped.text_encoder) > 0 and quantized_layers(mapped.transformer) == 0
+
+
+def test_text_encoder_backend_refuses_what_it_cannot_do(float_dir, tmp_path):
+    config = PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"recipe": "w8a8"}, components_to_quantize=["text_encoder"])
+    with pytest.raises(DQError, match=r"weight-only.*w8a16.*quant_mapping"):
+        DiffusionPipeline.from_pretrained(float_dir, quantization_config=config)
+    # a text encoder folder claiming to be dq-quantized: dq never writes one
+    from transformers import T5EncoderModel
+
+    folder = tmp_path / "te"
+    T5EncoderModel.from_pretrained(float_dir, subfolder="text_encoder").save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "dq", "recipe": "w8a16"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DQError, match="never saves text encoders quantized"):
+        T5EncoderModel.from_pretrained(folder)
+
+
 def test_dynamic_recipe_without_smoothing_quantizes_at_load(float_dir):
     recipe = {"base": "w8a8-dynamic", "smooth": None}
     model = PixArtTransformer2DModel.from_pretrained(float_dir, subfolder="transformer", quantization_config=dq.DQConfig(recipe=recipe))
