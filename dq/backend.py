@@ -48,6 +48,7 @@ with quiet_third_party():  # diffusers' quantizers import torchao, which logs kn
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .errors import DQError
+from .nn.dtype_guard import guard_pipelines
 from .nn.layers import _STORAGE_BUFFERS, QuantModule
 from .nn.lora import has_static_ranges, lora_target_names, merge_with_branches
 from .nn.router import ROUTER_NAME, TimestepRouter
@@ -652,6 +653,7 @@ def register() -> None:
     _auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DQQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DQConfig
     _patch_flux_lora_loader()
+    guard_pipelines()  # pipe.to(dtype) refused before any component is cast, however the pipeline was loaded
     from . import text_backend  # noqa: F401  (registers the text encoders' side with transformers)
 
 

@@ -109,6 +109,4 @@ def dequantize(target: Any) -> Any:
         model.dequantize()  # diffusers' ModelMixin.dequantize: our _dequantize, then drops hf_quantizer
     else:
         dequantize_model(model)
-    if not isinstance(target, nn.Module):
-        target.__dict__.pop("to", None)  # the pipeline-level dtype guard (dq.nn.dtype_guard)
     return target

@@ -27,7 +27,7 @@ from .errors import DQError
 from .kernels import check_execution, set_execution
 from .mixed import apply_allocation, resolve_budget
 from .nn.attention import quantize_attention
-from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
+from .nn.dtype_guard import install_dtype_guard
 from .nn.layers import QuantConv2d, QuantLinear, QuantModule
 from .nn.router import ROUTER_NAME, TimestepRouter, attach_router
 from .outliers import (
@@ -299,7 +299,6 @@ def quantize(
 
     apply_calibration(calibrate_pipeline(pipe, recipe, calib_prompts=calib_prompts,
                                          num_inference_steps=num_inference_steps, **call_kwargs))
-    install_pipeline_guard(pipe)
     return pipe
 
 

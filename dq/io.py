@@ -31,7 +31,7 @@ from .engine import DENOISER_NAMES, find_denoiser, is_quantized
 from .errors import DQError, one_line
 from .kernels import set_execution
 from .nn.attention import quantize_attention
-from .nn.dtype_guard import install_dtype_guard, install_pipeline_guard
+from .nn.dtype_guard import install_dtype_guard
 from .nn.layers import _STORAGE_BUFFERS, QuantModule, shell_from_plan
 from .nn.router import TimestepRouter, attach_router
 from .paths import default_model_dir
@@ -498,7 +498,6 @@ def _load(path: Path, *, torch_dtype, device, execution):
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    install_pipeline_guard(pipe)
     if device is not None:
         pipe.to(device)
     return pipe

@@ -153,7 +153,10 @@ def test_dtype_cast_after_load_is_refused_and_changes_nothing(saved, cast):
 
 
 def test_pipeline_dtype_cast_is_refused_before_any_component_changes(saved, quantized):
-    for pipe in (load(saved), quantized):
+    from diffusers import DiffusionPipeline
+
+    # dq.load, dq.quantize, and diffusers' own from_pretrained of a dq folder alike
+    for pipe in (load(saved), quantized, DiffusionPipeline.from_pretrained(saved)):
         before = _dtypes(pipe)
         with pytest.raises(DQError, match="torch_dtype"):
             pipe.to(torch.float16)

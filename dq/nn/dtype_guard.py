@@ -14,6 +14,7 @@ methods, so ``copy.deepcopy`` rebinds them to the copy.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -109,19 +110,31 @@ def remove_dtype_guard(model: nn.Module) -> None:
         model.__dict__.pop(name, None)
 
 
-def _pipe_to(self, *args: Any, **kwargs: Any):
+def check_pipeline_cast(pipe: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse (`DtypeCastError`) ``pipe.to(*args, **kwargs)`` when it names a dtype and the pipeline
+    holds a dq-quantized model in another one: before any component is cast."""
     dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-    if dtype is not None:
-        for component in self.components.values():
-            if isinstance(component, nn.Module) and hasattr(component, DTYPE_ATTR):
-                _check(component, dtype)  # before any component is cast
-    return type(self).to(self, *args, **kwargs)
+    if dtype is None:
+        return
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, nn.Module) and hasattr(component, DTYPE_ATTR):
+            _check(component, dtype)
 
 
-_pipe_to.__name__ = "to"
+def guard_pipelines() -> None:
+    """Make ``DiffusionPipeline.to`` run `check_pipeline_cast` first, for every pipeline however it
+    was made (``dq.quantize``, ``dq.load``, diffusers' ``from_pretrained`` of a dq folder); a
+    pipeline without a dq-quantized model is unaffected. Done once, when dq is imported."""
+    from diffusers import DiffusionPipeline
 
+    original = DiffusionPipeline.to
+    if getattr(original, "_dq_guarded", False):
+        return
 
-def install_pipeline_guard(pipe: Any) -> None:
-    """Refuse ``pipe.to(dtype)`` as a whole, before any component is cast, when the pipeline
-    holds a dq-quantized model in another dtype."""
-    object.__setattr__(pipe, "to", types.MethodType(_pipe_to, pipe))
+    @functools.wraps(original)
+    def to(self, *args: Any, **kwargs: Any):
+        check_pipeline_cast(self, args, kwargs)
+        return original(self, *args, **kwargs)
+
+    to._dq_guarded = True
+    DiffusionPipeline.to = to
