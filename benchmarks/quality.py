@@ -24,6 +24,7 @@ import dq
 from dq.arch import arch_for, default_keep
 from dq.engine import find_denoiser
 from dq.eval import Scorer, generate_images
+from dq.kernels import path_counts
 from dq.logs import quiet_third_party
 from dq.prompts import load_prompts
 
@@ -99,8 +100,11 @@ def main() -> None:
             "generate_s": gen_s,
             "notes": result.notes,
             "clip_per_image": result.per_image.get("clip"),
+            # which path each quantized layer took: a row's numerics depend on it where the
+            # preset lets narrow layers skip their activation rounding (`float_input`)
+            "kernel_paths": path_counts(model),
         }
-        print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("notes", "clip_per_image")}), flush=True)
         return row
 
     fp = dq.open_pipeline(None)
