@@ -52,6 +52,9 @@ class DQTextQuantizer(HfQuantizer):
             ) from None
         self.recipe = recipe
 
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        return model  # nothing before: the float weights load as they are (abstract in transformers 4.x)
+
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         quantize_encoder(model, self.recipe, type(model).__name__)
         return model

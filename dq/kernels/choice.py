@@ -334,6 +334,11 @@ def _race(fns: Mapping[str, Callable[[], object]], sync: Callable[[], None], bud
     return best
 
 
+def _size(probe: torch.Tensor) -> str:
+    """How much input a screen ran on, for its log line: rows, or a convolution's input shape."""
+    return f"{probe.shape[0]} rows" if probe.dim() <= 2 else f"a {'x'.join(map(str, probe.shape))} input"
+
+
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.float()
     return float((out.float() - ref).norm() / ref.norm().clamp(min=1e-12))
@@ -390,7 +395,7 @@ def measure(
             best = judged[best_path]
             for path, t in judged.items():
                 if t > SCREEN_FACTOR * best and t > SCREEN_MIN_S:
-                    dropped[path] = f"{t / best:.0f}x slower than the best path on {rows.shape[0]} rows"
+                    dropped[path] = f"{t / best:.0f}x slower than the best path on {_size(rows)}"
             unsure = [p for p, t in judged.items() if SCREEN_GROW_FACTOR * best < t <= SCREEN_MIN_S]
             larger = grow(rows) if unsure and grow is not None else None
             if larger is None:
