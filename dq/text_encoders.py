@@ -19,6 +19,7 @@ seconds, no calibration).
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -94,7 +95,8 @@ def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int
         raise DQError(f"{name} is already quantized (recipe {getattr(encoder, MARK)}); load the pipeline again to change it")
     spec = recipe.weight
     before = module_bytes(encoder)
-    layers = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear]
+    keep = [re.compile(p) for p in recipe.keep]  # the recipe's keep (DQConfig's modules_to_not_convert)
+    layers = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear and not any(p.search(n) for p in keep)]
     replacements = {}
     with torch.no_grad():
         for layer_name, layer in layers:
@@ -110,8 +112,9 @@ def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int
     setattr(encoder, MARK, recipe.name)
     encoder.save_pretrained = _refuse_save(name)  # pipe.save_pretrained calls it: refused too
     after = module_bytes(encoder)
-    logger.info("%s: %d Linear layers quantized weight-only (%s): %.1f -> %.1f MB", name, len(replacements),
-                recipe.name, before / 2**20, after / 2**20)
+    logger.info("%s: %d Linear layers quantized weight-only (%s; %d kept by the recipe's keep): %.1f -> %.1f MB",
+                name, len(replacements), recipe.name,
+                sum(1 for n, m in encoder.named_modules() if type(m) is nn.Linear), before / 2**20, after / 2**20)
     return before, after
 
 

@@ -240,10 +240,14 @@ def test_pipeline_level_quant_backend_quantizes_denoiser_and_text_encoder(float_
     np.testing.assert_array_equal(images(pipe), images(by_hand))
     with pytest.raises(DQError, match="cannot be saved quantized"):
         pipe.save_pretrained(tmp_path / "out")
-    # a diffusers DQConfig in quant_mapping serves a text encoder too
+    # a diffusers DQConfig in quant_mapping serves a text encoder too, and its modules_to_not_convert
+    # stay plain Linear layers there
     mapped = DiffusionPipeline.from_pretrained(float_dir, quantization_config=PipelineQuantizationConfig(
-        quant_mapping={"text_encoder": dq.DQConfig(recipe="w8a16")}))
+        quant_mapping={"text_encoder": dq.DQConfig(recipe="w8a16", modules_to_not_convert=[r"block\.0\."])}))
     assert quantized_layers(mapped.text_encoder) > 0 and quantized_layers(mapped.transformer) == 0
+    kept = [n for n, m in mapped.text_encoder.named_modules() if type(m) is torch.nn.Linear]
+    assert kept and all("block.0." in n for n in kept)
+    assert not any(isinstance(m, QuantModule) for n, m in mapped.text_encoder.named_modules() if "block.0." in n)
 
 
 def test_text_encoder_backend_refuses_what_it_cannot_do(float_dir, tmp_path):
