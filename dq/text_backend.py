@@ -23,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .backend import QUANT_METHOD, DQConfig
 from .errors import DQError
-from .text_encoders import check_weight_only, quantize_encoder
+from .text_encoders import check_weight_only, dequantize_encoder, quantize_encoder
 
 
 class DQTextConfig(DQConfig, QuantizationConfigMixin):
@@ -58,6 +58,10 @@ class DQTextQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         quantize_encoder(model, self.recipe, type(model).__name__)
         return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: plain Linear layers again (transformers then drops the config)."""
+        return dequantize_encoder(model, dtype)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return False

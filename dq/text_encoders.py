@@ -90,6 +90,8 @@ def check_weight_only(recipe: Recipe) -> None:
 
 def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int, int]:
     """Quantize one text encoder's Linear layers weight-only, in place; (bytes before, after)."""
+    from .engine import swap_modules
+
     check_weight_only(recipe)
     if is_quantized_encoder(encoder):
         raise DQError(f"{name} is already quantized (recipe {getattr(encoder, MARK)}); load the pipeline again to change it")
@@ -104,10 +106,7 @@ def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int
             if spec.granularity == "group" and layer.in_features % spec.group_size:
                 w_spec = spec.replace(granularity="channel")
             replacements[layer_name] = QuantLinear.from_float(layer, w_spec, None, None, None)
-    for layer_name, q in replacements.items():
-        parent_name, _, child = layer_name.rpartition(".")
-        parent = encoder.get_submodule(parent_name) if parent_name else encoder
-        setattr(parent, child, q)
+    swap_modules(encoder, replacements)
     set_execution(encoder, recipe.execution)
     setattr(encoder, MARK, recipe.name)
     encoder.save_pretrained = _refuse_save(name)  # pipe.save_pretrained calls it: refused too
@@ -116,6 +115,23 @@ def quantize_encoder(encoder: nn.Module, recipe: Recipe, name: str) -> tuple[int
                 name, len(replacements), recipe.name,
                 sum(1 for n, m in encoder.named_modules() if type(m) is nn.Linear), before / 2**20, after / 2**20)
     return before, after
+
+
+def dequantize_encoder(encoder: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Give a text encoder quantized by `quantize_encoder` back plain Linear layers holding the
+    dequantized weights (in `dtype`, default the encoder's float dtype), in place; it saves as a
+    float model again (the rounding error stays)."""
+    from .dequant import _plain_layer
+    from .engine import swap_modules
+
+    if dtype is None:
+        dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), torch.float32)
+    layers = {n: m for n, m in encoder.named_modules() if isinstance(m, QuantModule)}
+    with torch.no_grad():
+        swap_modules(encoder, {n: _plain_layer(m, dtype) for n, m in layers.items()})
+    encoder.__dict__.pop(MARK, None)
+    encoder.__dict__.pop("save_pretrained", None)  # `_refuse_save`
+    return encoder
 
 
 def _refuse_save(name: str):

@@ -240,6 +240,11 @@ def test_pipeline_level_quant_backend_quantizes_denoiser_and_text_encoder(float_
     np.testing.assert_array_equal(images(pipe), images(by_hand))
     with pytest.raises(DQError, match="cannot be saved quantized"):
         pipe.save_pretrained(tmp_path / "out")
+    # transformers' model.dequantize(): plain Linear layers again, and the encoder saves as a float one
+    encoder = pipe.text_encoder.dequantize()
+    assert quantized_layers(encoder) == 0 and getattr(encoder, "hf_quantizer", None) is None
+    encoder.save_pretrained(tmp_path / "te")
+    assert "quantization_config" not in json.loads((tmp_path / "te" / "config.json").read_text())
     # a diffusers DQConfig in quant_mapping serves a text encoder too, and its modules_to_not_convert
     # stay plain Linear layers there
     mapped = DiffusionPipeline.from_pretrained(float_dir, quantization_config=PipelineQuantizationConfig(
