@@ -42,6 +42,8 @@ class DQTextQuantizer(HfQuantizer):
                 "quantize it at load (quantization_config=dq.DQConfig(recipe='w8a16')) or with dq.quantize_text_encoders"
             )
         recipe = quantization_config.recipe_object()
+        if recipe is None:
+            raise DQError("DQConfig for a text encoder needs a weight-only recipe: dq.DQConfig(recipe='w8a16') (or 'w4a16')")
         try:
             check_weight_only(recipe)
         except DQError as exc:
