@@ -98,15 +98,25 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def dequantize(target: Any) -> Any:
-    """Give a dq-quantized pipeline (its denoiser) or model back plain float layers, in place;
-    returns `target`. ``model.dequantize()`` does the same for a model (diffusers' API)."""
+    """Give a dq-quantized pipeline (its denoiser, and text encoders dq quantized) or model back
+    plain float layers, in place; returns `target`. ``model.dequantize()`` does the same for a
+    model (diffusers' and transformers' API)."""
     from .engine import find_denoiser, is_quantized
+    from .text_encoders import dequantize_encoder, is_quantized_encoder, text_encoders
 
     model = target if isinstance(target, nn.Module) else find_denoiser(target)[1]
-    if not is_quantized(model):
+    encoders = {} if isinstance(target, nn.Module) else {
+        n: m for n, m in text_encoders(target).items() if is_quantized_encoder(m)}
+    quantized = is_quantized(model)
+    if not quantized and not encoders:
         raise DQError(f"{type(model).__name__} is not quantized by dq; nothing to dequantize")
-    if isinstance(getattr(model, "hf_quantizer", None), DQQuantizer):
+    if quantized and isinstance(getattr(model, "hf_quantizer", None), DQQuantizer):
         model.dequantize()  # diffusers' ModelMixin.dequantize: our _dequantize, then drops hf_quantizer
-    else:
+    elif quantized:
         dequantize_model(model)
+    for encoder in encoders.values():
+        if getattr(encoder, "hf_quantizer", None) is not None:
+            encoder.dequantize()  # transformers' PreTrainedModel.dequantize: drops the config too
+        else:
+            dequantize_encoder(encoder)
     return target

@@ -245,6 +245,9 @@ def test_pipeline_level_quant_backend_quantizes_denoiser_and_text_encoder(float_
     assert quantized_layers(encoder) == 0 and getattr(encoder, "hf_quantizer", None) is None
     encoder.save_pretrained(tmp_path / "te")
     assert "quantization_config" not in json.loads((tmp_path / "te" / "config.json").read_text())
+    dq.dequantize(pipe)  # the denoiser too: the whole pipeline saves as a float one
+    pipe.save_pretrained(tmp_path / "float")
+    assert quantized_layers(DiffusionPipeline.from_pretrained(tmp_path / "float").transformer) == 0
     # a diffusers DQConfig in quant_mapping serves a text encoder too, and its modules_to_not_convert
     # stay plain Linear layers there
     mapped = DiffusionPipeline.from_pretrained(float_dir, quantization_config=PipelineQuantizationConfig(

@@ -61,3 +61,18 @@ def test_bad_text_encoder_requests():
     dq.quantize_text_encoders(pipe, "w8a16")
     with pytest.raises(DQError, match="already quantized"):
         dq.quantize_text_encoders(pipe, "w4a16")
+
+
+def test_dequantize_gives_the_text_encoders_back_too(tmp_path):
+    """dq.dequantize(pipe) turns the text encoders dq quantized into plain Linear layers too (with
+    or without a quantized denoiser), after which the pipeline saves."""
+    pipe = tiny_pipeline("pixart")
+    dq.quantize_text_encoders(pipe, "w8a16")
+    quantized = _embeds(pipe)
+    dq.dequantize(pipe)  # the denoiser is float: only the text encoder to undo
+    assert not any(isinstance(m, QuantModule) for m in pipe.text_encoder.modules())
+    # the dequantized weights compute what the quantized layers computed
+    assert torch.allclose(_embeds(pipe), quantized, rtol=1e-4, atol=1e-5)
+    pipe.save_pretrained(tmp_path / "float")  # refused while the encoder was quantized
+    with pytest.raises(DQError, match="not quantized by dq"):
+        dq.dequantize(pipe)
