@@ -197,6 +197,32 @@ def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--dtype", default=None, help="torch dtype of the loaded pipeline (float32, bfloat16, float16)")
 
 
+def add_text_encoder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-encoders", default=None, metavar="RECIPE",
+                   help="also quantize the pipeline's text encoders weight-only after loading: w8a16 or w4a16 (they are "
+                   "never saved quantized; most of the memory of PixArt, SD3 and FLUX pipelines is the T5)")
+
+
+def check_text_encoders(name: str | None):
+    """The weight-only recipe of ``--text-encoders`` (None when not given), checked before any loading."""
+    if name is None:
+        return None
+    from .recipe import Recipe
+    from .text_encoders import check_weight_only
+
+    recipe = Recipe.from_any(name)
+    check_weight_only(recipe)
+    return recipe
+
+
+def quantize_text_encoders_of(pipe, recipe) -> None:
+    """``--text-encoders``: quantize the loaded pipeline's text encoders (a pipeline without any is an error)."""
+    if recipe is not None:
+        from .text_encoders import quantize_text_encoders
+
+        quantize_text_encoders(pipe, recipe)
+
+
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     """The model, recipe and calibration options `dq quantize` and `dq calibrate` share."""
     _add_model_args(p, "hub id or local diffusers folder")
@@ -320,6 +346,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_model(args.model)
     dtype = _dtype(args.dtype)
     check_device(args.device)
+    text_recipe = check_text_encoders(args.text_encoders)
 
     import torch
 
@@ -327,6 +354,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .logs import quiet_third_party, show_progress
 
     pipe = open_model(args.model, torch_dtype=dtype, device=args.device)
+    quantize_text_encoders_of(pipe, text_recipe)
     if not show_progress():
         pipe.set_progress_bar_config(disable=True)
     kwargs = {}
@@ -421,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=positive_int, default=None)
     g.add_argument("--guidance-scale", type=guidance_float, default=None)
     g.add_argument("--out", required=True, help="image file (.png)")
+    add_text_encoder_arg(g)
     add_output_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -34,6 +34,8 @@ def test_quantize_then_generate(sd15_dir, tmp_path, capsys):
         (["quantize", "{model}", "--out", "{tmp}/o", "--calib-prompts", "{tmp}/missing.txt"], "no prompt file"),
         (["generate", "{tmp}/nothing-here", "--prompt", "x", "--out", "{tmp}/x.png"], "cannot load pipeline"),
         (["generate", "{model}", "--prompt", "x", "--out", "{tmp}/x.gif"], ".png"),
+        (["generate", "{model}", "--prompt", "x", "--out", "{tmp}/x.png", "--text-encoders", "w8a8"], "weight-only"),
+        (["generate", "{model}", "--prompt", "x", "--out", "{tmp}/x.png", "--text-encoders", "w3a3"], "presets"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv, message, sd15_dir, tmp_path, capsys):
@@ -49,3 +51,18 @@ def test_recipes_command(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "w8a8" in out and "w4a4-rtn" in out
+
+
+def test_generate_quantizes_the_text_encoders_when_asked(sd15_dir, tmp_path, monkeypatch):
+    """`--text-encoders w8a16`: the loaded pipeline's text encoders are quantized weight-only
+    before it generates (dq generate and dq eval share the option)."""
+    import dq.text_encoders as te
+    from dq.nn import QuantModule
+
+    seen = []
+    real = te.quantize_text_encoders
+    monkeypatch.setattr(te, "quantize_text_encoders", lambda pipe, recipe: (seen.append(pipe), real(pipe, recipe))[1])
+    png = tmp_path / "img.png"
+    assert main(["generate", str(sd15_dir), "--prompt", "a cat", "--steps", "2", "--out", str(png), "--text-encoders", "w8a16"]) == 0
+    assert png.exists() and len(seen) == 1
+    assert any(isinstance(m, QuantModule) for m in seen[0].text_encoder.modules())

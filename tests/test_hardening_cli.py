@@ -162,6 +162,7 @@ CLI_CASES = [
     (["eval", "{model}", "--num-prompts", "0"], "--num-prompts"),
     (["eval", "{model}", "--batch-size", "0"], "--batch-size"),
     (["eval", "{model}", "--seed", "x"], "--seed"),
+    (["eval", "{model}", "--text-encoders", "w4a4"], "weight-only"),
     (["quantize", "{model}", "--out", "{tmp}/o", "--dtype", "int3"], "dtype"),
     (["quantize", "{model}", "--out", "{tmp}/o", "--verbose", "--quiet"], "--quiet"),
     # unwritable outputs (tests run as root: a path under a regular file, or /proc)

@@ -20,7 +20,7 @@ DEFAULT_NUM_PROMPTS = 64
 
 def add_eval_parser(subparsers) -> None:
     """Add the ``eval`` sub-command to an argparse sub-parser set."""
-    from dq.cli import add_output_args, positive_int, seed_int
+    from dq.cli import add_output_args, add_text_encoder_arg, positive_int, seed_int
     parser = subparsers.add_parser(
         "eval",
         help="generate images and score them (FID, CLIP score, attribute accuracy, LPIPS, PSNR, SSIM)",
@@ -105,13 +105,21 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument(
         "--device", default=None, help="device for the pipelines (default: as loaded; checked to exist)"
     )
+    add_text_encoder_arg(parser)  # the evaluated pipeline's; the reference stays as loaded
     add_output_args(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``dq eval``; raises ``EvalError`` (a ``DQError``) with a message on bad input.
     Every option is checked before a pipeline is opened."""
-    from dq.cli import check_device, check_model, check_writable, open_model
+    from dq.cli import (
+        check_device,
+        check_model,
+        check_text_encoders,
+        check_writable,
+        open_model,
+        quantize_text_encoders_of,
+    )
     from dq.logs import quiet_third_party, show_progress
     from dq.provenance import open_reference
 
@@ -139,6 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.reference:
         check_model(args.reference, "--reference")
     check_device(args.device)
+    text_recipe = check_text_encoders(args.text_encoders)
     from dq.calibrate import distributed
 
     device = distributed.join(args.device)  # under `accelerate launch`: this process's device
@@ -147,6 +156,7 @@ def run_eval(args: argparse.Namespace) -> int:
         logger.info("evaluating on %d processes (%d prompts each or fewer)", distributed.world_size(),
                     len(distributed.shard(len(prompts))))
     pipe = open_model(args.model, device=device)
+    quantize_text_encoders_of(pipe, text_recipe)
     reference = None
     if args.reference or _compares_with_source(pipe, metrics, args.real_images):
         reference = open_reference(
