@@ -109,7 +109,8 @@ def dequantize(target: Any) -> Any:
         n: m for n, m in text_encoders(target).items() if is_quantized_encoder(m)}
     quantized = is_quantized(model)
     if not quantized and not encoders:
-        raise DQError(f"{type(model).__name__} is not quantized by dq; nothing to dequantize")
+        what = "" if isinstance(target, nn.Module) else " (nor are the pipeline's text encoders)"
+        raise DQError(f"{type(model).__name__} is not quantized by dq{what}; nothing to dequantize")
     if quantized and isinstance(getattr(model, "hf_quantizer", None), DQQuantizer):
         model.dequantize()  # diffusers' ModelMixin.dequantize: our _dequantize, then drops hf_quantizer
     elif quantized:
