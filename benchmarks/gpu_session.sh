@@ -2,6 +2,10 @@
 # What one GPU lease runs (device tool; see benchmarks/results/ for what it measured).
 # Usage: bash benchmarks/gpu_session.sh train|tests|speed-quick|speed [extra speed.py args]
 # Needs the wheels in .whl (diffusers, transformers, open_clip, torchao: see README) and $OUT.
+# The next int8 measurement (2026-12-04: full-size FLUX.1 compiles took minutes each; 4+8 blocks
+# have the same layer shapes), carrying .whl with diffusers, torchao and importlib_metadata:
+#   timeout 500 bash benchmarks/gpu_session.sh speed --gpu-models flux.1 --gpu-flux-blocks 4,8 \
+#     --gpu-variants dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn
 # Retraining the default pipeline in one 256 px stage on the GPU with the shipped model's
 # settings (pipelines/default/README.md; the shipped one was trained in two stages on a CPU):
 #   bash benchmarks/gpu_session.sh train --text-steps 600 --timestep-power 2 && bash benchmarks/gpu_session.sh eval
@@ -25,7 +29,7 @@ case $what in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_layers.py tests/test_kernels_pipeline.py "$@" ;;
   speed-quick)
-    python3 benchmarks/speed.py --quick --skip slice default memory --out "$OUT" "$@" ;;
+    python3 benchmarks/speed.py --quick --skip slice attention default memory --out "$OUT" "$@" ;;
   speed)
-    python3 benchmarks/speed.py --skip slice default memory --rounds 5 --inner 5 --out "$OUT" "$@" ;;
+    python3 benchmarks/speed.py --skip slice attention default memory --rounds 5 --inner 5 --out "$OUT" "$@" ;;
 esac

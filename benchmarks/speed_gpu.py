@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,15 +26,17 @@ from benchmarks.speed import (
     torchao_int8,
     warm_up,
 )
+from dq.kernels.dispatch import path_counts
 from dq.recipe import preset
 
 logger = logging.getLogger("benchmarks.speed")
 
 
-def gpu_models(quick: bool, device: str = "cuda"):
+def gpu_models(quick: bool, device: str = "cuda", flux_blocks: tuple[int, int] = (19, 38)):
     """(name, builder, make_call) of full-size random-weight denoisers at 1024x1024 (`quick`:
     128x128, fewer blocks). `device="cpu"` builds the same models on the CPU, a dry run of
-    the section's calibration route before a GPU lease is spent on it."""
+    the section's calibration route before a GPU lease is spent on it. `flux_blocks`: FLUX.1's
+    double- and single-stream block counts (fewer: the same layer shapes, a shorter compile)."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     dtype, dev = torch.bfloat16, device
@@ -42,7 +45,8 @@ def gpu_models(quick: bool, device: str = "cuda"):
     def flux():
         with torch.device(dev):
             m = FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=1 if quick else 19, num_single_layers=2 if quick else 38,
+                patch_size=1, in_channels=64, num_layers=1 if quick else flux_blocks[0],
+                num_single_layers=2 if quick else flux_blocks[1],
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56),
             )
@@ -91,6 +95,12 @@ def gpu_models(quick: bool, device: str = "cuda"):
     return [("flux.1", flux, flux_call), ("pixart-sigma", pixart, pixart_gpu_call), ("sdxl", sdxl, sdxl_call)]
 
 
+def _sqnr(reference: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `out` against `reference`, in dB."""
+    noise = (out - reference).pow(2).mean().clamp_min(1e-30)
+    return round(float(10 * torch.log10(reference.pow(2).mean() / noise)), 2)
+
+
 def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """bf16 against each quantized variant, one model at a time (a full-size FLUX.1 does not
     fit an 80 GB GPU several times over). The bf16 model is compiled once per model and timed
@@ -104,7 +114,9 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
     section: dict[str, Any] = {"device": torch.cuda.get_device_name(), "has_fp8": has_fp8, "results": []}
     wanted_models = set(args.gpu_models.split(",")) if args.gpu_models else None
     wanted_variants = set(args.gpu_variants.split(",")) if args.gpu_variants else None
-    for name, build, make_call in gpu_models(args.quick):
+    flux_blocks = tuple(int(n) for n in getattr(args, "gpu_flux_blocks", "19,38").split(","))
+    section["flux_blocks"] = flux_blocks
+    for name, build, make_call in gpu_models(args.quick, flux_blocks=flux_blocks):
         if wanted_models is not None and name not in wanted_models:
             continue
         logger.info("GPU: %s", name)
@@ -118,13 +130,14 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
         makers["torchao-int8-dyn"] = lambda m, n=names: torchao_int8(m, n)
         if has_fp8:
             makers["torchao-fp8-dyn"] = lambda m, n=names: torchao_fp8(m, n)
-        if wanted_variants is not None:
-            makers = {k: v for k, v in makers.items() if k in wanted_variants}
+        if wanted_variants is not None:  # in the order asked for: the first ones survive a time limit
+            makers = {k: makers[k] for k in args.gpu_variants.split(",") if k in makers}
         entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {}}
         section["results"].append(entry)
         call = make_call(500)
         base_bytes = module_bytes(base)
         with torch.no_grad():
+            reference = base(**call)[0].float()  # what each variant's output is compared with
             base_eager = lambda b=base, c=call: b(**c)  # noqa: E731
             base_compiled_model = None if args.no_compile else torch.compile(base)
             base_compiled = None if base_compiled_model is None else (lambda b=base_compiled_model, c=call: b(**c))
@@ -134,11 +147,21 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                quantized = make(build())  # fresh random weights: speed does not depend on them
-                res: dict[str, Any] = {"bytes": {"fp": base_bytes, variant: module_bytes(quantized)}}
+                torch.manual_seed(0)  # the base model's weights again: outputs are comparable
+                fresh = build()
+                start = time.perf_counter()
+                quantized = make(fresh)
+                torch.cuda.synchronize()
+                res: dict[str, Any] = {"quantize_s": round(time.perf_counter() - start, 1),
+                                       "bytes": {"fp": base_bytes, variant: module_bytes(quantized)}}
                 with torch.no_grad():
                     q_eager = lambda q=quantized, c=call: q(**c)  # noqa: E731
-                    warm_up({variant: q_eager}, "cuda")
+                    res["warm_up_s"] = warm_up({variant: q_eager}, "cuda")[variant]  # dq: the kernel choice
+                    eager_out = quantized(**call)[0].float()
+                    res["sqnr_db_vs_fp"] = _sqnr(reference, eager_out)
+                    if variant.startswith("dq-"):
+                        res["paths"] = path_counts(quantized)
+                        logger.info("%s kernel paths: %s", variant, res["paths"])
                     pair = {"fp": base_eager, variant: q_eager}
                     res["eager"] = time_interleaved(pair, args.rounds, args.inner, "cuda")
                     log_ratios("eager", res["eager"])
@@ -148,6 +171,7 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
                         res["compile_s"] = {
                             "fp": base_compile_s.get("fp-compiled"), **warm_up({variant: q_compiled}, "cuda")
                         }
+                        res["sqnr_db_compiled_vs_eager"] = _sqnr(eager_out, q_model(**call)[0].float())
                         pair = {"fp": base_compiled, variant: q_compiled}
                         res["compiled"] = time_interleaved(pair, args.rounds, args.inner, "cuda")
                         log_ratios("compiled", res["compiled"])
@@ -158,11 +182,11 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
             entry["pairs"][variant] = res
             # drop every reference to the variant before the next one is built (a second
             # full-size FLUX.1 beside the first does not fit)
-            quantized = q_model = q_eager = q_compiled = pair = None
+            quantized = fresh = q_model = q_eager = q_compiled = pair = eager_out = None
             gc.collect()
             torch.cuda.empty_cache()
             if on_result is not None:
                 on_result(section)
-        base = base_compiled_model = base_eager = base_compiled = None
+        base = base_compiled_model = base_eager = base_compiled = reference = None
         torch.cuda.empty_cache()
     return section

@@ -206,7 +206,8 @@ def _per_timestep(store: StatsStore, name: str) -> tuple[torch.Tensor, torch.Ten
         counts.append(stats.count)
     if not absmax:
         raise DQError(f"layer {name!r} saw no activations during calibration; is it used by the pipeline?")
-    return torch.stack(absmax), torch.stack(mean_sq), torch.tensor(counts)
+    # the counts on the statistics' device (a GPU's, when calibrating there)
+    return torch.stack(absmax), torch.stack(mean_sq), torch.tensor(counts, device=absmax[0].device)
 
 
 def _input_stats(work: LayerWork, store: StatsStore, groups: TimestepGroups) -> InputStats:
@@ -222,7 +223,7 @@ def _input_stats(work: LayerWork, store: StatsStore, groups: TimestepGroups) -> 
     return InputStats(
         h=moment.sum.to(work.module.weight.device, torch.float32), count=moment.count,
         lo=torch.stack(lo), hi=torch.stack(hi), mean_sq=torch.stack(mean_sq),
-        group_counts=torch.tensor(counts), kernel=work.kernel,
+        group_counts=torch.tensor(counts, device=mean_sq[0].device), kernel=work.kernel,
     )
 
 

@@ -352,3 +352,20 @@ def test_calls_under_inference_mode_keep_the_integer_paths(cache_folder):
         set_execution(q2, "real", path="int_mm")
         y2 = q2(x)
     assert float((y2 - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_keep_their_integer_paths(cache_folder, dtype):
+    """A bfloat16/float16 model's simulated reference is itself rounded to its dtype: the integer
+    paths (exact, rounded once) differ from it by about that rounding and must not be dropped as
+    wrong (they were, until the check allowed for the dtype: every bfloat16 model then ran its
+    slowest path), while a really wrong path still is."""
+    q = linear(256, 128).to(dtype)
+    set_execution(q, "real")
+    x = torch.randn(64, 256).to(dtype)
+    q(x)
+    entries = [m for k, m in choice.cache().entries.items() if str(dtype) in k]
+    assert entries and all("wrong result" not in why for m in entries for why in m.dropped.values()), entries
+    assert {"int_mm", "dequant"} <= {p for m in entries for p in [*m.times, *m.dropped]}
+    wrong = choice.measure({"off": lambda t: q.simulated(t) * 1.05, "dequant": q.simulated}, q.simulated, x, x[:8])
+    assert "wrong result" in wrong.dropped["off"] and wrong.choice == "dequant"

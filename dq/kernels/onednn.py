@@ -47,7 +47,7 @@ class Prepacked:
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor):
         self.packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
         self.w_scale = w_scale.float().contiguous()
-        self.w_zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        self.w_zero = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device)
 
     # deepcopy / pickle: oneDNN's opaque tensor has no storage to copy; rebuild it from
     # its plain form (to_dense gives the weight transposed).

@@ -173,7 +173,7 @@ def _build_formats(pipe, model, plans: dict[str, list], recipe, calib_prompts, s
             cal.feed(shared.view(), reduce=False)
         while not cal.ready:
             cal.feed(collect(cal.targets))
-        router = TimestepRouter(cal.groups.tensor())
+        router = TimestepRouter(cal.groups.tensor()).to(next(model.parameters()).device)  # beside the model's
         with torch.no_grad():
             out[fmt] = build_layers(cal.plan, cal.store, cal.groups, router, cal.prepared), router
     return out, passes

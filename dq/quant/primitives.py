@@ -171,7 +171,7 @@ def range_from_histogram(
     minimizes the expected squared error (clipping error of the bins outside,
     uniform rounding noise step^2/12 inside).
     """
-    hist = hist.double()
+    hist = hist.double().cpu()  # a few thousand bins: the search is host work (a GPU's histogram too)
     nbins = hist.numel()
     total = hist.sum()
     if total <= 0:
