@@ -77,3 +77,21 @@ def test_diffusers_backend_loads_never_mix_devices(tmp_path):
         at_load = DiffusionPipeline.from_pretrained(tmp_path / "float", transformer=model).to("cpu")
         at_load(prompt=prompts_for("pixart", 1), **{**kw, "num_inference_steps": 2})
     assert not audit.mixes, "\n".join(f"{m.func} at {m.where}, CPU tensor made at {m.made}" for m in audit.mixes[:5])
+
+
+def test_lora_and_text_encoders_never_mix_devices():
+    """LoRA on a quantized SD3 (load, run, unload) and weight-only text encoders."""
+    from test_lora import lora_state_dict
+
+    pipe = tiny_pipeline("sd3")
+    kw = default_call_kwargs("sd3")
+    calib = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
+    lora = {f"transformer.{k}": v for k, v in lora_state_dict().items()}
+    with HostTensorAudit(only="/dq/") as audit:
+        dq.quantize(pipe, "w8a8", calib_prompts=prompts_for("sd3", 2), num_inference_steps=2, **calib)
+        pipe.load_lora_weights(lora, adapter_name="a")
+        pipe(prompt=prompts_for("sd3", 1), **{**kw, "num_inference_steps": 2})
+        pipe.unload_lora_weights()
+        dq.quantize_text_encoders(pipe, "w8a16")
+        pipe(prompt=prompts_for("sd3", 1), **{**kw, "num_inference_steps": 2})
+    assert not audit.mixes, "\n".join(f"{m.func} at {m.where}, CPU tensor made at {m.made}" for m in audit.mixes[:5])
