@@ -2,9 +2,10 @@
 # What one GPU lease runs (device tool; see benchmarks/results/ for what it measured).
 # Usage: bash benchmarks/gpu_session.sh train|tests|speed-quick|speed [extra speed.py args]
 # Needs the wheels in .whl (diffusers, transformers, open_clip, torchao: see README) and $OUT.
-# The next int8 measurement (2026-12-04: full-size FLUX.1 compiles took minutes each; 4+8 blocks
-# have the same layer shapes), carrying .whl with diffusers, torchao and importlib_metadata:
-#   timeout 500 bash benchmarks/gpu_session.sh speed --gpu-models flux.1 --gpu-flux-blocks 4,8 \
+# The next int8 measurement, carrying .whl with diffusers, torchao and importlib_metadata
+# (2026-12-04: a whole-model compile of the full FLUX.1 took minutes per variant; regional
+# compilation compiles each block class once; fallback: --gpu-flux-blocks 4,8, the same shapes):
+#   timeout 500 bash benchmarks/gpu_session.sh speed --gpu-models flux.1 --gpu-compile regional \
 #     --gpu-variants dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn
 # Retraining the default pipeline in one 256 px stage on the GPU with the shipped model's
 # settings (pipelines/default/README.md; the shipped one was trained in two stages on a CPU):

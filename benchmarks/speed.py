@@ -623,6 +623,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bare", action="store_true", help="slice: formats only, without the presets' smoothing, "
                         "low-rank branch and attention option")
     parser.add_argument("--gpu-models", default="", help="comma list of flux.1,pixart-sigma,sdxl (default: all)")
+    parser.add_argument("--gpu-compile", choices=["full", "regional"], default="full",
+                        help="GPU part: torch.compile of the whole denoiser, or diffusers' compile_repeated_blocks "
+                             "(each block class compiled once: a much shorter compile)")
     parser.add_argument("--gpu-flux-blocks", default="19,38",
                         help="FLUX.1's double,single block counts (fewer: same shapes, shorter compile)")
     parser.add_argument("--gpu-variants", default="", help="comma list of dq-fp8,dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn (default: all)")

@@ -277,3 +277,39 @@ def test_compile_fullgraph_without_recompiles(recipe):
     assert counter.frame_count == frames
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, eager, atol=2e-3)
+
+
+def test_regional_compile_compiles_each_block_class_once():
+    """diffusers' `compile_repeated_blocks` (each repeated block class compiled once for all its
+    instances: the short compile for large DiTs) on a quantized FLUX: dq's per-layer state (scales,
+    kernel choices) makes dynamo compile no more frames than the float model's (no recompile per
+    block instance), and nothing more at another step count."""
+    kind = "flux"
+
+    def frames(pipe, steps=3):
+        counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=counter)
+        out = run(pipe, kind, num_inference_steps=steps)
+        return counter, out
+
+    def deeper():  # 3 + 4 blocks: a recompile per instance would show against 2 classes
+        pipe = tiny_pipeline(kind)
+        torch.manual_seed(0)
+        config = {**pipe.transformer.config, "num_layers": 3, "num_single_layers": 4}
+        pipe.transformer = type(pipe.transformer).from_config(config).eval()
+        return pipe
+
+    torch._dynamo.reset()
+    float_counter, _ = frames(deeper())
+    pipe = quantize(deeper(), "w8a8", kind=kind)
+    model = pipe.transformer
+    assert len([b for b in model.modules() if type(b).__name__ in model._repeated_blocks]) > len(model._repeated_blocks)
+    eager = run(pipe, kind, num_inference_steps=3)
+    torch._dynamo.reset()
+    counter, first = frames(pipe)
+    assert 1 <= counter.frame_count <= float_counter.frame_count < 7
+    compiled = counter.frame_count
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(pipe, kind, num_inference_steps=2)
+    assert counter.frame_count == compiled and again.shape == first.shape
+    np.testing.assert_allclose(first, eager, atol=2e-3)
