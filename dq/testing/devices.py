@@ -9,8 +9,8 @@ CPU-only machine everything is on the CPU and nothing fails, so such bugs pass e
 `HostTensorAudit` is a `TorchFunctionMode` that marks the tensors that would be on the CPU
 there: the outputs of factories called without `device=`, `.cpu()`, and whatever is computed
 from those alone (a factory given `device=` or a `.to(device)` counts as the model's device: on
-a CPU-only machine `x.device` is the CPU too). It records every call that mixes a marked tensor of one element
-or more dimensions (a 0-dim CPU tensor may join GPU operations) with an unmarked one (the
+a CPU-only machine `x.device` is the CPU too). It records every call that mixes a marked tensor
+of one or more dimensions (a 0-dim CPU tensor may join GPU operations) with an unmarked one (the
 model's tensors, which would be on the GPU). Copies and moves between the two (`copy_`, `to`,
 item assignment) and indexing a tensor with a marked index are allowed, as on a GPU. Tensors
 made before the audit starts count as the model's.
