@@ -106,8 +106,9 @@ def _compiled(model: nn.Module, build: Callable[[], nn.Module] | None, regional:
     repeated block class compiled once for all its instances (minutes less for a full FLUX.1;
     dq's layers compile there without a recompile per block, checked on a CPU). That compiles
     in place, so the float model's compiled copy is a second build from the same seed (`build`);
-    a quantized model is compiled itself, after its eager timing."""
-    if not regional:
+    a quantized model is compiled itself, after its eager timing. A model class that declares no
+    repeated blocks (PixArt-Sigma's) is compiled whole."""
+    if not regional or not getattr(model, "_repeated_blocks", None):  # PixArt declares none: whole
         return torch.compile(model)
     if build is not None:
         torch.manual_seed(0)
@@ -149,7 +150,8 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
             makers["torchao-fp8-dyn"] = lambda m, n=names: torchao_fp8(m, n)
         if wanted_variants is not None:  # in the order asked for: the first ones survive a time limit
             makers = {k: makers[k] for k in args.gpu_variants.split(",") if k in makers}
-        entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {}}
+        entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {},
+                                 "compile": "regional" if regional and getattr(base, "_repeated_blocks", None) else "full"}
         section["results"].append(entry)
         call = make_call(500)
         base_bytes = module_bytes(base)
