@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.ablation import pooled_sqnr
 from benchmarks.speed import (
     GPU_RECIPES,
     log_ratios,
@@ -96,9 +97,7 @@ def gpu_models(quick: bool, device: str = "cuda", flux_blocks: tuple[int, int] =
 
 
 def _sqnr(reference: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of `out` against `reference`, in dB."""
-    noise = (out - reference).pow(2).mean().clamp_min(1e-30)
-    return round(float(10 * torch.log10(reference.pow(2).mean() / noise)), 2)
+    return round(pooled_sqnr([reference], [out]), 2)
 
 
 def _compiled(model: nn.Module, build: Callable[[], nn.Module] | None, regional: bool) -> nn.Module:
@@ -106,9 +105,9 @@ def _compiled(model: nn.Module, build: Callable[[], nn.Module] | None, regional:
     repeated block class compiled once for all its instances (minutes less for a full FLUX.1;
     dq's layers compile there without a recompile per block, checked on a CPU). That compiles
     in place, so the float model's compiled copy is a second build from the same seed (`build`);
-    a quantized model is compiled itself, after its eager timing. A model class that declares no
-    repeated blocks (PixArt-Sigma's) is compiled whole."""
-    if not regional or not getattr(model, "_repeated_blocks", None):  # PixArt declares none: whole
+    a quantized model is compiled itself, after its eager timing. `regional` is False for a class
+    that declares no repeated blocks (PixArt-Sigma's): compiled whole."""
+    if not regional:
         return torch.compile(model)
     if build is not None:
         torch.manual_seed(0)
@@ -129,7 +128,6 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
     has_fp8 = fp8.device_unsupported(torch.device("cuda")) is None
     section: dict[str, Any] = {"device": torch.cuda.get_device_name(), "has_fp8": has_fp8, "results": []}
     wanted_models = set(args.gpu_models.split(",")) if args.gpu_models else None
-    wanted_variants = set(args.gpu_variants.split(",")) if args.gpu_variants else None
     regional = getattr(args, "gpu_compile", "full") == "regional"
     section["compile"] = "regional" if regional else "full"
     flux_blocks = tuple(int(n) for n in getattr(args, "gpu_flux_blocks", "19,38").split(","))
@@ -148,17 +146,18 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
         makers["torchao-int8-dyn"] = lambda m, n=names: torchao_int8(m, n)
         if has_fp8:
             makers["torchao-fp8-dyn"] = lambda m, n=names: torchao_fp8(m, n)
-        if wanted_variants is not None:  # in the order asked for: the first ones survive a time limit
+        if args.gpu_variants:  # in the order asked for: the first ones survive a time limit
             makers = {k: makers[k] for k in args.gpu_variants.split(",") if k in makers}
+        regional_here = regional and bool(getattr(base, "_repeated_blocks", None))  # PixArt declares none
         entry: dict[str, Any] = {"model": name, "resolution": 128 if args.quick else 1024, "pairs": {},
-                                 "compile": "regional" if regional and getattr(base, "_repeated_blocks", None) else "full"}
+                                 "compile": "regional" if regional_here else "full"}
         section["results"].append(entry)
         call = make_call(500)
         base_bytes = module_bytes(base)
         with torch.no_grad():
             reference = base(**call)[0].float()  # what each variant's output is compared with
             base_eager = lambda b=base, c=call: b(**c)  # noqa: E731
-            base_compiled_model = None if args.no_compile else _compiled(base, build, regional)
+            base_compiled_model = None if args.no_compile else _compiled(base, build, regional_here)
             base_compiled = None if base_compiled_model is None else (lambda b=base_compiled_model, c=call: b(**c))
             both = {"fp": base_eager, **({} if base_compiled is None else {"fp-compiled": base_compiled})}
             base_compile_s = warm_up(both, "cuda")
@@ -185,7 +184,7 @@ def gpu_section(args, on_result: Callable[[dict[str, Any]], None] | None = None)
                     res["eager"] = time_interleaved(pair, args.rounds, args.inner, "cuda")
                     log_ratios("eager", res["eager"])
                     if base_compiled is not None:
-                        q_model = _compiled(quantized, None, regional)
+                        q_model = _compiled(quantized, None, regional_here)
                         q_compiled = lambda q=q_model, c=call: q(**c)  # noqa: E731
                         res["compile_s"] = {
                             "fp": base_compile_s.get("fp-compiled"), **warm_up({variant: q_compiled}, "cuda")

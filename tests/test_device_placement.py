@@ -35,12 +35,16 @@ def test_the_audit_flags_what_a_gpu_would_refuse_and_nothing_else():
     assert "test_device_placement.py" in audit.mixes[0].made[0] and "counts = torch.tensor" in audit.mixes[0].made[0]
 
 
+def _calib(kw):
+    """The pipeline call's keywords a calibration takes (it sets its own steps and output)."""
+    return {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
+
+
 def _quantize_and_run(kind, recipe, tmp_path=None):
     pipe = tiny_pipeline(kind)
     kw = default_call_kwargs(kind)
-    calib = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
     with HostTensorAudit(only="/dq/") as audit:
-        dq.quantize(pipe, recipe, calib_prompts=prompts_for(kind, 2), num_inference_steps=3, **calib)
+        dq.quantize(pipe, recipe, calib_prompts=prompts_for(kind, 2), num_inference_steps=3, **_calib(kw))
         pipe(prompt=prompts_for(kind, 1), **{**kw, "num_inference_steps": 2})
         if tmp_path is not None:
             dq.save(pipe, tmp_path / "q")
@@ -66,8 +70,7 @@ def test_diffusers_backend_loads_never_mix_devices(tmp_path):
     pipe = tiny_pipeline("pixart")
     pipe.save_pretrained(tmp_path / "float")
     kw = default_call_kwargs("pixart")
-    calib = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
-    dq.quantize(pipe, "w8a8", calib_prompts=prompts_for("pixart", 2), num_inference_steps=2, **calib)
+    dq.quantize(pipe, "w8a8", calib_prompts=prompts_for("pixart", 2), num_inference_steps=2, **_calib(kw))
     dq.save(pipe, tmp_path / "q")
     with HostTensorAudit(only="/dq/") as audit:
         loaded = DiffusionPipeline.from_pretrained(tmp_path / "q").to("cpu")
@@ -85,10 +88,9 @@ def test_lora_and_text_encoders_never_mix_devices():
 
     pipe = tiny_pipeline("sd3")
     kw = default_call_kwargs("sd3")
-    calib = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "output_type")}
     lora = {f"transformer.{k}": v for k, v in lora_state_dict().items()}
     with HostTensorAudit(only="/dq/") as audit:
-        dq.quantize(pipe, "w8a8", calib_prompts=prompts_for("sd3", 2), num_inference_steps=2, **calib)
+        dq.quantize(pipe, "w8a8", calib_prompts=prompts_for("sd3", 2), num_inference_steps=2, **_calib(kw))
         pipe.load_lora_weights(lora, adapter_name="a")
         pipe(prompt=prompts_for("sd3", 1), **{**kw, "num_inference_steps": 2})
         pipe.unload_lora_weights()
