@@ -607,6 +607,15 @@ def targets(report: dict[str, Any]) -> list[str]:
     return ["", "Targets (issue 11):", *lines] if lines else []
 
 
+def _block_counts(text: str) -> str:
+    """`--gpu-flux-blocks`: two positive integers, "double,single"."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give FLUX.1's double- and single-stream block counts as two "
+                                         "positive integers, e.g. 19,38 (the full model) or 4,8")
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, one round")
@@ -626,7 +635,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gpu-compile", choices=["full", "regional"], default="full",
                         help="GPU part: torch.compile of the whole denoiser, or diffusers' compile_repeated_blocks "
                              "(each block class compiled once: a much shorter compile)")
-    parser.add_argument("--gpu-flux-blocks", default="19,38",
+    parser.add_argument("--gpu-flux-blocks", default="19,38", type=_block_counts,
                         help="FLUX.1's double,single block counts (fewer: same shapes, shorter compile)")
     parser.add_argument("--gpu-variants", default="", help="comma list of dq-fp8,dq-w8a8,torchao-int8-dyn,torchao-fp8-dyn (default: all)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
