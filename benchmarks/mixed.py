@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--weights", default="int4,int5,int6,int8",
                         help="mixed.weights: the candidate weight formats (float is always one)")
     parser.add_argument("--presets", default="w8a8", help="comma-separated presets also quantized with dq.quantize")
-    parser.add_argument("--measure", default="in-context", choices=["in-context", "alone"], help="mixed.measure")
+    parser.add_argument("--measure", default="trajectory", choices=["trajectory", "in-context", "alone"], help="mixed.measure")
+    parser.add_argument("--trajectory-prompts", type=int, default=2, help="mixed.trajectory_prompts")
     parser.add_argument("--rounds", type=int, default=2, help="mixed.rounds (in context: measure again around the plan)")
     parser.add_argument("--centre-budget", type=float, default=5.0, help="the budget the second round measures around")
     parser.add_argument("--record-prompts", type=int, default=None, help="mixed.num_prompts (default: the recipe's)")
@@ -116,7 +117,7 @@ def main() -> None:
     # re-calibrating; tests/test_mixed.py checks they are identical).
     weights = [w for w in args.weights.split(",") if w]
     mixed_cfg = {"sensitivity": "auto", "sample": 10_000, "measure": args.measure, "rounds": args.rounds,
-                 "weights": weights}
+                 "weights": weights, "trajectory_prompts": args.trajectory_prompts}
     if args.record_prompts:
         mixed_cfg["num_prompts"] = args.record_prompts
     if args.record_steps:
@@ -222,7 +223,8 @@ def main() -> None:
         "machine": machine(), "num_prompts": len(prompts), "calib_prompts": len(calib), "steps": args.steps,
         "sensitivity": {"mode": "measure", "method": sens.method, "rounds": base.mixed.rounds,
                         "centre_budget": args.centre_budget, "record_prompts": base.mixed.num_prompts,
-                        "record_steps": base.mixed.steps, "seconds": sens_s, "phases": sens.seconds,
+                        "record_steps": base.mixed.steps, "seconds": sens_s,
+                        "trajectory_prompts": base.mixed.trajectory_prompts, "phases": sens.seconds,
                         "calibration_passes": sens.calibration_passes,
                         "allocate_cpu_per_budget": allocate_cpu, "load_start": load_start, "load_end": os.getloadavg(),
                         "spearman_estimate_vs_measured": rho, "pairs": len(pairs),
@@ -300,6 +302,9 @@ def render(result: dict) -> str:
             + (f" (every other budget: its own rounds, at most {s.get('max_rounds', 1)}, centred at the plan round one "
                "solves for it)" if s.get("centre_each") else ""))
            if s.get("method") == "in-context" else "")
+        + (f": each layer alone in int4, final latents of {s.get('trajectory_prompts')} calibration prompts sampled "
+           f"closed loop with {result['steps']} steps, other formats scaled by the layer's own output-error ratio"
+           if s.get("method") == "trajectory" else "")
         + f"; {s['record_prompts']} prompts x {s['record_steps']} steps of recorded denoiser calls; "
         f"{s['seconds']:.0f} s). Average bits: 8 x stored bytes (codes, scales, zero points, smoothing "
         "scales, activation ranges) / weights, over every Linear/Conv2d, float layers at 32 bits. "

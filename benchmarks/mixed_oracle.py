@@ -284,7 +284,7 @@ def main() -> None:
 
     # dq's own allocation from the same built layers: the benchmark's default (in context,
     # 2 rounds, the second around the 5-bit plan, the recipe's recording size)
-    base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {"sensitivity": "measure", "rounds": 2}})
+    base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {"sensitivity": "measure", "measure": "in-context", "rounds": 2}})
     pipe = dq.open_pipeline(None)
     _, model = find_denoiser(pipe)
     t, c = time.perf_counter(), time.process_time()

@@ -44,7 +44,7 @@ def built_sensitivity(calib):
     """(base recipe, pipeline, denoiser, sensitivity): the table's w4a8 recipe with int4/5/6/8
     candidates, every format built once and kept, one in-context round around all-int4."""
     base = dq.Recipe.from_dict({"base": "w4a8", "budget": 5.0, "mixed": {
-        "sensitivity": "measure", "rounds": 1, "weights": ["int4", "int5", "int6", "int8"]}})
+        "sensitivity": "measure", "measure": "in-context", "rounds": 1, "weights": ["int4", "int5", "int6", "int8"]}})
     pipe = dq.open_pipeline(None)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, base, calib, 10, {}, keep_built=True)

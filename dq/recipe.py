@@ -354,9 +354,11 @@ class AttentionConfig(Component):
 
 
 SENSITIVITY_MODES = ("auto", "estimate", "measure")
-# How a measured sensitivity is taken (dq.mixed): "in-context" (leave-one-in: every other layer at the
-# lowest format, this one raised) or "alone" (this layer quantized alone in the float model).
-MEASURE_METHODS = ("in-context", "alone")
+# How a measured sensitivity is taken (dq.mixed): "trajectory" (this layer alone in the lowest format,
+# damage on the final latents of sampled trajectories; other formats scaled by the layer's own output
+# error, dq.mixed.trajectory), "in-context" (leave-one-in: every other layer at the lowest format,
+# this one raised) or "alone" (this layer quantized alone in the float model, recorded calls).
+MEASURE_METHODS = ("trajectory", "in-context", "alone")
 SELECT_METHODS = ("proxy", "sampled")
 # Weight formats a mixed-precision allocation chooses among, besides float (dq.mixed.weight_formats).
 WEIGHT_FORMATS = ("int4", "int4g32", "int5", "int6", "int8", "fp8")
@@ -374,13 +376,18 @@ class MixedConfig:
         (damage on the denoiser output over recorded calibration
         calls), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
         validated against measurement on `sample` layers; measure everything when their rank
-        correlation is below 0.8). measure: "in-context" (leave-one-in: every layer in scope at
-        the lowest format, the damage when this one alone is raised to a higher format or float)
-        or "alone" (this layer alone quantized in the float model). rounds: in context, with a
+        correlation is below 0.8). measure: "trajectory" (the default: this layer alone in the
+        lowest format, the damage on the final latents of `trajectory_prompts` calibration prompts
+        sampled closed loop with the calibration steps and the pipeline's guidance; each other
+        format scaled by the layer's own output error, `dq.mixed.trajectory`), "in-context"
+        (leave-one-in on recorded calls: every layer in scope at the lowest format, the damage
+        when this one alone is raised to a higher format or float) or "alone" (this layer alone
+        quantized in the float model, on recorded calls). rounds: in context, with a
         budget, measure again around the plan the previous measurement solves (up to `rounds`
         measurements in all; 1: only around the lowest format). num_prompts / steps:
         calibration prompts and sampler steps of the recorded calls (steps null: the recipe's
-        calib_steps). select: how the final plan is chosen among the plans the measurement
+        calib_steps). trajectory_prompts: calibration prompts sampled per layer by "trajectory"
+        (each run: the calibration steps). select: how the final plan is chosen among the plans the measurement
         produced: "proxy" (the lowest whole-model error on the recorded calls, `select_plan`) or
         "sampled" (each candidate sampled closed loop on `select_prompts` calibration prompts,
         the closest final latents to full precision; `dq.mixed.sampled`: about 9 candidates, one
@@ -391,7 +398,8 @@ class MixedConfig:
     num_prompts: int = 1
     steps: int | None = 4
     sample: int = 12
-    measure: str = "in-context"
+    measure: str = "trajectory"
+    trajectory_prompts: int = 2
     rounds: int = 2
     select: str = "proxy"
     select_prompts: int = 8
@@ -412,9 +420,14 @@ class MixedConfig:
         _positive_int(self.num_prompts, "mixed.num_prompts")
         _positive_int(self.sample, "mixed.sample")
         _positive_int(self.rounds, "mixed.rounds")
+        _positive_int(self.trajectory_prompts, "mixed.trajectory_prompts")
         _positive_int(self.select_prompts, "mixed.select_prompts")
         if self.select not in SELECT_METHODS:
             raise DQError(f"mixed.select must be one of {list(SELECT_METHODS)}, got {self.select!r}")
+        if self.select == "sampled" and self.measure != "in-context":
+            raise DQError(f"mixed.select: sampled chooses among the plans an in-context measurement produces; with "
+                          f"mixed.measure: {self.measure} there is one plan per budget. Set mixed.measure: in-context, "
+                          "or leave mixed.select at proxy")
         if self.steps is not None:
             _positive_int(self.steps, "mixed.steps")
 

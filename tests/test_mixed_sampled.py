@@ -29,7 +29,7 @@ from dq.testing.tiny import prompts_for, tiny_pipeline
 
 
 def recipe(**mixed):
-    return budget_recipe(mixed, budget=6.0)
+    return budget_recipe({"measure": "in-context", **mixed}, budget=6.0)  # sampled selection chooses among its plans
 
 
 def toy(damages, costs):

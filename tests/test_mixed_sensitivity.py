@@ -84,8 +84,8 @@ def test_replay_from_a_block_equals_a_full_replay():
 def test_in_context_sensitivity_equals_direct_leave_one_in():
     """measured (in context) of (layer, format) = the error of the model with every layer in scope
     at int4 and that layer alone at the format; the int4 option = the all-int4 base."""
-    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 1})
-    assert recipe.mixed.measure == "in-context"
+    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 1,
+                                               "measure": "in-context"})
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
@@ -160,7 +160,8 @@ def test_mixed_measure_option_validated():
 def test_second_round_measures_around_the_first_plan():
     """rounds 2: the measurement is taken again around the plan the first one solves; each option
     equals the direct error of that plan with the one layer moved."""
-    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 2})
+    recipe = budget_recipe(budget=6.0, mixed={"num_prompts": 2, "steps": STEPS, "sensitivity": "measure", "rounds": 2,
+                                               "measure": "in-context"})
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, recipe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
@@ -281,13 +282,15 @@ def test_options_no_plan_can_hold_are_not_measured():
     are simulated again after measuring."""
     from dq.mixed import achievable
 
-    probe = budget_recipe(mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1})  # no budget
+    probe = budget_recipe(mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1,
+                                 "measure": "in-context"})  # no budget
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, probe, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)
     assert all(o.measured is not None for s in sens.layers for o in s.options)
     lo, _ = achievable(sens, "bits")
-    tight = budget_recipe(budget=lo + 0.05, mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1})
+    tight = budget_recipe(budget=lo + 0.05, mixed={"num_prompts": 1, "steps": 2, "sensitivity": "measure", "rounds": 1,
+                                                   "measure": "in-context"})
     pipe = tiny_pipeline(KIND)
     _, model = find_denoiser(pipe)
     sens = measure_sensitivity(pipe, model, tight, prompts_for(KIND, 2), STEPS, call_kwargs(), keep_built=True)

@@ -14,15 +14,23 @@ which `apply_allocation` turns into the layer plan. The steps:
    layer's real storage per format (packed codes, scales, zero points, low-rank branch,
    smoothing scales, activation ranges: every persistent tensor of the layer except its bias,
    which is the same in every format).
-3. Sensitivity of (layer, format), measured on recorded calibration calls as the relative
-   squared error of the denoiser output against the float model's, sum ||y_q - y||^2 /
-   sum ||y||^2 (`relative_error`):
-   - "in-context" (`MixedConfig.measure`, the default; leave-one-in): every layer in scope at
+3. Sensitivity of (layer, format):
+   - "trajectory" (`MixedConfig.measure`, the default; `dq.mixed.trajectory`): the relative
+     squared error of the pipeline's final latents, sampled closed loop (the calibration steps,
+     the pipeline's guidance, `trajectory_prompts` calibration prompts) with ONLY that layer in
+     the lowest format, against the float model's; every other format of the layer scaled
+     from it by the ratio of the layer's own output errors on recorded calls. The recorded
+     calls below see each step's error once, on the float model's inputs; the images see it
+     carried through the sampler and amplified by classifier-free guidance, and errors that
+     repeat at every step (the text path: cross-attention keys and values, the caption
+     projection) add up coherently. One sampling run per layer.
+   Or measured on recorded calibration calls as the relative squared error of the denoiser
+   output against the float model's, sum ||y_q - y||^2 / sum ||y||^2 (`relative_error`):
+   - "in-context" (leave-one-in): every layer in scope at
      the smallest format (the centre), the override layers in theirs; for each layer and each
      other option (higher formats, float) the error with that layer ALONE moved to it. A
      layer's value is measured amid every other layer's error, which a single layer
-     quantized in a float model does not see (on the embedded pipeline, single-layer damages
-     did not add up to the joint damage). With a budget and `rounds` > 1, the plan solved from
+     quantized in a float model does not see. With a budget and `rounds` > 1, the plan solved from
      these numbers becomes the centre and every layer's other options are measured again
      around it (raising or lowering one layer), `rounds` times at most.
    - "alone": the error with ONLY that layer quantized, every other layer in float.

@@ -82,10 +82,13 @@ class MixedPlan:
         what = f"{self.budget.value:g} bits" if self.budget.kind == "bits" else _size(self.budget.value)
         rho = self.sensitivity.rank_correlation
         check = f", estimate vs measured Spearman {rho:.2f}" if rho is not None else ""
+        measured = self.sensitivity.mode == "measure"
+        how = f" ({self.sensitivity.method})" if measured else ""
+        of = " of the final latents" if measured and self.sensitivity.method == "trajectory" else ""
         return (
             f"mixed precision under {what}: average {self.average_bits():.3f} weight bits, denoiser "
             f"{_size(self.total_bytes())}; layers {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; "
-            f"sensitivity {self.sensitivity.mode}d{check}; predicted relative error {self.predicted_damage():.3g}"
+            f"sensitivity {self.sensitivity.mode}d{how}{check}; predicted relative error{of} {self.predicted_damage():.3g}"
             + (f"; chosen among {len(self.selection['candidates'])} candidate plans sampled on "
                f"{self.selection['prompts']} prompts ({self.selection['chosen']})" if self.selection else "")
         )

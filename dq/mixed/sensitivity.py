@@ -1,4 +1,5 @@
-"""Per-layer, per-format sensitivity: measured (in context or alone) or estimated; see `dq.mixed`."""
+"""Per-layer, per-format sensitivity: measured (on the sampling trajectory, in context or alone) or estimated;
+see `dq.mixed`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .budget import (
     weight_formats,
 )
 from .replay import Replayer, record, relative_error
+from .trajectory import measure_trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +341,9 @@ def measure_sensitivity(
     activation = activation_rule(model, recipe)
     base_plan = {c.name: c for c in plan_layers(model, recipe)}
     fixed_plan = [base_plan[n] for n in scope.fixed if n in base_plan]
-    prompts = resolve_prompts(pipe, calib_prompts, recipe)[: cfg.num_prompts]
+    every_prompt = resolve_prompts(pipe, calib_prompts, recipe)
+    prompts = every_prompt[: cfg.num_prompts]
+    trajectory_prompts = every_prompt[: cfg.trajectory_prompts]
     seconds: dict[str, float] = {}
 
     def clock(phase, since):
@@ -408,6 +412,9 @@ def measure_sensitivity(
                                                            calls, skip)
                 sensitivity.centre = dict(centre)
                 _remember(sensitivity, centre, sensitivity.baseline)
+            elif method == "trajectory":
+                measure_trajectory(pipe, model, sens, which, built_all, routers[cfg.weights[0]], calls, low,
+                                   trajectory_prompts, steps, recipe.calib_seed, call_kwargs)
             else:
                 _measure_alone(model, sens, which, built_all, routers, calls)
         clock("measure", t)
