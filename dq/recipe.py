@@ -373,8 +373,7 @@ class MixedConfig:
         channel with an MSE range, packed in bit planes; "int8": per channel; "fp8": e4m3 per
         channel), each with the activation format a uniform recipe of that weight format gives the
         layer (`dq.mixed.activation_rule`); float is always a candidate. sensitivity: "measure"
-        (damage on the denoiser output over recorded calibration
-        calls), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
+        (damage measured as `measure` says), "estimate" (analytic from the inputs' second moments) or "auto" (estimate,
         validated against measurement on `sample` layers; measure everything when their rank
         correlation is below 0.8). measure: "trajectory" (the default: this layer alone in the
         lowest format, the damage on the final latents of `trajectory_prompts` calibration prompts

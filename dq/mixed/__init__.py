@@ -146,7 +146,7 @@ def resolve_budget(pipe, model: nn.Module, recipe: Recipe, calib_prompts, steps:
         return recipe
     precheck(model, recipe, budget)
     # looked up in this package's namespace (tests patch dq.mixed.measure_sensitivity)
-    sampled = recipe.mixed.select == "sampled" and recipe.mixed.measure == "in-context"
+    sampled = recipe.mixed.select == "sampled"  # the recipe allows it only with an in-context measurement
     sens = measure_sensitivity(pipe, model, recipe, calib_prompts, steps, call_kwargs, **({"keep_built": True} if sampled else {}))
     record = None
     if sampled and sens.mode == "measure":
